@@ -1,0 +1,11 @@
+"""Benchmarks: plait beside its torch peer, alternating, in one run. Results as medians and ratios."""
+
+from __future__ import annotations
+
+
+def run_bench(what: str, args) -> int:
+    if what == "dp":
+        from plait.bench.dp import main
+
+        return main(args)
+    raise SystemExit(f"unknown benchmark {what!r}")

@@ -1,0 +1,147 @@
+"""Command line: `plait train`, `plait bench`, `plait report`.
+
+`plait train` run by hand is the launcher: it validates the config, picks the run folder, then
+either trains in this process (one rank) or starts the workers through torch's elastic launcher
+(torch.distributed.run), which re-enters here as `python -m plait train ...` with RANK set.
+Under torchrun (RANK in the environment) it is a worker and trains directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from plait.errors import ConfigError
+
+
+def _is_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    config, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif config is None:
+            config = it
+        else:
+            raise ConfigError(f"unexpected argument {it!r}: give at most one config file, then key=value overrides")
+    return config, overrides
+
+
+def default_nproc(cfg) -> int:
+    import torch
+
+    p = cfg.parallel
+    if p.dp > 0:
+        return p.dp * p.tp * p.pp
+    machine = torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    mp = p.tp * p.pp
+    return mp * max(1, machine // mp)
+
+
+def cmd_train(args) -> int:
+    from plait import config as C
+
+    config_path, overrides = _split_overrides(args.rest)
+    cfg = C.load(config_path, overrides)
+    if _is_worker():
+        from plait.trainer import train
+
+        train(cfg, args.run_dir)
+        return 0
+    nproc = args.nproc or default_nproc(cfg)
+    world = nproc * (args.nnodes if isinstance(args.nnodes, int) else 1)
+    C.validate_layout(cfg, world)
+    run_dir = args.run_dir or cfg.log.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    from plait.metrics import prepare_run_dir
+
+    prepare_run_dir(Path(run_dir), create=False)
+    if nproc == 1 and args.nnodes == 1:
+        from plait.trainer import train
+
+        train(cfg, run_dir)
+        return 0
+    from plait.launch import launch
+
+    worker_args = ["train"] + ([config_path] if config_path else []) + ["--run-dir", run_dir] + overrides
+    return launch(worker_args, nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                  rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                  max_restarts=args.max_restarts)
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from plait.metrics import plot_run
+
+    run = Path(args.run_dir)
+    outs = plot_run(run)
+    summ = run / "summary.json"
+    if summ.exists():
+        s = json.loads(summ.read_text())
+        for k in ("final_train_loss", "final_val_loss", "steps", "tokens", "tokens_per_s", "mfu",
+                  "comm_bytes_per_step", "peak_memory_bytes", "wall_s", "layout"):
+            print(f"{k:>22}: {s.get(k)}")
+    for o in outs:
+        print(f"wrote {o}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from plait.bench import run_bench
+
+    return run_bench(args.what, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="plait", description="Distributed training of PyTorch models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    tr = sub.add_parser("train", help="train a model (config file and/or section.key=value overrides)")
+    tr.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
+    tr.add_argument("--nproc", type=int, default=0, help="worker processes on this node (default: what the "
+                    "layout needs, else one per GPU, else 2 on CPU)")
+    tr.add_argument("--run-dir", default=None, help="run folder (default runs/<date>-<time>)")
+    tr.add_argument("--nnodes", type=int, default=1)
+    tr.add_argument("--node-rank", type=int, default=0)
+    tr.add_argument("--rdzv-backend", default="c10d")
+    tr.add_argument("--rdzv-endpoint", default="")
+    tr.add_argument("--rdzv-id", default="plait")
+    tr.add_argument("--max-restarts", type=int, default=0)
+    tr.set_defaults(fn=cmd_train)
+
+    be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run")
+    be.add_argument("what", choices=["dp"])
+    be.add_argument("--json", default=None, help="write results as JSON here")
+    be.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+    be.add_argument("--reps", type=int, default=5, help="alternating repetitions per configuration")
+    be.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    be.add_argument("--preset", default="10m")
+    be.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    be.add_argument("--seq-len", type=int, default=128)
+    be.add_argument("--bucket-mb", type=float, default=25.0)
+    be.set_defaults(fn=cmd_bench)
+
+    rp = sub.add_parser("report", help="plots and summary of a run folder")
+    rp.add_argument("run_dir")
+    rp.set_defaults(fn=cmd_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except ConfigError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"plait: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

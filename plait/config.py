@@ -1,0 +1,296 @@
+"""One frozen, typed configuration tree, loaded from TOML and `section.key=value` overrides.
+
+Each component receives only its own section. Every invalid key or value raises ConfigError
+naming the key and the fix, before any process group or file is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from plait.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "10m"
+    # 0 means "the preset's value"; vocab_size 0 means "the data's vocabulary".
+    vocab_size: int = 0
+    n_layers: int = 0
+    d_model: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0
+    ffn_hidden: int = 0
+    tie_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # empty: the Python standard library's sources of the running interpreter
+    val_fraction: float = 0.01
+    token_dtype: str = "uint16"  # for pre-tokenized .bin files
+    cache_dir: str = ""  # empty: ~/.cache/plait
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 0  # 0: world size / (tp · pp)
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"
+    microbatches: int = 0  # 0: global_batch / (dp · micro_batch)
+    virtual_stages: int = 1
+    bucket_mb: float = 25.0
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    grad_clip: float = 1.0  # 0: off
+    warmup_steps: int = 5
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 80
+    global_batch: int = 16
+    micro_batch: int = 8
+    seq_len: int = 128
+    seed: int = 1337
+    val_every: int = 20  # 0: only at the end
+    val_samples: int = 64
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16
+    compile: bool = False
+    peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
+    threads: int = 0  # torch threads per rank; 0: cores / local ranks
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # 0: off
+    keep: int = 2
+    dir: str = ""  # empty: RUN_DIR/checkpoints
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    run_dir: str = ""  # empty: runs/<date>-<time>
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": ("tiny", "10m", "124m", "350m", "1.3b"),
+    "data.token_dtype": ("uint16", "uint32"),
+    "parallel.schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("fp32", "bf16"),
+}
+
+POSITIVE = {
+    "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
+    "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s", "parallel.bucket_mb",
+}
+NON_NEGATIVE = {
+    "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",
+    "model.d_model", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden", "train.val_every",
+    "train.val_samples", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
+    "checkpoint.every", "checkpoint.keep", "train.peak_flops", "train.threads", "optim.eps",
+    "optim.min_lr_ratio",
+}
+
+
+# -- loading -------------------------------------------------------------------------------
+def _sections() -> dict[str, type]:
+    return {f.name: get_type_hints(Config)[f.name] for f in fields(Config)}
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected a string (quote it in TOML)")
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _apply(cfg: Config, key: str, value: Any) -> Config:
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) != 2:
+        raise ConfigError(f"{key!r}: keys are section.name, e.g. parallel.dp=2; sections: {', '.join(sections)}")
+    sec, name = parts
+    if sec not in sections:
+        raise ConfigError(f"unknown config section {sec!r} in {key!r}{_suggest(sec, sections)}; "
+                          f"sections: {', '.join(sections)}")
+    sec_type = sections[sec]
+    hints = get_type_hints(sec_type)
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(name, hints)}; "
+                          f"keys of [{sec}]: {', '.join(hints)}")
+    v = _coerce(key, value, hints[name])
+    return replace(cfg, **{sec: replace(getattr(cfg, sec), **{name: v})})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'parallel.dp=2' -> ('parallel.dp', 2). Values are TOML literals; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. parallel.dp=2)")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- TOML file <- overrides, then validated."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist: give the path of a TOML file")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+        for sec, body in doc.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"{p}: top-level key {sec!r} must be a [section]{_suggest(sec, _sections())}")
+            for name, value in body.items():
+                cfg = _apply(cfg, f"{sec}.{name}", value)
+    for text in overrides:
+        cfg = _apply(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(d: dict[str, dict[str, Any]]) -> Config:
+    cfg = Config()
+    for sec, body in d.items():
+        for name, value in body.items():
+            cfg = _apply(cfg, f"{sec}.{name}", value)
+    validate(cfg)
+    return cfg
+
+
+# -- validation ----------------------------------------------------------------------------
+def validate(cfg: Config) -> None:
+    """Checks that need no world size. `validate_layout` adds those that do."""
+    flat = to_dict(cfg)
+    for key, choices in CHOICES.items():
+        sec, name = key.split(".")
+        v = flat[sec][name]
+        if v not in choices:
+            raise ConfigError(f"{key} = {v!r}: choose one of {', '.join(choices)}{_suggest(str(v), choices)}")
+    for key in POSITIVE | NON_NEGATIVE:
+        sec, name = key.split(".")
+        v = flat[sec][name]
+        if key in POSITIVE and v <= 0:
+            raise ConfigError(f"{key} = {v!r}: must be positive")
+        if v < 0:
+            raise ConfigError(f"{key} = {v!r}: must not be negative")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in [0, 1)")
+    if cfg.parallel.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero = {cfg.parallel.zero}: choose 0, 1, 2 or 3")
+    t = cfg.train
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
+                          f"{t.micro_batch}: make the global batch a multiple of the micro-batch")
+    if cfg.data.path and not Path(cfg.data.path).exists():
+        raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, a folder "
+                          f"of text files, or a .bin of token ids (or leave it empty for the default corpus)")
+
+
+def validate_layout(cfg: Config, world_size: int) -> int:
+    """Checks that need the world size; returns the resolved dp size."""
+    from plait.mesh import check_layout, resolve_dp
+
+    p = cfg.parallel
+    dp = resolve_dp(world_size, p.dp, p.tp, p.pp)
+    check_layout(world_size, dp, p.tp, p.pp)
+    t = cfg.train
+    if t.global_batch % (t.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch × dp = "
+            f"{t.micro_batch} × {dp}: choose a global batch that is a multiple of {t.micro_batch * dp}"
+        )
+    return dp
+
+
+def accumulation_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp)
+
+
+# -- output --------------------------------------------------------------------------------
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg: Config) -> str:
+    out = []
+    for sec, body in to_dict(cfg).items():
+        out.append(f"[{sec}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,144 @@
+"""Bucketed gradient all-reduce over the data-parallel group, overlapped with backward.
+
+Communication contract
+- Gradients live in flat fp32 (or the parameters' dtype) buckets; each parameter's `.grad` is a
+  view into its bucket, so a bucket is all-reduced in place with no copy.
+- Buckets are filled in reverse registration order (roughly the order backward produces
+  gradients); the first bucket is capped at `first_bucket_bytes` so its all-reduce starts early.
+- A bucket's asynchronous all-reduce (SUM, on `group`) starts from the post-accumulate-grad hook
+  of its last ready parameter, but only after every earlier bucket has started: buckets are
+  always issued in index order, the same on every rank, whatever order autograd finishes them.
+- `finish()` issues what is left (parameters that got no gradient contribute zeros), waits for
+  every bucket, and optionally divides by the group size. Call it once per optimizer step.
+- While `sync` is False (non-final micro-batches of gradient accumulation) hooks only accumulate.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from plait.comm import Comm, Group, Handle
+
+
+class _Bucket:
+    def __init__(self, index: int, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device):
+        self.index = index
+        self.params = params
+        self.numel = sum(p.numel() for p in params)
+        self.buffer = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.views: dict[int, torch.Tensor] = {}
+        off = 0
+        for p in params:
+            self.views[id(p)] = self.buffer[off: off + p.numel()].view_as(p)
+            off += p.numel()
+        self.ready: set[int] = set()
+        self.handle: Handle | None = None
+
+
+class GradReducer:
+    def __init__(self, params: list[nn.Parameter], group: Group, comm: Comm, bucket_bytes: int = 25 * 2**20,
+                 first_bucket_bytes: int = 2**20, average: bool = False, dtype: torch.dtype | None = None):
+        self.group = group
+        self.comm = comm
+        self.average = average
+        self.sync = True
+        seen: set[int] = set()
+        params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.params = params
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        cur: list[nn.Parameter] = []
+        cur_bytes, cap = 0, first_bucket_bytes
+        for p in reversed(params):
+            # a bucket holds one dtype and device
+            if cur and (cur_bytes + p.numel() * p.element_size() > cap or p.dtype != cur[0].dtype
+                        or p.device != cur[0].device):
+                self._add_bucket(cur, dtype)
+                cur, cur_bytes, cap = [], 0, bucket_bytes
+            cur.append(p)
+            cur_bytes += p.numel() * p.element_size()
+        if cur:
+            self._add_bucket(cur, dtype)
+        self._next = 0  # next bucket index to issue
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self.zero_grad()
+
+    def _add_bucket(self, params: list[nn.Parameter], dtype: torch.dtype | None) -> None:
+        b = _Bucket(len(self.buckets), params, dtype or params[0].dtype, params[0].device)
+        self.buckets.append(b)
+        for p in params:
+            self._bucket_of[id(p)] = b
+
+    # -- gradient storage ------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Zero every bucket and point each .grad at its view (replaces optimizer.zero_grad)."""
+        for b in self.buckets:
+            b.buffer.zero_()
+            for p in b.params:
+                p.grad = b.views[id(p)]
+            b.ready.clear()
+            b.handle = None
+        self._next = 0
+
+    def _adopt(self, p: nn.Parameter) -> None:
+        """Make p.grad the bucket view again if something replaced it (e.g. zero_grad(set_to_none))."""
+        view = self._bucket_of[id(p)].views[id(p)]
+        if p.grad is not view:
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+            p.grad = view
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _on_grad(self, p: nn.Parameter) -> None:
+        self._adopt(p)
+        if not self.sync:
+            return
+        b = self._bucket_of[id(p)]
+        b.ready.add(id(p))
+        if len(b.ready) == len(b.params):
+            self._issue_ready()
+
+    def _issue_ready(self) -> None:
+        while self._next < len(self.buckets):
+            b = self.buckets[self._next]
+            if len(b.ready) < len(b.params):
+                return
+            self._issue(b)
+
+    def _issue(self, b: _Bucket) -> None:
+        b.handle = self.comm.all_reduce(b.buffer, self.group, async_op=True)
+        self._next += 1
+
+    # -- step ------------------------------------------------------------------------------
+    @contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally; the next backward outside the context reduces them all."""
+        prev, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = prev
+
+    def finish(self) -> None:
+        """Issue remaining buckets in order, wait for all, then (optionally) average."""
+        for p in self.params:
+            self._adopt(p)
+        while self._next < len(self.buckets):
+            self._issue(self.buckets[self._next])
+        for b in self.buckets:
+            b.handle.wait()
+            if self.average:
+                b.buffer.div_(self.group.size)
+            b.ready.clear()
+            b.handle = None
+        self._next = 0
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,211 @@
+"""The training loop: one optimizer step = one global batch, split over dp ranks and micro-batches.
+
+Loss normalization: each micro-batch's summed token loss is divided by the number of tokens in the
+whole global batch, and gradients are summed (not averaged) over dp. The accumulated gradient is
+then exactly the single-process gradient of the mean loss over the global batch, whatever the
+layout, also when ranks hold unequal numbers of samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from plait import config as C
+from plait.data import ChunkSampler, load_corpus, micro_batches, rank_slice
+from plait.flops import peak_flops
+from plait.mesh import Mesh
+from plait.metrics import RunLog, peak_memory_bytes, plot_run, prepare_run_dir, write_json
+from plait.models import GPT, build_config, count_params, flops_per_token
+from plait.optim import lr_factor, optimizer_factory
+from plait.parallelize import maybe_no_sync, parallelize
+
+
+def model_config(m: C.ModelConfig, vocab_size: int, seq_len: int):
+    over = {k: getattr(m, k) or None for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden")}
+    cfg = build_config(m.preset, vocab_size=m.vocab_size or vocab_size, tie_embeddings=m.tie_embeddings, **over)
+    if seq_len > cfg.max_seq_len:
+        cfg = build_config(m.preset, vocab_size=cfg.vocab_size, tie_embeddings=m.tie_embeddings,
+                           max_seq_len=seq_len, **over)
+    if cfg.d_model % cfg.n_heads:
+        raise C.ConfigError(f"model.d_model = {cfg.d_model} is not divisible by model.n_heads = {cfg.n_heads}")
+    if cfg.n_heads % cfg.kv_heads:
+        raise C.ConfigError(f"model.n_heads = {cfg.n_heads} is not divisible by model.n_kv_heads = {cfg.kv_heads}")
+    if cfg.head_dim % 2:
+        raise C.ConfigError(f"head dimension d_model/n_heads = {cfg.head_dim} must be even (rotary embeddings)")
+    return cfg
+
+
+class Trainer:
+    """Builds model, data and optimizer for one rank of `mesh` and runs training steps."""
+
+    def __init__(self, cfg: C.Config, mesh: Mesh, corpus=None):
+        self.cfg = cfg
+        self.mesh = mesh
+        t = cfg.train
+        self.acc = C.accumulation_steps(cfg, mesh.dp_size)
+        corpus = corpus if corpus is not None else load_corpus(cfg.data, cfg.model.vocab_size)
+        self.corpus_source = corpus.source
+        self.model_cfg = model_config(cfg.model, corpus.vocab_size, t.seq_len)
+        torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its part
+        model = GPT(self.model_cfg)
+        self.n_params = count_params(model)
+        self.model, self.optimizer = parallelize(model, optimizer_factory(cfg.optim, mesh.device), mesh,
+                                                 cfg.parallel, grad_clip=cfg.optim.grad_clip)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.train_data = ChunkSampler(corpus.train, t.seq_len, t.seed)
+        self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation") \
+            if t.val_samples and len(corpus.val) > t.seq_len else None
+        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16)
+                         if t.dtype == "bf16" else contextlib.nullcontext())
+        self.step = 0
+        self.samples = 0  # data position: global samples consumed
+        self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
+
+    # -- one step --------------------------------------------------------------------------
+    def set_lr(self) -> float:
+        o = self.cfg.optim
+        f = lr_factor(self.step, self.cfg.train.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+        return self.base_lrs[0] * f
+
+    def forward_backward(self, batches, global_tokens: int) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches; returns its share of the mean loss."""
+        loss_sum = torch.zeros((), device=self.mesh.device)
+        for k, (x, y) in enumerate(batches):
+            x, y = x.to(self.mesh.device, non_blocking=True), y.to(self.mesh.device, non_blocking=True)
+            with maybe_no_sync(self.model, last=k == self.acc - 1):
+                with self.autocast:
+                    logits = self.model(x)
+                loss = self.model.loss(logits, y, reduction="sum") / global_tokens
+                loss.backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        lr = self.set_lr()
+        start, count = rank_slice(self.samples, t.global_batch, self.mesh.dp_size, self.mesh.dp_index)
+        batches = micro_batches(self.train_data, start, count, t.micro_batch)
+        loss = self.forward_backward(batches, t.global_batch * t.seq_len)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.mesh.comm.all_reduce(loss, self.mesh.dp)  # the global batch's mean loss, for logging
+        self.step += 1
+        self.samples += t.global_batch
+        return {"loss": float(loss), "lr": lr, "grad_norm": self.optimizer.last_grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the first val_samples validation sequences (the same for every layout)."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        n, dp, i = self.cfg.train.val_samples, self.mesh.dp_size, self.mesh.dp_index
+        lo, hi = n * i // dp, n * (i + 1) // dp
+        acc = torch.zeros(2, device=self.mesh.device, dtype=torch.float64)
+        for x, y in micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch):
+            x, y = x.to(self.mesh.device), y.to(self.mesh.device)
+            with self.autocast:
+                logits = self.model(x)
+            acc[0] += self.model.loss(logits, y, reduction="sum").double()
+            acc[1] += y.numel()
+        self.mesh.comm.all_reduce(acc, self.mesh.dp)
+        self.model.train()
+        return float(acc[0] / acc[1])
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every parameter at full shape (for parity checks against the single-process run)."""
+        return self.model.full_state_dict()
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, run_dir: Path | None) -> dict:
+        cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
+        lead = mesh.rank == 0
+        if lead and run_dir is not None:
+            (run_dir / "config.toml").write_text(C.to_toml(cfg))
+        peak = peak_flops(mesh.device, t.dtype, t.peak_flops)
+        log = RunLog(run_dir if lead else None, t.steps, cfg.log.progress and lead)
+        if lead:
+            print(f"plait: {self.model_cfg.n_layers}-layer GPT, {self.n_params / 1e6:.2f}M parameters, "
+                  f"layout dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, "
+                  f"global batch {t.global_batch}×{t.seq_len} tokens ({self.acc} micro-batches of "
+                  f"{t.micro_batch} per rank), data: {self.corpus_source}, device {mesh.device}", flush=True)
+        tokens_per_step = t.global_batch * t.seq_len
+        wall0 = time.perf_counter()
+        val_loss = None
+        comm_total = 0.0
+        try:
+            for _ in range(t.steps):
+                t0 = time.perf_counter()
+                out = self.train_step()
+                if mesh.device.type == "cuda":
+                    torch.cuda.synchronize(mesh.device)
+                dt = time.perf_counter() - t0
+                comm = mesh.comm.stats.reset_step(self.step)
+                comm_total += comm["comm_bytes"]
+                rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                       "samples": self.samples, "tokens": self.samples * t.seq_len, "step_s": dt,
+                       "tokens_per_s": tokens_per_step / dt,
+                       "mfu": self.flops_per_token * tokens_per_step / dt / (mesh.world_size * peak),
+                       "comm_bytes": comm["comm_bytes"], "comm_s": comm["comm_s"]}
+                if (t.val_every and self.step % t.val_every == 0) or self.step == t.steps:
+                    val_loss = self.evaluate()
+                    mesh.comm.stats.reset_step(self.step)  # validation traffic is not a training step's
+                    rec["val_loss"] = val_loss
+                if self.step % t.log_every == 0 or self.step == t.steps or "val_loss" in rec:
+                    log.log(rec)
+        finally:
+            log.close()
+        wall = time.perf_counter() - wall0
+        recs = log.records
+        steady = [r for r in recs if r["step"] > 1] or recs  # the first step pays one-off warm-up
+        median = sorted(r["step_s"] for r in steady)[len(steady) // 2] if steady else float("nan")
+        summary = {
+            "final_train_loss": recs[-1]["loss"] if recs else None,
+            "final_val_loss": val_loss,
+            "steps": self.step,
+            "tokens": self.samples * t.seq_len,
+            "tokens_per_s": tokens_per_step / median,
+            "mfu": self.flops_per_token * tokens_per_step / median / (mesh.world_size * peak),
+            "comm_bytes_per_step": comm_total / max(1, self.step),
+            "layout": {"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": cfg.parallel.zero,
+                       "world_size": mesh.world_size, "micro_batches": self.acc, "device": str(mesh.device)},
+            "peak_memory_bytes": peak_memory_bytes(mesh.device),
+            "wall_s": wall,
+            "n_params": self.n_params,
+            "peak_flops_per_rank": peak,
+            "model": asdict(self.model_cfg),
+        }
+        if lead and run_dir is not None:
+            write_json(run_dir / "summary.json", summary)
+            if cfg.log.plots and recs:
+                plot_run(run_dir)
+            print(f"plait: done. final loss {summary['final_train_loss']:.4f}, val {val_loss}, "
+                  f"{summary['tokens_per_s']:,.0f} tok/s, run folder {run_dir}", flush=True)
+        return summary
+
+
+def train(cfg: C.Config, run_dir: str | None = None) -> dict:
+    """Entry point of one worker process (under torchrun or alone)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    C.validate_layout(cfg, world)  # before any collective: same message on every rank
+    device = None if cfg.train.device == "auto" else torch.device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
+    path = Path(run_dir or cfg.log.run_dir) if (run_dir or cfg.log.run_dir) else None
+    if path is not None:  # every rank checks, before any collective; rank 0 creates it
+        prepare_run_dir(path, create=int(os.environ.get("RANK", "0")) == 0)
+    mesh = Mesh.from_env(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, backend=backend,
+                         timeout_s=cfg.train.timeout_s, device=device)
+    return Trainer(cfg, mesh).run(path)

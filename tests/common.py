@@ -1,0 +1,57 @@
+"""Shared pieces of the parity tests: a tiny config, the single-process reference, the comparison."""
+
+from __future__ import annotations
+
+import torch
+
+from plait import config as C
+
+RTOL = 1e-5  # DESIGN.md §3: |Δloss|/|loss| and ‖a−b‖/‖b‖ per tensor
+
+
+def tiny_cfg(corpus_path: str, **sections) -> dict:
+    """A config dict for the tiny model; `sections` = {'parallel': {...}, 'train': {...}} merged on top."""
+    d = {
+        "model": {"preset": "tiny"},
+        "data": {"path": corpus_path, "cache_dir": str(__import__("pathlib").Path(corpus_path).parent / "cache")},
+        "train": {"steps": 5, "global_batch": 8, "micro_batch": 2, "seq_len": 32, "val_every": 0,
+                  "val_samples": 8, "threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 2, "grad_clip": 1.0},
+        "log": {"progress": False, "plots": False},
+    }
+    for sec, body in sections.items():
+        d.setdefault(sec, {}).update(body)
+    return d
+
+
+def train_run(cfg_dict: dict, steps: int | None = None) -> dict:
+    """Train on this process's mesh (single, or torch.distributed's if initialized); losses + full params."""
+    from plait.mesh import Mesh
+    from plait.trainer import Trainer
+
+    cfg = C.from_dict(cfg_dict)
+    mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu")
+    tr = Trainer(cfg, mesh)
+    losses = [tr.train_step()["loss"] for _ in range(steps or cfg.train.steps)]
+    return {"losses": losses, "state": tr.full_state(), "rank": mesh.rank, "val": tr.evaluate()}
+
+
+def reference(cfg_dict: dict, steps: int | None = None) -> dict:
+    single = {k: dict(v) for k, v in cfg_dict.items()}
+    single["parallel"] = {**single.get("parallel", {}), "dp": 1, "tp": 1, "pp": 1, "zero": 0}
+    torch.set_num_threads(1)
+    return train_run(single, steps)
+
+
+def assert_parity(ref: dict, got: dict, rtol: float = RTOL) -> None:
+    assert len(ref["losses"]) == len(got["losses"])
+    for i, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) / abs(b) <= rtol, f"step {i + 1}: loss {a} vs reference {b}"
+    assert ref["state"].keys() == got["state"].keys()
+    for k, b in ref["state"].items():
+        a = got["state"][k]
+        assert a.shape == b.shape, f"{k}: shape {tuple(a.shape)} vs reference {tuple(b.shape)}"
+        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
+        assert err <= rtol, f"{k}: relative error {err:.3e} > {rtol}"
+    # the parameters must have moved, or the comparison proves nothing
+    assert ref["losses"][-1] < ref["losses"][0]
