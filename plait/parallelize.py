@@ -29,6 +29,7 @@ from plait.mesh import Mesh
 from plait.models.gpt import lm_loss
 
 OptimizerOrFactory = torch.optim.Optimizer | Callable[[list], torch.optim.Optimizer]
+StateGatherer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class ParallelModel(nn.Module):
@@ -42,13 +43,16 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, module: nn.Module, mesh: Mesh, reducer: GradReducer | None,
-                 loss_fn: Callable = lm_loss, pipeline=None):
+                 loss_fn: Callable = lm_loss, pipeline=None, state_gatherers: list[StateGatherer] = ()):
         super().__init__()
         self.module = module
         self.mesh = mesh
         self.reducer = reducer
         self.loss_fn = loss_fn
         self.pipeline = pipeline
+        # applied in order to this rank's local state dict: tp shards -> full tensors, then
+        # pp stages -> the whole model (collectives: every rank of the mesh must call full_state_dict)
+        self.state_gatherers = list(state_gatherers)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -57,7 +61,10 @@ class ParallelModel(nn.Module):
         return self.loss_fn(logits, targets, reduction=reduction)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        sd = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        for gather in self.state_gatherers:
+            sd = gather(sd)
+        return sd
 
     def no_sync(self):
         """Backward passes inside accumulate locally; the first one outside reduces everything."""
@@ -129,15 +136,19 @@ class ParallelOptimizer:
 
 
 # -- the steps -------------------------------------------------------------------------------
-def _apply_tensor_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig) -> nn.Module:
+def _apply_tensor_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig
+                           ) -> tuple[nn.Module, Callable, StateGatherer | None]:
+    """Returns (model with sharded layers, matching loss function, gatherer of full tensors)."""
     if mesh.tp_size == 1:
-        return model
+        return model, lm_loss, None
     raise ConfigError("parallel.tp > 1: tensor parallelism is not available in this build; set parallel.tp=1")
 
 
-def _apply_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig) -> nn.Module:
+def _apply_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: Callable
+                    ) -> tuple[nn.Module, object | None, StateGatherer | None]:
+    """Returns (this rank's stage(s), the pipeline runner, gatherer of the whole model's state)."""
     if mesh.pp_size == 1:
-        return model
+        return model, None, None
     raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this build; set parallel.pp=1")
 
 
@@ -176,12 +187,14 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg
     """
     cfg = cfg or ParallelConfig()
     model = model.to(mesh.device)
-    model = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
-    model = _apply_pipeline(model, mesh, cfg)  # 2. keep this rank's stage
+    model, loss_fn, tp_gather = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
+    model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)  # 2. keep this rank's stage
     # 3. activation checkpointing and 4. mixed precision: configured in TrainConfig / the trainer
     reducer = _apply_data_parallel(model, mesh, cfg)  # 5. gradient path over dp
     opt = _build_optimizer(optimizer, model)
-    return ParallelModel(model, mesh, reducer), ParallelOptimizer(opt, list(model.parameters()), mesh, reducer, grad_clip)
+    gatherers = [g for g in (tp_gather, pp_gather) if g is not None]
+    pmodel = ParallelModel(model, mesh, reducer, loss_fn, runner, gatherers)
+    return pmodel, ParallelOptimizer(opt, list(model.parameters()), mesh, reducer, grad_clip)
 
 
 @contextmanager

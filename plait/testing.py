@@ -60,7 +60,7 @@ def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init:
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0, threads: int = 1,
-              init_process_group: bool = True, env: dict | None = None, pg_timeout: float = 60.0) -> list:
+              init_process_group: bool = True, env: dict | None = None, pg_timeout: float = 300.0) -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
