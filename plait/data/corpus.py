@@ -49,14 +49,16 @@ def text_files(path: Path) -> list[Path]:
 
 
 def _cache_dir(cfg: DataConfig) -> Path:
-    d = Path(cfg.cache_dir) if cfg.cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "plait"
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "plait"
+    d = Path(cfg.cache_dir) if cfg.cache_dir else default
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 def _encode_files(files: list[Path], cache: Path) -> np.ndarray:
     """Concatenate files (in a seeded shuffle of their sorted order) into a cached uint8 token file."""
-    key = hashlib.sha1("\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files).encode()).hexdigest()[:16]
+    listing = "\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    key = hashlib.sha1(listing.encode()).hexdigest()[:16]
     out = cache / f"bytes-{key}.u8"
     if not out.exists():
         order = list(files)
