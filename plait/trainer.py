@@ -22,6 +22,7 @@ from plait.flops import peak_flops
 from plait.mesh import Mesh
 from plait.metrics import RunLog, peak_memory_bytes, plot_run, prepare_run_dir, write_json
 from plait.models import GPT, build_config, count_params, flops_per_token
+from plait.models.gpt import Block
 from plait.optim import lr_factor, optimizer_factory
 from plait.parallelize import maybe_no_sync, parallelize
 
@@ -57,6 +58,10 @@ class Trainer:
         self.n_params = count_params(model)
         self.model, self.optimizer = parallelize(model, optimizer_factory(cfg.optim, mesh.device), mesh,
                                                  cfg.parallel, grad_clip=cfg.optim.grad_clip)
+        if t.compile:  # per block: the reducer's hooks sit on the leaf parameters, outside compiled code
+            for m in self.model.module.modules():
+                if isinstance(m, Block):
+                    m.compile()
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.train_data = ChunkSampler(corpus.train, t.seq_len, t.seed)
         self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation") \

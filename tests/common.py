@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from plait import config as C
 
 RTOL = 1e-5  # DESIGN.md §3: |Δloss|/|loss| and ‖a−b‖/‖b‖ per tensor
+# PLAIT_TEST_DEVICE=cuda runs the parity tests with CUDA tensors (several gloo ranks sharing one GPU)
+DEVICE = os.environ.get("PLAIT_TEST_DEVICE", "cpu")
 
 
 def tiny_cfg(corpus_path: str, **sections) -> dict:
@@ -30,10 +34,11 @@ def train_run(cfg_dict: dict, steps: int | None = None) -> dict:
     from plait.trainer import Trainer
 
     cfg = C.from_dict(cfg_dict)
-    mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu")
+    mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device=DEVICE)
     tr = Trainer(cfg, mesh)
     losses = [tr.train_step()["loss"] for _ in range(steps or cfg.train.steps)]
-    return {"losses": losses, "state": tr.full_state(), "rank": mesh.rank, "val": tr.evaluate()}
+    state = {k: v.cpu() for k, v in tr.full_state().items()}
+    return {"losses": losses, "state": state, "rank": mesh.rank, "val": tr.evaluate()}
 
 
 def reference(cfg_dict: dict, steps: int | None = None) -> dict:

@@ -8,4 +8,8 @@ def run_bench(what: str, args) -> int:
         from plait.bench.dp import main
 
         return main(args)
+    if what == "gpu":
+        from plait.bench.gpu import main
+
+        return main(args)
     raise SystemExit(f"unknown benchmark {what!r}")

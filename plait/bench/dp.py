@@ -102,6 +102,7 @@ def main(args) -> int:
     from plait.testing import run_ranks
 
     world_sizes = [int(r) for r in str(args.ranks).split(",") if r]
+    args.batch = args.batch or 8
     threads = lambda n: max(1, (os.cpu_count() or 1) // n)
     rows = []
     for n in world_sizes:

@@ -1,0 +1,137 @@
+"""`plait bench gpu`: plait at world size 1 beside a plain PyTorch loop, one process, one GPU.
+
+Both train the same GPT code with the same batch, bf16 autocast, fused AdamW and the same compile
+setting (torch.compile of each block). plait runs its whole trainer step (data sampling from the
+corpus, loss normalization, gradient clipping, LR schedule, metrics); the plain loop does
+forward, backward, clip, step on a fixed batch. Repetitions alternate; each is timed with CUDA
+synchronization around `--steps` steps after warm-up. Reported: tokens/s, MFU against the
+device's bf16 peak, peak allocated memory, ratio plait / plain (above 1: plait is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+PRESET_BATCH = {"tiny": 8, "10m": 16, "124m": 16, "350m": 8, "1.3b": 4}
+
+
+def _plain(cfg, batch, seq_len, compile_blocks, device):
+    from plait.models import GPT, lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    if compile_blocks:
+        for b in model.blocks:
+            b.compile()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, seq_len + 1), generator=g).to(device)
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inp)
+        loss = lm_loss(logits, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, model
+
+
+def _plait(preset, vocab, batch, seq_len, compile_blocks, device, data_path):
+    from plait import config as C
+    from plait.mesh import Mesh
+    from plait.trainer import Trainer
+
+    cfg = C.from_dict({
+        "model": {"preset": preset, "vocab_size": vocab},
+        "data": {"path": data_path},
+        "train": {"global_batch": batch, "micro_batch": batch, "seq_len": seq_len, "dtype": "bf16",
+                  "compile": compile_blocks, "steps": 10**6, "val_samples": 0},
+        "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant"},
+    })
+    tr = Trainer(cfg, Mesh.single(device))
+    return tr.train_step, tr
+
+
+def _time(fn, steps, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_preset(preset: str, args, device: torch.device) -> dict:
+    from plait.flops import peak_flops
+    from plait.models import build_config, flops_per_token
+
+    seq_len = args.seq_len
+    batch = args.batch or PRESET_BATCH[preset]
+    vocab = 50304
+    cfg = build_config(preset, vocab_size=vocab, max_seq_len=max(seq_len, 1024))
+    compile_blocks = not args.no_compile
+    plain_step, plain_model = _plain(cfg, batch, seq_len, compile_blocks, device)
+    plait_step, trainer = _plait(preset, vocab, batch, seq_len, compile_blocks, device, args.data)
+    runs = {"plain": plain_step, "plait": plait_step}
+    for fn in runs.values():  # warm-up: compilation, allocator, autotuning
+        for _ in range(args.warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = {k: [] for k in runs}
+    for _ in range(args.reps):
+        for name, fn in runs.items():
+            times[name].append(_time(fn, args.steps, device))
+    tokens = batch * seq_len
+    fpt = flops_per_token(cfg, seq_len)
+    peak = peak_flops(device, "bf16")
+    row = {"preset": preset, "batch": batch, "seq_len": seq_len, "compile": compile_blocks, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "peak_flops": peak}
+    for name in runs:
+        med = statistics.median(times[name])
+        row[f"{name}_step_s"] = med
+        row[f"{name}_tokens_per_s"] = tokens / med
+        row[f"{name}_mfu"] = fpt * tokens / med / peak
+        row[f"{name}_times"] = times[name]
+    row["ratio"] = row["plait_tokens_per_s"] / row["plain_tokens_per_s"]
+    row["peak_memory_bytes_both_models"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+    del plain_model, trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for preset in args.presets.split(","):
+        torch._dynamo.reset()  # each preset compiles for its own static shapes
+        print(f"bench gpu: {preset} on {device} ({'compiled' if not args.no_compile else 'eager'})", flush=True)
+        row = bench_preset(preset, args, device)
+        rows.append(row)
+        print(f"  plain {row['plain_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plain_mfu']:.1f}%)   "
+              f"plait {row['plait_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plait_mfu']:.1f}%)   "
+              f"ratio {row['ratio']:.3f}", flush=True)
+        if args.json:  # write as we go: a later preset may not fit the time or memory
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+    return 0
