@@ -38,10 +38,10 @@ def launch(worker_args: list[str], nproc: int, **kw) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        failures = e.failures
+        failures = e.failures  # global rank -> ProcessFailure
         first = min(failures)
         f = failures[first]
-        print(f"plait: {len(failures)} worker(s) failed; first: rank {f.global_rank} exit code {f.exitcode} "
+        print(f"plait: {len(failures)} worker(s) failed; first: rank {first} exit code {f.exitcode} "
               f"(see its output above)", file=sys.stderr)
         return f.exitcode if isinstance(f.exitcode, int) and f.exitcode > 0 else 1
     return 0

@@ -20,6 +20,10 @@ import torch.distributed as dist
 from plait.comm.accounting import CommStats, Record, wire_bytes
 from plait.comm.group import Group
 
+# torch 2.13 renames the single-tensor collectives (the old names warn); 2.11 has only the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -106,7 +110,7 @@ class Comm:
                 out.copy_(inp.view_as(out))
             return _Done(self)
         return self._run("all_gather", group, out.numel() * out.element_size(),
-                         lambda: dist.all_gather_into_tensor(out, inp, group=group.pg, async_op=True), async_op)
+                         lambda: _all_gather_single(out, inp, group=group.pg, async_op=True), async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, group: Group, op: str = "sum",
                        async_op: bool = False) -> Handle:
@@ -118,7 +122,7 @@ class Comm:
         rop = _REDUCE_OPS["sum" if op == "avg" else op]
         after = (lambda: out.div_(group.size)) if op == "avg" else None
         return self._run("reduce_scatter", group, inp.numel() * inp.element_size(),
-                         lambda: dist.reduce_scatter_tensor(out, inp, op=rop, group=group.pg, async_op=True),
+                         lambda: _reduce_scatter_single(out, inp, op=rop, group=group.pg, async_op=True),
                          async_op, after)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, group: Group, async_op: bool = False) -> Handle:

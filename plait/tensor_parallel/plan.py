@@ -1,0 +1,227 @@
+"""Plan-driven tensor parallelism: a small table of module-name patterns -> style.
+
+    model, loss_fn, gather = apply_tensor_parallel(model, mesh, GPT_PLAN, sequence_parallel=True)
+
+Patterns are dotted module names in which `*` matches one path component ("blocks.*.attn").
+Styles:
+
+- `column`: nn.Linear -> ColumnParallelLinear (output features split). Inside a `region` module
+  it relies on the region's entry collective; elsewhere it applies f (or the SP all-gather) itself.
+- `row`: nn.Linear -> RowParallelLinear (input features split; all-reduce, or SP reduce-scatter).
+- `vocab`: nn.Embedding -> VocabParallelEmbedding; nn.Linear (the head) -> ColumnParallelLinear
+  over the (padded) vocabulary, whose sharded logits go to the vocab-parallel cross-entropy.
+- `region`: the module's first input enters the tp region once for all the column layers inside
+  (a forward pre-hook: f, or under SP the all-gather of the sequence), so q/k/v (gate/up) share
+  one all-reduce in backward, as Megatron's fused QKV does. The module must read the sequence
+  length from that input (the GPT's Attention does), so it sees the whole sequence under SP.
+- `replicate`: parameters kept whole on every tp rank (norms). Under SP they act on 1/t of the
+  sequence and get a hook that all-reduces their gradient on tp in backward
+  (tp_comm.all_reduce_grad_hook). Parameters no pattern names are treated the same way.
+
+Every parameter not split is marked `plait_tp_replicated = True` (the global gradient norm counts
+it on tp rank 0 only). The attention's head count per rank follows from the sharded projection
+shapes: the model reads heads from q_proj / k_proj outputs, so nothing in it changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from fnmatch import fnmatchcase
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from plait.errors import ConfigError
+from plait.mesh import Mesh
+from plait.models.gpt import GPT, lm_loss
+from plait.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLoss,
+    mark_replicated,
+    padded_vocab,
+)
+from plait.tensor_parallel.tp_comm import copy_to_tp, gather_seq
+
+Plan = tuple[tuple[str, str], ...]
+STYLES = ("column", "row", "vocab", "region", "replicate")
+
+# The reference GPT (plait.models.gpt): Megatron's layout.
+GPT_PLAN: Plan = (
+    ("tok_emb", "vocab"),
+    ("blocks.*.attn_norm", "replicate"),
+    ("blocks.*.attn", "region"),
+    ("blocks.*.attn.q_proj", "column"),
+    ("blocks.*.attn.k_proj", "column"),
+    ("blocks.*.attn.v_proj", "column"),
+    ("blocks.*.attn.o_proj", "row"),
+    ("blocks.*.mlp_norm", "replicate"),
+    ("blocks.*.mlp", "region"),
+    ("blocks.*.mlp.gate_proj", "column"),
+    ("blocks.*.mlp.up_proj", "column"),
+    ("blocks.*.mlp.down_proj", "row"),
+    ("norm", "replicate"),
+    ("lm_head", "vocab"),
+)
+
+
+class TensorParallel(NamedTuple):
+    model: nn.Module
+    loss_fn: Callable  # (logits, targets, reduction) -> loss, matching the head's output layout
+    gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # local state dict -> full shapes
+
+
+def matches(pattern: str, name: str) -> bool:
+    p, n = pattern.split("."), name.split(".")
+    return len(p) == len(n) and all(fnmatchcase(a, b) for a, b in zip(n, p))
+
+
+def check_gpt(model: GPT, tp: int) -> None:
+    """ConfigError naming the model field when the GPT cannot be split evenly over tp."""
+    c = model.cfg
+    for field, v in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads), ("model.ffn_hidden", c.ffn)):
+        if v % tp:
+            raise ConfigError(f"{field} = {v} is not divisible by parallel.tp = {tp} (each tp rank holds 1/{tp} "
+                              f"of them): set {field} to a multiple of {tp}, or a parallel.tp that divides {v}")
+
+
+def plan_for(model: nn.Module) -> Plan:
+    if isinstance(model, GPT):
+        return GPT_PLAN
+    raise ConfigError(f"parallel.tp > 1: no built-in tensor-parallel plan for {type(model).__name__}; "
+                      f"call plait.tensor_parallel.apply_tensor_parallel(model, mesh, plan) with a plan table")
+
+
+def _region_hook(mesh: Mesh, sequence_parallel: bool):
+    def hook(module, args):
+        x = args[0]
+        x = gather_seq(x, mesh.comm, mesh.tp) if sequence_parallel else copy_to_tp(x, mesh.comm, mesh.tp)
+        return (x, *args[1:])
+
+    return hook
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan = GPT_PLAN,
+                          sequence_parallel: bool = False) -> TensorParallel:
+    """Split `model`'s layers over mesh.tp in place, as `plan` says; returns (model, loss_fn, gather).
+
+    Every tp rank must hold the same full model (same seed) before the call; each keeps 1/t of
+    each split weight. Weights shared between layers (tied embedding and head) stay shared: both
+    layers split the same matrix the same way (rows = vocabulary), so they get one Parameter.
+    The vocabulary is padded to a multiple of tp where needed; the loss masks the padding.
+    """
+    for pattern, style in plan:
+        if style not in STYLES:
+            raise ConfigError(f"tensor-parallel plan: style {style!r} for {pattern!r}; choose one of {STYLES}")
+    tp = mesh.tp_size
+    if isinstance(model, GPT):
+        check_gpt(model, tp)
+    modules = dict(model.named_modules())
+    styled: dict[str, str] = {}
+    for pattern, style in plan:
+        hits = [n for n in modules if n and matches(pattern, n)]
+        if not hits:
+            raise ConfigError(f"tensor-parallel plan: pattern {pattern!r} matches no module of "
+                              f"{type(model).__name__}")
+        styled.update({n: style for n in hits})
+    regions = [n for n, s in styled.items() if s == "region"]
+    for name, style in styled.items():  # every check before the first change to the model
+        _check_entry(name, style, modules[name], tp)
+    sp = sequence_parallel
+    shared: dict[int, nn.Parameter] = {}  # id(original weight) -> its shard, for tied weights
+    specs: dict[str, tuple[int, int, int]] = {}  # module name -> (dim, full size, local size)
+    loss_fn: Callable = lm_loss
+    for name, style in styled.items():
+        mod = modules[name]
+        if style == "region":
+            mod.register_forward_pre_hook(_region_hook(mesh, sp))
+            continue
+        if style == "replicate":
+            continue
+        if style == "column":
+            enter = not any(name.startswith(r + ".") for r in regions)
+            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=enter, sequence_parallel=sp)
+        elif style == "row":
+            new = RowParallelLinear.from_linear(mod, mesh, sequence_parallel=sp)
+        elif isinstance(mod, nn.Embedding):
+            new = VocabParallelEmbedding.from_embedding(mod, mesh, sequence_parallel=sp,
+                                                        padded=padded_vocab(mod.num_embeddings, tp))
+        else:
+            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=True, sequence_parallel=sp,
+                                                   padded_out=padded_vocab(mod.out_features, tp))
+            loss_fn = VocabParallelLoss(mesh, new)
+        orig = mod.weight
+        if id(orig) in shared:  # tied: reuse the shard the other layer made
+            twin = shared[id(orig)]
+            if twin.shape != new.weight.shape or twin.plait_tp_shard != new.weight.plait_tp_shard:
+                raise ConfigError(f"tensor-parallel plan: {name}.weight is tied to another layer split another "
+                                  f"way; give both the same style (vocab for a tied embedding and head)")
+            new.weight = twin
+        shared[id(orig)] = new.weight
+        _set(model, name, new)
+        dim, full = new.weight.plait_tp_shard
+        specs[name] = (dim, full, new.weight.shape[dim])
+    sharded = {id(p) for p in model.parameters() if hasattr(p, "plait_tp_shard")}
+    for p in model.parameters():
+        if id(p) not in sharded:
+            mark_replicated(p, mesh, partial_grad=sp)
+    return TensorParallel(model, loss_fn, _make_gatherer(specs, mesh))
+
+
+def _check_entry(name: str, style: str, mod: nn.Module, tp: int) -> None:
+    if style in ("region", "replicate"):
+        return
+    if style in ("column", "row") and isinstance(mod, nn.Linear):
+        what, v = ("out_features", mod.out_features) if style == "column" else ("in_features", mod.in_features)
+        if v % tp:
+            raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by parallel.tp = {tp}: "
+                              f"choose a tp that divides {v}")
+        return
+    if style == "vocab" and isinstance(mod, (nn.Embedding, nn.Linear)):
+        return  # the vocabulary is padded to a multiple of tp
+    raise ConfigError(f"tensor-parallel plan: style {style!r} does not apply to {name} ({type(mod).__name__}); "
+                      f"column and row take nn.Linear, vocab nn.Embedding or nn.Linear")
+
+
+def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
+    """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension and drop
+    vocabulary padding. Collective: every tp rank calls it with the same keys in the same order.
+
+    Keys are matched by module name + '.weight' / '.bias'; a key under a prefix (a wrapper added by
+    a later step) matches by its longest suffix that names a split module.
+    """
+
+    def spec_of(key: str):
+        module, _, leaf = key.rpartition(".")
+        parts = module.split(".")
+        for i in range(len(parts)):
+            s = specs.get(".".join(parts[i:]))
+            if s is not None and leaf in ("weight", "bias"):
+                return s if leaf == "weight" or s[0] == 0 else None  # a row layer's bias is whole
+        return None
+
+    def gather(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, t in sd.items():
+            spec = spec_of(key)
+            if spec is None or mesh.tp_size == 1:
+                out[key] = t
+                continue
+            dim, full, local = spec
+            if t.shape[dim] != local:
+                raise RuntimeError(f"{key}: local shape {tuple(t.shape)} does not match the tp split "
+                                   f"({local} along dim {dim})")
+            moved = t.transpose(0, dim).contiguous()
+            buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype, device=t.device)
+            mesh.comm.all_gather(buf, moved, mesh.tp)
+            out[key] = buf[:full].transpose(0, dim).contiguous()
+        return out
+
+    return gather
