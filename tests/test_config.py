@@ -18,7 +18,9 @@ def test_defaults_and_overrides(tmp_path):
 
 def test_frozen():
     cfg = C.Config()
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.steps = 3  # type: ignore[misc]
 
 

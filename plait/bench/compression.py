@@ -1,0 +1,295 @@
+"""`plait bench compression`: compressed data parallelism on an emulated slow network.
+
+    plait bench compression --bandwidth 100mbit --ranks 4 --steps 200 --reps 3 --json out.json
+
+As root, the ranks run inside a private network namespace whose loopback is rate-limited
+(DESIGN.md §5: `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
+latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C. Without root (or
+without `ip` / `tc`) it says so and exits with status 2. `--bandwidth none` runs on the
+machine's unthrottled loopback instead.
+
+Configurations, alternating within each repetition so machine noise hits all alike: plait with
+compression.name = none / fp16 / powersgd / topk / sign, then torch DDP with its fp16 hook and
+with its PowerSGD hook (one bucket: the configuration that works on gloo). Every run trains the
+same GPT from the same weights on the same samples with the same AdamW, schedule and clipping,
+for `--steps` steps, evaluating every steps/20.
+
+Reported per configuration (medians over repetitions): step time (median step, training only),
+bytes per step per rank (plait: its own accounting by the algorithm's formula; all: what the
+namespace's loopback carried, TCP/IP headers included, divided by ranks and steps), final
+validation loss, and the training time until the validation loss first reaches the final
+validation loss of the uncompressed plait run of the same repetition (None: not reached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIGS = ("none", "fp16", "powersgd", "topk", "sign", "ddp_fp16", "ddp_powersgd")
+RANK, TOPK, WARMUP = 4, 0.01, 10  # PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
+
+
+# -- the network namespace ---------------------------------------------------------------------
+def _cannot(bandwidth: str) -> str | None:
+    if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", bandwidth):
+        return f"--bandwidth {bandwidth!r}: give a tc rate such as 100mbit or 1gbit, or none"
+    if os.geteuid() != 0:
+        return ("plait bench compression: emulating a network needs root (a private network namespace with a "
+                "rate-limited loopback); run it as root, or pass --bandwidth none for the unthrottled loopback")
+    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    if missing:
+        return (f"plait bench compression: {' and '.join(missing)} not found (package iproute2); install it, or pass "
+                f"--bandwidth none for the unthrottled loopback")
+    return None
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def _in_namespace(args, argv: list[str]) -> int:
+    ns = f"plait-bench-{os.getpid()}"
+    try:
+        _sh("ip", "netns", "add", ns)
+    except subprocess.CalledProcessError as e:
+        print(f"plait bench compression: cannot create a network namespace ({e.stderr.strip()}); "
+              f"pass --bandwidth none for the unthrottled loopback", file=sys.stderr)
+        return 2
+    try:
+        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up", "mtu", "1500")
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.bandwidth,
+            "burst", "256kb", "latency", "50ms")
+        env = dict(os.environ, PLAIT_BENCH_NETNS=ns)
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that the namespace has no hostname
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "plait", *argv], env=env).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _argv(args) -> list[str]:
+    out = ["bench", "compression", "--bandwidth", args.bandwidth, "--ranks", args.ranks, "--reps", str(args.reps),
+           "--steps", str(args.steps), "--preset", args.preset, "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--bucket-mb", str(args.bucket_mb)]
+    return out + (["--json", os.path.abspath(args.json)] if args.json else [])
+
+
+def loopback_tx_bytes() -> int:
+    """Bytes sent on `lo` in this process's network namespace."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                return int(rest.split()[8])
+    return 0
+
+
+# -- one run (every rank) ----------------------------------------------------------------------
+def _setup(spec: dict):
+    from plait.config import DataConfig, ModelConfig
+    from plait.data import ChunkSampler, load_corpus
+    from plait.models import GPT
+    from plait.trainer import model_config
+
+    torch.set_num_threads(spec["threads"])
+    corpus = load_corpus(DataConfig(), 0)
+    mcfg = model_config(ModelConfig(preset=spec["preset"]), corpus.vocab_size, spec["seq_len"])
+    torch.manual_seed(spec["seed"])
+    model = GPT(mcfg)
+    train = ChunkSampler(corpus.train, spec["seq_len"], spec["seed"])
+    val = ChunkSampler(corpus.val, spec["seq_len"], spec["seed"], shuffle=False, what="validation")
+    return model, train, val
+
+
+def _run(spec: dict) -> dict:
+    import torch.distributed as dist
+
+    from plait.config import CompressionConfig, OptimConfig, ParallelConfig
+    from plait.mesh import Mesh
+    from plait.models.gpt import lm_loss
+    from plait.optim import lr_factor, optimizer_factory
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    B, T, steps = spec["batch"], spec["seq_len"], spec["steps"]
+    model, train, val = _setup(spec)
+    ocfg = OptimConfig()
+    name = spec["name"]
+    if name.startswith("ddp_"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        mesh = None
+        net = DDP(model, bucket_cap_mb=1e6)  # one bucket
+        if name == "ddp_fp16":
+            net.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        else:
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=RANK,
+                                                start_powerSGD_iter=max(2, WARMUP))
+            net.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        opt = optimizer_factory(ocfg, torch.device("cpu"))(list(net.parameters()))
+        module = net.module
+
+        def step(x, y):
+            lm_loss(net(x), y).backward()  # DDP averages: the mean over the global batch
+            torch.nn.utils.clip_grad_norm_(net.parameters(), ocfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def allreduce(t):
+            dist.all_reduce(t)
+
+        def barrier():
+            dist.barrier()
+    else:
+        from plait.parallelize import parallelize
+
+        mesh = Mesh.build(dp=world, device="cpu")
+        comp = CompressionConfig(name=name, rank=RANK, topk_fraction=TOPK, warmup_steps=WARMUP)
+        net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh,
+                               ParallelConfig(dp=world, bucket_mb=spec["bucket_mb"]), grad_clip=ocfg.grad_clip,
+                               compression=comp)
+        module = net.module
+
+        def step(x, y):
+            (net.loss(net(x), y, reduction="sum") / (world * B * T)).backward()  # summed over dp
+            opt.step()
+            opt.zero_grad()
+
+        def allreduce(t):
+            mesh.comm.all_reduce(t, mesh.dp)
+
+        def barrier():
+            mesh.comm.barrier(mesh.world)
+
+    base = [g["lr"] for g in opt.param_groups]
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        module.eval()
+        n = spec["val_samples"]
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        acc = torch.zeros(2, dtype=torch.float64)
+        x, y = val.batch(lo, hi - lo)
+        acc[0] += lm_loss(module(x), y, reduction="sum").double()
+        acc[1] += y.numel()
+        allreduce(acc)
+        module.train()
+        return float(acc[0] / acc[1])
+
+    barrier()
+    tx0 = loopback_tx_bytes()
+    times, curve, elapsed, formula = [], [], 0.0, 0.0
+    every = max(1, steps // 20)
+    for s in range(steps):
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * lr_factor(s, steps, ocfg.warmup_steps, ocfg.schedule, ocfg.min_lr_ratio)
+        x, y = train.batch(s * world * B + rank * B, B)
+        t0 = time.perf_counter()
+        step(x, y)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        elapsed += dt
+        if mesh is not None:
+            formula += mesh.comm.stats.reset_step()["comm_bytes"]
+        if (s + 1) % every == 0 or s + 1 == steps:
+            curve.append((s + 1, elapsed, evaluate()))
+            if mesh is not None:
+                mesh.comm.stats.reset_step()  # validation is not a training step's traffic
+    barrier()
+    tx = loopback_tx_bytes() - tx0
+    steady = times[2:] or times
+    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2],
+            "comm_bytes_per_step": formula / steps if mesh is not None else None,
+            "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def _time_to(curve: list, target: float) -> float | None:
+    for _, elapsed, v in curve:
+        if v <= target * (1 + 1e-9):
+            return elapsed
+    return None
+
+
+def _median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def run_all(args) -> dict:
+    from plait.testing import run_ranks
+
+    out = {"bandwidth": args.bandwidth, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+           "command": "plait " + " ".join(_argv(args)), "powersgd_rank": RANK, "topk_fraction": TOPK,
+           "warmup_steps": WARMUP, "results": {}}
+    for world in [int(w) for w in args.ranks.split(",") if w.strip()]:
+        spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+                "bucket_mb": args.bucket_mb, "seed": 1337, "val_samples": 32,
+                "threads": max(1, (os.cpu_count() or 1) // world)}
+        reps = {c: [] for c in CONFIGS}
+        for rep in range(args.reps):
+            for name in CONFIGS:
+                res = run_ranks(_run, world, args=({**spec, "name": name},), threads=spec["threads"],
+                                timeout=max(600.0, 60.0 * args.steps))[0]
+                reps[name].append(res)
+                print(f"ranks {world} rep {rep + 1}/{args.reps} {name:>13}: step {res['step_s'] * 1e3:8.1f} ms, "
+                      f"val {res['final_val']:.4f}", flush=True)
+        rows = {}
+        for name in CONFIGS:
+            ttt = [_time_to(r["curve"], base["final_val"]) for r, base in zip(reps[name], reps["none"])]
+            rows[name] = {
+                "step_s": _median([r["step_s"] for r in reps[name]]),
+                "comm_bytes_per_step": _median([r["comm_bytes_per_step"] for r in reps[name]]),
+                "loopback_bytes_per_step": _median([r["loopback_bytes_per_step"] for r in reps[name]]),
+                "final_val_loss": _median([r["final_val"] for r in reps[name]]),
+                "time_to_target_s": _median(ttt) if all(t is not None for t in ttt) else None,
+                "reached_target": sum(t is not None for t in ttt), "reps": args.reps,
+                "curves": [r["curve"] for r in reps[name]],
+            }
+        out["results"][str(world)] = rows
+        _print_table(world, rows, args.bandwidth)
+    return out
+
+
+def _fmt(v, scale=1.0, spec=".1f") -> str:
+    return "-" if v is None else format(v * scale, spec)
+
+
+def _print_table(world: int, rows: dict, bandwidth: str) -> None:
+    base = rows["none"]["time_to_target_s"]
+    print(f"\n{world} ranks, bandwidth {bandwidth}: medians over repetitions")
+    print(f"{'config':>13} {'step ms':>9} {'plait KB/step':>14} {'lo KB/step':>11} {'final val':>10} "
+          f"{'to target s':>12} {'speed-up':>9}")
+    for name, r in rows.items():
+        t = r["time_to_target_s"]
+        speed = f"{base / t:.2f}x" if base and t else "-"
+        print(f"{name:>13} {_fmt(r['step_s'], 1e3):>9} {_fmt(r['comm_bytes_per_step'], 1e-3):>14} "
+              f"{_fmt(r['loopback_bytes_per_step'], 1e-3):>11} {_fmt(r['final_val_loss'], 1, '.4f'):>10} "
+              f"{_fmt(t, 1, '.2f'):>12} {speed:>9}")
+
+
+def main(args) -> int:
+    bandwidth = getattr(args, "bandwidth", "none") or "none"
+    args.bandwidth = bandwidth
+    if bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
+        why = _cannot(bandwidth)
+        if why:
+            print(why, file=sys.stderr)
+            return 2
+        return _in_namespace(args, _argv(args))
+    out = run_all(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
