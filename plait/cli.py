@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run")
-    be.add_argument("what", choices=["dp", "gpu"])
+    be.add_argument("what", choices=["dp", "gpu", "tp", "compression", "sync", "pp"])
     be.add_argument("--json", default=None, help="write results as JSON here")
-    be.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+    be.add_argument("--bandwidth", default="100mbit", help="compression, sync: emulated network rate (tc rate, e.g. "
+                    "100mbit, 1gbit; needs root), or none for the plain loopback")
+    be.add_argument("--ranks", default="2,4", help="comma-separated world sizes (tp: tp sizes)")
     be.add_argument("--reps", type=int, default=5, help="alternating repetitions per configuration")
     be.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
     be.add_argument("--preset", default="10m")
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps before timing")
     be.add_argument("--no-compile", action="store_true", help="gpu: eager mode")
     be.add_argument("--data", default="", help="gpu: data.path for plait's trainer (default corpus if empty)")
+    be.add_argument("--every", type=int, default=0, help="sync: H, steps between syncs (default steps / 10)")
     be.set_defaults(fn=cmd_bench)
 
     rp = sub.add_parser("report", help="plots and summary of a run folder")

@@ -64,6 +64,8 @@ class OptimConfig:
     warmup_steps: int = 5
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    scale_lr_with_batch: bool = False  # linear scaling rule: lr × global batch / reference_batch
+    reference_batch: int = 0  # the global batch (samples) optim.lr was tuned at; needed by scale_lr_with_batch
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,38 @@ class TrainConfig:
     peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
     threads: int = 0  # torch threads per rank; 0: cores / local ranks
     timeout_s: float = 600.0
+    batch_rampup_samples: int = 0  # 0: off; else grow the global batch from one micro-batch over this many samples
+    # planned stops (plait.checkpoint): save a checkpoint and exit 0 after this many steps / minutes of this session
+    exit_after_steps: int = 0  # 0: off
+    exit_after_minutes: float = 0.0  # 0: off
+    max_bad_steps: int = 5  # non-finite loss / gradient norm: steps are skipped; this many in a row stop the run
+    # debug (fault-tolerance tests): `fault` hits global rank fault_rank at step fault_step (1-based).
+    # kill: SIGKILL mid-step, once per run folder; kill_in_save: SIGKILL inside that step's checkpoint save,
+    # after the data files and before the manifest; skip_collective: the rank skips the step's agreement
+    # all-reduce (the others time out); nan: its loss is NaN for fault_steps steps.
+    fault: str = "none"
+    fault_rank: int = 0
+    fault_step: int = 0
+    fault_steps: int = 1
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    name: str = "none"  # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only)
+    rank: int = 4  # powersgd
+    topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
+    error_feedback: bool = True  # residuals of the biased compressors (int8, topk, sign, powersgd, onebit_adam)
+    warmup_steps: int = 10  # dense all-reduce steps before powersgd / optim.name=onebit_adam compress
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # 0: off
-    keep: int = 2
+    keep: int = 2  # complete checkpoints kept (0: all)
     dir: str = ""  # empty: RUN_DIR/checkpoints
+    every_minutes: float = 0.0  # 0: off; else also save when this many minutes passed since the last save
+    async_save: bool = False  # `checkpoint.async`: write in a background thread while training goes on
+    init_from: str = ""  # a checkpoint or a safetensors export: initial weights of a run that has none to resume
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,22 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """How replicas (the dp group) keep in step: plait.sync. H = every, τ = delay, P = fragments."""
+
+    strategy: str = "every_step"  # every_step | local_sgd | diloco | streaming_diloco | delayed
+    every: int = 50  # H: inner steps between syncs (local_sgd, diloco, streaming_diloco)
+    outer_lr: float = 0.7  # diloco / streaming_diloco outer SGD (Nesterov) learning rate
+    outer_momentum: float = 0.9  # 0: plain outer SGD
+    fragments: int = 4  # P (streaming_diloco): fragments synced on staggered offsets
+    delay: int = 1  # τ: steps an exchange overlaps (streaming_diloco, delayed)
+    alpha: float = 0.5  # streaming_diloco: local weight when mixing: α·local + (1−α)·global
+    quantize: str = "none"  # outer-gradient transport (diloco, streaming_diloco): none | fp16 | int8 | fp4
+    slow_rank: int = -1  # debug (straggler runs): this global rank's steps take slow_factor × as long
+    slow_factor: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,6 +149,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -114,22 +159,28 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.token_dtype": ("uint16", "uint32"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1"),
     "parallel.backend": ("auto", "gloo", "nccl"),
-    "optim.name": ("adamw", "sgd"),
+    "optim.name": ("adamw", "sgd", "lamb", "lars", "onebit_adam"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("fp32", "bf16"),
+    "compression.name": ("none", "fp16", "bf16", "int8", "topk", "sign", "powersgd"),
+    "sync.strategy": ("every_step", "local_sgd", "diloco", "streaming_diloco", "delayed"),
+    "sync.quantize": ("none", "fp16", "int8", "fp4"),
+    "train.fault": ("none", "kill", "kill_in_save", "skip_collective", "nan"),
 }
 
 POSITIVE = {
     "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
     "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s", "parallel.bucket_mb",
+    "compression.rank", "train.max_bad_steps",
 }
 NON_NEGATIVE = {
     "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",
     "model.d_model", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden", "train.val_every",
     "train.val_samples", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
-    "checkpoint.every", "checkpoint.keep", "train.peak_flops", "train.threads", "optim.eps",
-    "optim.min_lr_ratio",
+    "checkpoint.every", "checkpoint.keep", "checkpoint.every_minutes", "train.exit_after_steps",
+    "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops", "train.threads", "optim.eps",
+    "optim.min_lr_ratio", "optim.reference_batch", "train.batch_rampup_samples", "compression.warmup_steps",
 }
 
 
@@ -163,7 +214,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     raise ConfigError(f"{key}: unsupported type {typ}")
 
 
+ALIASES = {"checkpoint.async": "checkpoint.async_save"}  # names that are Python keywords
+
+
 def _apply(cfg: Config, key: str, value: Any) -> Config:
+    key = ALIASES.get(key, key)
     parts = key.split(".")
     sections = _sections()
     if len(parts) != 2:
@@ -245,6 +300,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in [0, 1)")
     if cfg.parallel.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero = {cfg.parallel.zero}: choose 0, 1, 2 or 3")
+    check_sync(cfg)
+    c = cfg.compression
+    if not 0.0 < c.topk_fraction <= 1.0:
+        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
+    if cfg.optim.name == "onebit_adam" and c.name != "none":
+        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit Adam compresses "
+                          f"the data-parallel exchange itself; set compression.name=none")
+    if cfg.optim.name == "onebit_adam" and c.warmup_steps < 1:
+        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
+                          "least one step (15-25% of train.steps is typical)")
     t = cfg.train
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
@@ -252,6 +317,48 @@ def validate(cfg: Config) -> None:
     if cfg.data.path and not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, a folder "
                           f"of text files, or a .bin of token ids (or leave it empty for the default corpus)")
+
+
+def check_sync(cfg: Config) -> None:
+    """The [sync] section and its combinations with the rest (plait.sync)."""
+    s = cfg.sync
+    for key, v in (("sync.every", s.every), ("sync.fragments", s.fragments)):
+        if v < 1:
+            raise ConfigError(f"{key} = {v}: must be a positive integer")
+    if not 0.0 <= s.outer_momentum < 1.0:
+        raise ConfigError(f"sync.outer_momentum = {s.outer_momentum}: must be in [0, 1) (0.9 in DiLoCo)")
+    if s.outer_lr <= 0:
+        raise ConfigError(f"sync.outer_lr = {s.outer_lr}: must be positive (0.7 in DiLoCo; 1.0 with no momentum "
+                          f"is plain parameter averaging)")
+    if not 0.0 <= s.alpha <= 1.0:
+        raise ConfigError(f"sync.alpha = {s.alpha}: must be in [0, 1] (0: replace local weights by the global ones)")
+    if s.slow_factor < 1.0:
+        raise ConfigError(f"sync.slow_factor = {s.slow_factor}: must be >= 1 (2.0: the slow rank takes twice as long)")
+    if s.strategy == "streaming_diloco":
+        if s.every < s.fragments:
+            raise ConfigError(f"sync.every = {s.every} < sync.fragments = {s.fragments}: each fragment syncs once "
+                              f"every H steps on its own offset, so H must be at least P; raise sync.every")
+        if not 0 <= s.delay < s.every:
+            raise ConfigError(f"sync.delay = {s.delay}: must be in [0, sync.every) = [0, {s.every}) so a fragment is "
+                              f"applied before it is sent again")
+    if s.strategy == "delayed" and s.delay < 1:
+        raise ConfigError(f"sync.delay = {s.delay} with sync.strategy = delayed: must be >= 1 (0 is every_step)")
+    if s.quantize != "none" and s.strategy not in ("diloco", "streaming_diloco"):
+        raise ConfigError(f"sync.quantize = {s.quantize!r} applies to outer gradients (sync.strategy = diloco or "
+                          f"streaming_diloco), not to {s.strategy}: set sync.quantize=none (compress per-step "
+                          f"gradients with [compression])")
+    if s.strategy != "every_step":
+        if cfg.parallel.zero:
+            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {cfg.parallel.zero}: replicas that "
+                              f"step on their own need their whole optimizer state; set parallel.zero=0")
+        if cfg.compression.name != "none" or cfg.optim.name == "onebit_adam":
+            raise ConfigError(f"sync.strategy = {s.strategy} replaces the per-step gradient exchange that "
+                              f"compression.name / optim.name = onebit_adam compress: set compression.name=none "
+                              f"and a plain optimizer, or sync.strategy=every_step")
+    if s.strategy in ("local_sgd", "diloco", "streaming_diloco") and getattr(cfg.train, "batch_rampup_samples", 0):
+        raise ConfigError(f"sync.strategy = {s.strategy} with train.batch_rampup_samples > 0: replicas stepping on "
+                          f"their own gradients need equal shares of every batch, which a ramp-up does not give; "
+                          f"set train.batch_rampup_samples=0")
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
@@ -267,7 +374,37 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch × dp = "
             f"{t.micro_batch} × {dp}: choose a global batch that is a multiple of {t.micro_batch * dp}"
         )
+    check_pipeline(cfg, dp)
     return dp
+
+
+def check_pipeline(cfg: Config, dp: int) -> None:
+    """The pipeline's micro-batch rule, for parallel.pp > 1.
+
+    A pipeline step runs m = train.global_batch / (dp · train.micro_batch) micro-batches of
+    train.micro_batch sequences (the same count gradient accumulation uses without a pipeline).
+    parallel.microbatches = 0 means exactly that; a non-zero value must equal it (it is a check,
+    not a second way to size the batch). The schedule needs m >= pp; interleaved 1F1B also m
+    divisible by pp, and virtual stages > 1 only make sense with it.
+    """
+    p, t = cfg.parallel, cfg.train
+    if p.pp == 1:
+        return
+    m = t.global_batch // (t.micro_batch * dp)
+    if p.microbatches and p.microbatches != m:
+        raise ConfigError(f"parallel.microbatches = {p.microbatches}, but train.global_batch / (dp × train.micro_batch)"
+                          f" = {t.global_batch} / ({dp} × {t.micro_batch}) = {m} micro-batches per pipeline: set it "
+                          f"to {m} or 0, or change the batch sizes")
+    if m < p.pp:
+        raise ConfigError(f"{m} micro-batches per pipeline step for parallel.pp = {p.pp} stages: a pipeline needs "
+                          f"at least as many micro-batches as stages; raise train.global_batch to "
+                          f"{p.pp * t.micro_batch * dp} or lower train.micro_batch")
+    if p.virtual_stages > 1 and p.schedule != "interleaved_1f1b":
+        raise ConfigError(f"parallel.virtual_stages = {p.virtual_stages} needs parallel.schedule = interleaved_1f1b "
+                          f"(not {p.schedule}); or set parallel.virtual_stages=1")
+    if p.schedule == "interleaved_1f1b" and m % p.pp:
+        raise ConfigError(f"parallel.schedule = interleaved_1f1b needs the micro-batches per pipeline step ({m}) to "
+                          f"be a multiple of parallel.pp = {p.pp}: change train.global_batch or train.micro_batch")
 
 
 def accumulation_steps(cfg: Config, dp: int) -> int:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from plait.comm import Comm
-from plait.config import ParallelConfig
+from plait.config import CompressionConfig, ParallelConfig
 from plait.data_parallel import GradReducer
 from plait.errors import ConfigError
 from plait.mesh import Mesh
@@ -80,13 +80,14 @@ class ParallelOptimizer:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], mesh: Mesh,
-                 reducer: GradReducer | None, grad_clip: float = 0.0):
+                 reducer: GradReducer | None, grad_clip: float = 0.0, sync=None):
         self.optimizer = optimizer
         self.params = params
         self.mesh = mesh
         self.reducer = reducer
         self.grad_clip = grad_clip
-        self.last_grad_norm: float | None = None
+        self.sync = sync  # plait.sync strategy (step 6); None: step every time on the reduced gradient
+        self.last_grad_norm: torch.Tensor | None = None
 
     @property
     def param_groups(self):
@@ -101,25 +102,35 @@ class ParallelOptimizer:
             self.reducer.finish()
 
     def grad_norm(self) -> torch.Tensor:
+        """The whole model's gradient 2-norm, as a tensor (no host sync)."""
+        skip_replicated = self.mesh.tp_index != 0
+        grads = [p.grad.detach() for p in self.params if p.grad is not None
+                 and not (skip_replicated and getattr(p, "plait_tp_replicated", False))]
         sq = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
-        for p in self.params:
-            if p.grad is None:
-                continue
-            if getattr(p, "plait_tp_replicated", False) and self.mesh.tp_index != 0:
-                continue
-            sq += p.grad.detach().float().pow(2).sum()
-        self.comm.all_reduce(sq, self.mesh.mp)
+        if grads:
+            norms = torch._foreach_norm(grads)  # one fused pass instead of a kernel per parameter
+            sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+        # ZeRO: each rank holds disjoint pieces of the gradients, so the sum runs over dp as well
+        sharded = getattr(self.optimizer, "dp_sharded", False)
+        self.comm.all_reduce(sq, self.mesh.world if sharded else self.mesh.mp)
         return sq.sqrt()
 
     def step(self) -> None:
         self.finish_grads()
+        # the sync strategy decides when the inner step runs and on which gradient (plait.sync)
+        if self.sync is not None:
+            self.sync.step(self._inner_step)
+        else:
+            self._inner_step()
+
+    def _inner_step(self) -> None:
         if self.grad_clip > 0:
             norm = self.grad_norm()
-            self.last_grad_norm = float(norm)
+            self.last_grad_norm = norm  # a tensor: reading it (float) is left to the caller
             scale = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
         self.optimizer.step()
 
     def zero_grad(self) -> None:
@@ -129,35 +140,99 @@ class ParallelOptimizer:
             self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self):
-        return self.optimizer.state_dict()
+        sd = self.optimizer.state_dict()
+        # a sync strategy's state (DiLoCo's outer parameters and momentum) rides along under "sync"
+        extra = self.sync.state_dict() if self.sync is not None else {}
+        return {**sd, "sync": extra} if extra else sd
 
     def load_state_dict(self, sd) -> None:
+        if "sync" in sd:
+            sd = dict(sd)
+            self.sync.load_state_dict(sd.pop("sync"))
         self.optimizer.load_state_dict(sd)
 
 
 # -- the steps -------------------------------------------------------------------------------
 def _apply_tensor_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig
                            ) -> tuple[nn.Module, Callable, StateGatherer | None]:
-    """Returns (model with sharded layers, matching loss function, gatherer of full tensors)."""
+    """Returns (model with sharded layers, matching loss function, gatherer of full tensors).
+
+    The layers named by the model's plan (plait.tensor_parallel.plan_for) are split over mesh.tp;
+    with cfg.sequence_parallel, norms run on 1/tp of the sequence and their weights' gradients are
+    all-reduced over tp in backward by a hook (tp_comm.all_reduce_grad_hook). Parameters kept whole
+    carry `plait_tp_replicated = True`. The loss is the vocab-parallel cross-entropy over the
+    sharded logits; the gatherer all-gathers split tensors over mesh.tp (a collective).
+    """
     if mesh.tp_size == 1:
         return model, lm_loss, None
-    raise ConfigError("parallel.tp > 1: tensor parallelism is not available in this build; set parallel.tp=1")
+    from plait.tensor_parallel import apply_tensor_parallel, plan_for
+
+    tp = apply_tensor_parallel(model, mesh, plan_for(model), sequence_parallel=cfg.sequence_parallel)
+    return tp.model, tp.loss_fn, tp.gather
 
 
 def _apply_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: Callable
                     ) -> tuple[nn.Module, object | None, StateGatherer | None]:
-    """Returns (this rank's stage(s), the pipeline runner, gatherer of the whole model's state)."""
+    """Returns (this rank's stage(s), the pipeline runner, gatherer of the whole model's state).
+
+    The model is split into mesh.pp_size · cfg.virtual_stages stages balanced by parameter count
+    (plait.pipeline.partition); this rank keeps stages rank, rank + pp, ... as one module whose
+    state-dict keys are the original names. The runner drives forward and backward (over mesh.pp
+    p2p); the gatherer is a collective over mesh.pp returning the whole model's state dict.
+    """
     if mesh.pp_size == 1:
         return model, None, None
-    raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this build; set parallel.pp=1")
+    from plait.pipeline import build_pipeline
+
+    return build_pipeline(model, mesh, cfg, loss_fn)
 
 
-def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig) -> GradReducer | None:
-    if cfg.zero:
-        raise ConfigError(f"parallel.zero = {cfg.zero}: ZeRO is not available in this build; set parallel.zero=0")
+def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
+                         compression: CompressionConfig | None = None,
+                         optimizer: OptimizerOrFactory | None = None) -> GradReducer | None:
+    """The dp gradient path: buckets summed over mesh.dp, each exchanged by the configured compressor.
+
+    An optimizer (or factory) exposing `dp_exchange` (1-bit Adam) exchanges gradients itself: its
+    exchange becomes the reducer's compressor (dense during its warm-up, silent afterwards).
+    """
+    from plait.compression import build_compressor
+
+    if cfg.zero:  # ZeRO-1/2: a reduce-scattering reducer; ZeRO-3: FSDP2 in the reducer's place
+        from plait.data_parallel.zero import apply_zero
+
+        return apply_zero(model, mesh, cfg, compression, optimizer)
+    compressor = build_compressor(compression, getattr(optimizer, "dp_exchange", None))
     if mesh.dp_size == 1:
         return None
-    return GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=int(cfg.bucket_mb * 2**20))
+    return GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=int(cfg.bucket_mb * 2**20),
+                       compressor=compressor)
+
+
+def _uses_reducer(sync) -> bool:
+    """Only every_step reduces gradients every step; the other strategies exchange over dp themselves."""
+    from plait.sync import SyncStrategy
+
+    if isinstance(sync, SyncStrategy):
+        return sync.uses_reducer
+    return sync is None or sync.strategy == "every_step"
+
+
+def _apply_sync(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, sync, total_steps: int | None,
+                compression: CompressionConfig | None = None):
+    """Step 6: the sync strategy over mesh.dp (plait.sync), from a SyncConfig, or a strategy as given.
+
+    Strategies other than every_step keep replicas apart for a while (local SGD, DiLoCo, streaming
+    DiLoCo) or step on stale gradients (delayed); they need every replica's whole optimizer state
+    (no ZeRO). Those with background exchanges create a duplicate dp group here: a collective, so
+    every rank must call parallelize with the same sync settings.
+    """
+    from plait.config import Config, check_sync
+    from plait.sync import SyncStrategy, build_strategy
+
+    if sync is None or isinstance(sync, SyncStrategy):
+        return sync
+    check_sync(Config(parallel=cfg, sync=sync, compression=compression or CompressionConfig()))
+    return build_strategy(sync, list(model.parameters()), mesh, total_steps)
 
 
 def _build_optimizer(optimizer: OptimizerOrFactory, model: nn.Module) -> torch.optim.Optimizer:
@@ -174,7 +249,8 @@ def _build_optimizer(optimizer: OptimizerOrFactory, model: nn.Module) -> torch.o
 
 
 def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg: ParallelConfig | None = None,
-                grad_clip: float = 0.0) -> tuple[ParallelModel, ParallelOptimizer]:
+                grad_clip: float = 0.0, compression: CompressionConfig | None = None, sync=None,
+                total_steps: int | None = None) -> tuple[ParallelModel, ParallelOptimizer]:
     """Make `model` parallel over `mesh` and return (model, optimizer) ready for a training loop.
 
     `optimizer` is a torch optimizer or a factory `params -> optimizer`; when the parallel
@@ -184,17 +260,35 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg
     Training loop contract: run each micro-batch's backward (all but the last inside
     `model.no_sync()`), then `optimizer.step()` and `optimizer.zero_grad()`. Every rank of the
     mesh must run the same number of steps and micro-batches.
+
+    `compression` (a CompressionConfig) picks how dp gradient buckets are exchanged; None keeps
+    the plain all-reduce.
+
+    `sync` (a SyncConfig, or a plait.sync strategy) picks how replicas keep in step: every step
+    (None, the default), local SGD, DiLoCo, streaming DiLoCo or delayed. `total_steps`, the run's
+    length when known, lets the last `optimizer.step()` finish every exchange in flight; without
+    it, call `optimizer.sync.flush()` after the loop.
     """
     cfg = cfg or ParallelConfig()
     model = model.to(mesh.device)
     model, loss_fn, tp_gather = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
     model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)  # 2. keep this rank's stage
     # 3. activation checkpointing and 4. mixed precision: configured in TrainConfig / the trainer
-    reducer = _apply_data_parallel(model, mesh, cfg)  # 5. gradient path over dp
+    # 5.+6. dp gradient path, compression; a sync strategy other than every_step exchanges over dp
+    # itself (step 6), so it gets no per-step gradient reducer
+    reducer = _apply_data_parallel(model, mesh, cfg, compression, optimizer) if _uses_reducer(sync) else None
     opt = _build_optimizer(optimizer, model)
-    gatherers = [g for g in (tp_gather, pp_gather) if g is not None]
+    params = list(model.parameters())
+    if cfg.zero and mesh.dp_size > 1:  # each dp rank steps only its shard; params: the pieces it clips
+        from plait.data_parallel.zero import wrap_optimizer
+
+        opt = wrap_optimizer(opt, reducer, mesh, cfg)
+        params = opt.params
+    zero_gather = getattr(reducer, "state_gatherer", None)  # ZeRO-3: dp shards -> full tensors, first
+    gatherers = [g for g in (zero_gather, tp_gather, pp_gather) if g is not None]
     pmodel = ParallelModel(model, mesh, reducer, loss_fn, runner, gatherers)
-    return pmodel, ParallelOptimizer(opt, list(model.parameters()), mesh, reducer, grad_clip)
+    strategy = _apply_sync(model, mesh, cfg, sync, total_steps, compression)  # 6. sync strategy over dp
+    return pmodel, ParallelOptimizer(opt, params, mesh, reducer, grad_clip, sync=strategy)
 
 
 @contextmanager

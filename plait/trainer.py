@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 
 from plait import config as C
-from plait.data import ChunkSampler, load_corpus, micro_batches, rank_slice
+from plait.data import ChunkSampler, load_corpus, micro_batches
+from plait.data_parallel.zero_memory import memory_breakdown
 from plait.flops import peak_flops
 from plait.mesh import Mesh
 from plait.metrics import RunLog, peak_memory_bytes, plot_run, prepare_run_dir, write_json
 from plait.models import GPT, build_config, count_params, flops_per_token
 from plait.models.gpt import Block
-from plait.optim import lr_factor, optimizer_factory
+from plait.optim import NoiseScaleMonitor, optimizer_factory, tensor_parallel_norm_reducer
+from plait.optim.noise_scale import supported as noise_scale_supported
+from plait.optim.schedule import batch_at, batch_lr_scale, lr_factor, rank_share
 from plait.parallelize import maybe_no_sync, parallelize
 
 
@@ -56,14 +59,24 @@ class Trainer:
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its part
         model = GPT(self.model_cfg)
         self.n_params = count_params(model)
-        self.model, self.optimizer = parallelize(model, optimizer_factory(cfg.optim, mesh.device), mesh,
-                                                 cfg.parallel, grad_clip=cfg.optim.grad_clip)
+        # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
+        build_optimizer = optimizer_factory(cfg.optim, mesh.device, tensor_parallel_norm_reducer(mesh))
+        self.model, self.optimizer = parallelize(model, build_optimizer, mesh, cfg.parallel,
+                                                 grad_clip=cfg.optim.grad_clip, compression=cfg.compression,
+                                                 sync=cfg.sync, total_steps=t.steps)
+        # gradient noise scale (metric critical_batch): needs two batch sizes, micro-batch < global batch,
+        # and the exact global-batch gradient. It grows as the loss falls, so batch-size warnings wait
+        # for the first fifth of the run.
+        self.noise = (NoiseScaleMonitor(list(self.model.parameters()), mesh, t.micro_batch,
+                                        warn_after=max(20, t.steps // 5), lead=mesh.rank == 0)
+                      if t.global_batch > t.micro_batch and noise_scale_supported(cfg) is None else None)
         if t.compile:  # per block: the reducer's hooks sit on the leaf parameters, outside compiled code
             for m in self.model.module.modules():
                 if isinstance(m, Block):
                     m.compile()
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.train_data = ChunkSampler(corpus.train, t.seq_len, t.seed)
+        self.train_data.pin_memory = mesh.device.type == "cuda"
         self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation") \
             if t.val_samples and len(corpus.val) > t.seq_len else None
         self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16)
@@ -82,6 +95,8 @@ class Trainer:
 
     def forward_backward(self, batches, global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; returns its share of the mean loss."""
+        if self.model.pipeline is not None:  # the pipeline schedule runs them all; its loss is on every pp rank
+            return self.model.pipeline.train_step(batches, global_tokens, self.autocast, no_sync=self.model.no_sync)
         loss_sum = torch.zeros((), device=self.mesh.device)
         for k, (x, y) in enumerate(batches):
             x, y = x.to(self.mesh.device, non_blocking=True), y.to(self.mesh.device, non_blocking=True)
@@ -94,17 +109,29 @@ class Trainer:
         return loss_sum
 
     def train_step(self) -> dict:
-        t = self.cfg.train
+        t, o = self.cfg.train, self.cfg.optim
+        batch = batch_at(self.samples, t.global_batch, t.micro_batch, t.batch_rampup_samples)  # ramp-up or fixed
         lr = self.set_lr()
-        start, count = rank_slice(self.samples, t.global_batch, self.mesh.dp_size, self.mesh.dp_index)
+        scale = batch_lr_scale(batch, o.reference_batch, o.scale_lr_with_batch)
+        if scale != 1.0:
+            for g in self.optimizer.param_groups:
+                g["lr"] *= scale
+            lr *= scale
+        start, count = rank_share(self.samples, batch, t.micro_batch, self.mesh.dp_size, self.mesh.dp_index)
+        self.acc = count // t.micro_batch  # this rank's micro-batches this step
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
-        loss = self.forward_backward(batches, t.global_batch * t.seq_len)
+        if self.noise is not None:
+            self.noise.begin_step()
+        loss = self.forward_backward(batches, batch * t.seq_len)
         self.optimizer.step()
+        extra = self.noise.end_step(self.optimizer, batch) if self.noise is not None else {}
         self.optimizer.zero_grad()
         self.mesh.comm.all_reduce(loss, self.mesh.dp)  # the global batch's mean loss, for logging
         self.step += 1
-        self.samples += t.global_batch
-        return {"loss": float(loss), "lr": lr, "grad_norm": self.optimizer.last_grad_norm}
+        self.samples += batch
+        # tensors, not floats: reading them waits for the device, which the caller does when it logs
+        return {"loss": loss, "lr": lr, "grad_norm": self.optimizer.last_grad_norm, "global_batch": batch,
+                **extra}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -115,7 +142,11 @@ class Trainer:
         n, dp, i = self.cfg.train.val_samples, self.mesh.dp_size, self.mesh.dp_index
         lo, hi = n * i // dp, n * (i + 1) // dp
         acc = torch.zeros(2, device=self.mesh.device, dtype=torch.float64)
-        for x, y in micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch):
+        batches = micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch)
+        if self.model.pipeline is not None:  # forward only through the stages; the sums come from the last
+            acc += self.model.pipeline.evaluate(batches, self.autocast)
+            batches = ()
+        for x, y in batches:
             x, y = x.to(self.mesh.device), y.to(self.mesh.device)
             with self.autocast:
                 logits = self.model(x)
@@ -155,11 +186,15 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 comm = mesh.comm.stats.reset_step(self.step)
                 comm_total += comm["comm_bytes"]
-                rec = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                gn = out["grad_norm"]
+                rec = {"step": self.step, "loss": float(out["loss"]), "lr": out["lr"],
+                       "grad_norm": None if gn is None else float(gn),
                        "samples": self.samples, "tokens": self.samples * t.seq_len, "step_s": dt,
                        "tokens_per_s": tokens_per_step / dt,
                        "mfu": self.flops_per_token * tokens_per_step / dt / (mesh.world_size * peak),
                        "comm_bytes": comm["comm_bytes"], "comm_s": comm["comm_s"]}
+                if self.model.pipeline is not None:  # measured idle fraction of each pp rank
+                    rec["bubble"] = self.model.pipeline.bubbles()
                 if (t.val_every and self.step % t.val_every == 0) or self.step == t.steps:
                     val_loss = self.evaluate()
                     mesh.comm.stats.reset_step(self.step)  # validation traffic is not a training step's
@@ -183,11 +218,18 @@ class Trainer:
             "layout": {"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": cfg.parallel.zero,
                        "world_size": mesh.world_size, "micro_batches": self.acc, "device": str(mesh.device)},
             "peak_memory_bytes": peak_memory_bytes(mesh.device),
+            "memory": memory_breakdown(self.model, self.optimizer),  # this rank's parameters, gradients, optimizer
             "wall_s": wall,
             "n_params": self.n_params,
             "peak_flops_per_rank": peak,
             "model": asdict(self.model_cfg),
         }
+        if self.model.pipeline is not None:  # gathering the timeline is a collective over pp: every rank
+            timeline = self.model.pipeline.gather_timeline()
+            summary["pipeline"] = self.model.pipeline.summary()
+            if lead and run_dir is not None:
+                timeline.write_trace(run_dir / "pipeline_trace.json")
+                timeline.plot(run_dir / "pipeline_gantt.png")
         if lead and run_dir is not None:
             write_json(run_dir / "summary.json", summary)
             if cfg.log.plots and recs:

@@ -12,4 +12,20 @@ def run_bench(what: str, args) -> int:
         from plait.bench.gpu import main
 
         return main(args)
+    if what == "tp":
+        from plait.bench.tp import main
+
+        return main(args)
+    if what == "compression":
+        from plait.bench.compression import main
+
+        return main(args)
+    if what == "sync":
+        from plait.bench.sync import main
+
+        return main(args)
+    if what == "pp":
+        from plait.bench.pp import main
+
+        return main(args)
     raise SystemExit(f"unknown benchmark {what!r}")

@@ -29,6 +29,8 @@ class ChunkSampler:
                               f"{seq_len + 1}: use more data or a shorter train.seq_len")
         self._perm_epoch = -1
         self._perm = None
+        # page-locked batches let the host-to-GPU copy run asynchronously (a pageable copy waits for the stream)
+        self.pin_memory = False
 
     def _chunk(self, i: int) -> int:
         if not self.shuffle:
@@ -45,7 +47,10 @@ class ChunkSampler:
         rows = np.stack([np.asarray(self.tokens[c * T: c * T + T + 1], dtype=np.int64)
                          for c in (self._chunk(i) for i in range(start, start + count))])
         t = torch.from_numpy(rows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 def rank_slice(start: int, global_batch: int, dp: int, dp_index: int) -> tuple[int, int]:

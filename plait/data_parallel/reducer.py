@@ -10,39 +10,67 @@ Communication contract
   always issued in index order, the same on every rank, whatever order autograd finishes them.
 - `finish()` issues what is left (parameters that got no gradient contribute zeros), waits for
   every bucket, and optionally divides by the group size. Call it once per optimizer step.
+- With a `compressor` (plait.compression) the bucket's exchange is `compressor.exchange(index,
+  buffer, per-parameter views)` instead of the all-reduce: issued at the same point, in the same
+  order; its later phases run when `finish()` waits the buckets, in bucket order.
 - While `sync` is False (non-final micro-batches of gradient accumulation) hooks only accumulate.
+- ZeRO options (plait.data_parallel.zero): `pad_to` zero-pads each bucket to a multiple of it (a
+  reduce-scatter needs equal chunks; the padding stays zero and no view covers it);
+  `release_after_reduce` drops each bucket's buffer (and its parameters' `.grad`) once its
+  exchange is waited, and allocates it again, zeroed, when the bucket's first gradient of the
+  next step arrives: between steps only what the exchange kept (a gradient shard) is held.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from plait.comm import Comm, Group, Handle
 
+if TYPE_CHECKING:
+    from plait.compression import Compressor
+
 
 class _Bucket:
-    def __init__(self, index: int, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device):
+    def __init__(self, index: int, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device,
+                 pad_to: int = 1):
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.buffer = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.padded = -(-self.numel // pad_to) * pad_to  # buffer length: numel rounded up to a multiple of pad_to
+        self.dtype, self.device = dtype, device
+        self.buffer: torch.Tensor | None = None
         self.views: dict[int, torch.Tensor] = {}
-        off = 0
-        for p in params:
-            self.views[id(p)] = self.buffer[off: off + p.numel()].view_as(p)
-            off += p.numel()
+        self.allocate()
         self.ready: set[int] = set()
         self.handle: Handle | None = None
+
+    def allocate(self) -> None:
+        self.buffer = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
+        off = 0
+        for p in self.params:
+            self.views[id(p)] = self.buffer[off: off + p.numel()].view_as(p)
+            off += p.numel()
+
+    def release(self) -> None:
+        self.buffer = None
+        self.views = {}
 
 
 class GradReducer:
     def __init__(self, params: list[nn.Parameter], group: Group, comm: Comm, bucket_bytes: int = 25 * 2**20,
-                 first_bucket_bytes: int = 2**20, average: bool = False, dtype: torch.dtype | None = None):
+                 first_bucket_bytes: int = 2**20, average: bool = False, dtype: torch.dtype | None = None,
+                 compressor: Compressor | None = None, pad_to: int = 1, release_after_reduce: bool = False):
         self.group = group
+        self.pad_to = pad_to
+        self.release_after_reduce = release_after_reduce
         self.comm = comm
+        # None: the plain in-place all-reduce; else compressor.exchange decides each bucket's traffic
+        self.compressor = compressor.bind(group, comm) if compressor is not None else None
         self.average = average
         self.sync = True
         seen: set[int] = set()
@@ -67,7 +95,7 @@ class GradReducer:
         self.zero_grad()
 
     def _add_bucket(self, params: list[nn.Parameter], dtype: torch.dtype | None) -> None:
-        b = _Bucket(len(self.buckets), params, dtype or params[0].dtype, params[0].device)
+        b = _Bucket(len(self.buckets), params, dtype or params[0].dtype, params[0].device, self.pad_to)
         self.buckets.append(b)
         for p in params:
             self._bucket_of[id(p)] = b
@@ -76,16 +104,27 @@ class GradReducer:
     def zero_grad(self) -> None:
         """Zero every bucket and point each .grad at its view (replaces optimizer.zero_grad)."""
         for b in self.buckets:
-            b.buffer.zero_()
-            for p in b.params:
-                p.grad = b.views[id(p)]
+            if self.release_after_reduce:  # allocated again by the bucket's first gradient
+                b.release()
+                for p in b.params:
+                    p.grad = None
+            else:
+                b.buffer.zero_()
+                for p in b.params:
+                    p.grad = b.views[id(p)]
             b.ready.clear()
             b.handle = None
         self._next = 0
 
     def _adopt(self, p: nn.Parameter) -> None:
         """Make p.grad the bucket view again if something replaced it (e.g. zero_grad(set_to_none))."""
-        view = self._bucket_of[id(p)].views[id(p)]
+        b = self._bucket_of[id(p)]
+        if b.buffer is None:  # released after the last step's exchange
+            b.allocate()
+            for q in b.params:  # gradients still to come accumulate in place
+                if q.grad is None:
+                    q.grad = b.views[id(q)]
+        view = b.views[id(p)]
         if p.grad is not view:
             if p.grad is None:
                 view.zero_()
@@ -111,7 +150,10 @@ class GradReducer:
             self._issue(b)
 
     def _issue(self, b: _Bucket) -> None:
-        b.handle = self.comm.all_reduce(b.buffer, self.group, async_op=True)
+        if self.compressor is None:
+            b.handle = self.comm.all_reduce(b.buffer, self.group, async_op=True)
+        else:  # the summed gradient is in b.buffer once the handle is waited
+            b.handle = self.compressor.exchange(b.index, b.buffer, [b.views[id(p)] for p in b.params])
         self._next += 1
 
     # -- step ------------------------------------------------------------------------------
@@ -134,9 +176,15 @@ class GradReducer:
             b.handle.wait()
             if self.average:
                 b.buffer.div_(self.group.size)
+            if self.release_after_reduce:
+                for p in b.params:
+                    p.grad = None
+                b.release()
             b.ready.clear()
             b.handle = None
         self._next = 0
+        if self.compressor is not None:
+            self.compressor.end_step()
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizers, learning-rate and batch schedules, and the gradient noise scale."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import torch
 import torch.nn as nn
 
 from plait.config import OptimConfig
-from plait.optim.schedule import lr_factor
+from plait.errors import ConfigError
+from plait.optim.lamb import LAMB
+from plait.optim.lars import LARS
+from plait.optim.layerwise import GroupNormReducer, NormReducer, tensor_parallel_norm_reducer
+from plait.optim.noise_scale import NoiseScale, NoiseScaleMonitor, metric_value, two_batch_estimate
+from plait.optim.schedule import batch_at, batch_lr_scale, lr_factor, rank_share, samples_after
 
 
 def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -17,8 +22,20 @@ def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def optimizer_factory(cfg: OptimConfig, device: torch.device):
-    """params -> torch optimizer, as configured. Fused AdamW on CUDA."""
+def optimizer_factory(cfg: OptimConfig, device: torch.device, norm_reducer: NormReducer | None = None):
+    """params -> torch optimizer, as configured. Fused AdamW on CUDA.
+
+    `norm_reducer` reaches LAMB / LARS (the whole-layer norms of sharded parameters, see
+    plait.optim.layerwise); the other optimizers are element-wise and ignore it.
+    """
+    if cfg.scale_lr_with_batch and cfg.reference_batch <= 0:
+        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
+                          "batch (in samples) at which optim.lr was tuned")
+    if cfg.name == "onebit_adam":  # a factory that carries its data-parallel exchange (see parallelize)
+        from plait.optim.onebit_adam import OneBitAdamFactory
+
+        return OneBitAdamFactory(cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay,
+                                 lambda params: param_groups(params, cfg.weight_decay))
 
     def build(params: list[nn.Parameter]) -> torch.optim.Optimizer:
         groups = param_groups(params, cfg.weight_decay)
@@ -27,9 +44,17 @@ def optimizer_factory(cfg: OptimConfig, device: torch.device):
             return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
         if cfg.name == "sgd":
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        raise ValueError(f"optim.name = {cfg.name!r}: choose adamw or sgd")
+        if cfg.name == "lamb":
+            return LAMB(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        norm_reducer=norm_reducer)
+        if cfg.name == "lars":
+            return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        norm_reducer=norm_reducer)
+        raise ValueError(f"optim.name = {cfg.name!r}: choose adamw, sgd, lamb or lars")
 
     return build
 
 
-__all__ = ["lr_factor", "optimizer_factory", "param_groups"]
+__all__ = ["LAMB", "LARS", "GroupNormReducer", "NoiseScale", "NoiseScaleMonitor", "batch_at", "batch_lr_scale",
+           "lr_factor", "metric_value", "optimizer_factory", "param_groups", "rank_share", "samples_after",
+           "tensor_parallel_norm_reducer", "two_batch_estimate"]
