@@ -26,54 +26,19 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from plait.bench.netns import cannot, loopback_tx_bytes, median, run_in_namespace, setup, time_to
 
 CONFIGS = ("none", "fp16", "powersgd", "topk", "sign", "ddp_fp16", "ddp_powersgd")
 RANK, TOPK, WARMUP = 4, 0.01, 10  # PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
 
 
 # -- the network namespace ---------------------------------------------------------------------
-def _cannot(bandwidth: str) -> str | None:
-    if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", bandwidth):
-        return f"--bandwidth {bandwidth!r}: give a tc rate such as 100mbit or 1gbit, or none"
-    if os.geteuid() != 0:
-        return ("plait bench compression: emulating a network needs root (a private network namespace with a "
-                "rate-limited loopback); run it as root, or pass --bandwidth none for the unthrottled loopback")
-    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
-    if missing:
-        return (f"plait bench compression: {' and '.join(missing)} not found (package iproute2); install it, or pass "
-                f"--bandwidth none for the unthrottled loopback")
-    return None
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def _in_namespace(args, argv: list[str]) -> int:
-    ns = f"plait-bench-{os.getpid()}"
-    try:
-        _sh("ip", "netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        print(f"plait bench compression: cannot create a network namespace ({e.stderr.strip()}); "
-              f"pass --bandwidth none for the unthrottled loopback", file=sys.stderr)
-        return 2
-    try:
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up", "mtu", "1500")
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.bandwidth,
-            "burst", "256kb", "latency", "50ms")
-        env = dict(os.environ, PLAIT_BENCH_NETNS=ns)
-        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that the namespace has no hostname
-        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "plait", *argv], env=env).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def _argv(args) -> list[str]:
@@ -83,32 +48,7 @@ def _argv(args) -> list[str]:
     return out + (["--json", os.path.abspath(args.json)] if args.json else [])
 
 
-def loopback_tx_bytes() -> int:
-    """Bytes sent on `lo` in this process's network namespace."""
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                return int(rest.split()[8])
-    return 0
-
-
 # -- one run (every rank) ----------------------------------------------------------------------
-def _setup(spec: dict):
-    from plait.config import DataConfig, ModelConfig
-    from plait.data import ChunkSampler, load_corpus
-    from plait.models import GPT
-    from plait.trainer import model_config
-
-    torch.set_num_threads(spec["threads"])
-    corpus = load_corpus(DataConfig(), 0)
-    mcfg = model_config(ModelConfig(preset=spec["preset"]), corpus.vocab_size, spec["seq_len"])
-    torch.manual_seed(spec["seed"])
-    model = GPT(mcfg)
-    train = ChunkSampler(corpus.train, spec["seq_len"], spec["seed"])
-    val = ChunkSampler(corpus.val, spec["seq_len"], spec["seed"], shuffle=False, what="validation")
-    return model, train, val
-
 
 def _run(spec: dict) -> dict:
     import torch.distributed as dist
@@ -120,7 +60,7 @@ def _run(spec: dict) -> dict:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     B, T, steps = spec["batch"], spec["seq_len"], spec["steps"]
-    model, train, val = _setup(spec)
+    model, train, val = setup(spec)
     ocfg = OptimConfig()
     name = spec["name"]
     if name.startswith("ddp_"):
@@ -213,16 +153,6 @@ def _run(spec: dict) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def _time_to(curve: list, target: float) -> float | None:
-    for _, elapsed, v in curve:
-        if v <= target * (1 + 1e-9):
-            return elapsed
-    return None
-
-
-def _median(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def run_all(args) -> dict:
@@ -246,13 +176,13 @@ def run_all(args) -> dict:
                       f"val {res['final_val']:.4f}", flush=True)
         rows = {}
         for name in CONFIGS:
-            ttt = [_time_to(r["curve"], base["final_val"]) for r, base in zip(reps[name], reps["none"])]
+            ttt = [time_to(r["curve"], base["final_val"]) for r, base in zip(reps[name], reps["none"])]
             rows[name] = {
-                "step_s": _median([r["step_s"] for r in reps[name]]),
-                "comm_bytes_per_step": _median([r["comm_bytes_per_step"] for r in reps[name]]),
-                "loopback_bytes_per_step": _median([r["loopback_bytes_per_step"] for r in reps[name]]),
-                "final_val_loss": _median([r["final_val"] for r in reps[name]]),
-                "time_to_target_s": _median(ttt) if all(t is not None for t in ttt) else None,
+                "step_s": median([r["step_s"] for r in reps[name]]),
+                "comm_bytes_per_step": median([r["comm_bytes_per_step"] for r in reps[name]]),
+                "loopback_bytes_per_step": median([r["loopback_bytes_per_step"] for r in reps[name]]),
+                "final_val_loss": median([r["final_val"] for r in reps[name]]),
+                "time_to_target_s": median(ttt) if all(t is not None for t in ttt) else None,
                 "reached_target": sum(t is not None for t in ttt), "reps": args.reps,
                 "curves": [r["curve"] for r in reps[name]],
             }
@@ -282,11 +212,11 @@ def main(args) -> int:
     bandwidth = getattr(args, "bandwidth", "none") or "none"
     args.bandwidth = bandwidth
     if bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
-        why = _cannot(bandwidth)
+        why = cannot("compression", bandwidth)
         if why:
             print(why, file=sys.stderr)
             return 2
-        return _in_namespace(args, _argv(args))
+        return run_in_namespace("compression", args.bandwidth, _argv(args))
     out = run_all(args)
     if args.json:
         with open(args.json, "w") as f:

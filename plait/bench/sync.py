@@ -35,16 +35,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from plait.bench.compression import _setup, loopback_tx_bytes
+from plait.bench.netns import cannot, loopback_tx_bytes, median, run_in_namespace, setup, time_to
 
 CONFIGS = ("every_step", "local_sgd", "diloco", "diloco_int8", "streaming_diloco", "delayed", "torch_postlocal")
 SYNC = {  # config -> SyncConfig fields beyond strategy / every
@@ -67,7 +64,7 @@ def _run(spec: dict) -> dict:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     B, T, steps, H = spec["batch"], spec["seq_len"], spec["steps"], spec["every"]
-    model, train, val = _setup(spec)
+    model, train, val = setup(spec)
     ocfg = OptimConfig()
     name, slow = spec["name"], spec["slow"] and rank == SLOW_RANK
     waited = [0.0]
@@ -176,16 +173,6 @@ def _run(spec: dict) -> dict:
 
 
 # -- the driver ----------------------------------------------------------------------------------
-def _time_to(curve: list, target: float) -> float | None:
-    for _, elapsed, v in curve:
-        if v <= target * (1 + 1e-9):
-            return elapsed
-    return None
-
-
-def _median(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def _resolve(args) -> None:
@@ -201,42 +188,6 @@ def _argv(args) -> list[str]:
            "--steps", str(args.steps), "--preset", args.preset, "--batch", str(args.batch),
            "--seq-len", str(args.seq_len), "--every", str(args.every)]
     return out + (["--json", os.path.abspath(args.json)] if args.json else [])
-
-
-def _cannot(bandwidth: str) -> str | None:
-    if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", bandwidth):
-        return f"--bandwidth {bandwidth!r}: give a tc rate such as 10mbit or 1gbit, or none"
-    if os.geteuid() != 0:
-        return ("plait bench sync: emulating a network needs root (a private network namespace with a "
-                "rate-limited loopback); run it as root, or pass --bandwidth none for the unthrottled loopback")
-    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
-    if missing:
-        return (f"plait bench sync: {' and '.join(missing)} not found (package iproute2); install it, or pass "
-                f"--bandwidth none for the unthrottled loopback")
-    return None
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
-def _in_namespace(args) -> int:
-    ns = f"plait-sync-{os.getpid()}"
-    try:
-        _sh("ip", "netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        print(f"plait bench sync: cannot create a network namespace ({e.stderr.strip()}); "
-              f"pass --bandwidth none for the unthrottled loopback", file=sys.stderr)
-        return 2
-    try:  # deleted on every way out: success, failure, Ctrl-C
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up", "mtu", "1500")
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", args.bandwidth,
-            "burst", "256kb", "latency", "50ms")
-        env = dict(os.environ, PLAIT_BENCH_NETNS=ns)
-        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "plait", *_argv(args)],
-                              env=env).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def run_all(args) -> dict:
@@ -262,17 +213,17 @@ def run_all(args) -> dict:
     rows = {}
     for name in CONFIGS:
         runs = [r[0] for r in reps[(name, False)]]
-        ttt = [_time_to(r["curve"], base[0]["final_val"]) for r, base in zip(runs, reps[("every_step", False)])]
+        ttt = [time_to(r["curve"], base[0]["final_val"]) for r, base in zip(runs, reps[("every_step", False)])]
         rows[name] = {
-            "step_s": _median([r["step_s"] for r in runs]),
-            "comm_bytes_per_step": _median([r["comm_bytes_per_step"] for r in runs]),
-            "loopback_bytes_per_step": _median([r["loopback_bytes_per_step"] for r in runs]),
-            "final_val_loss": _median([r["final_val"] for r in runs]),
-            "time_to_target_s": _median(ttt) if all(t is not None for t in ttt) else None,
-            "wait_fraction": _median([r["wait_fraction"] for r in runs]),
-            "samples_per_s": _median([r["samples_per_s"] for r in runs]),
+            "step_s": median([r["step_s"] for r in runs]),
+            "comm_bytes_per_step": median([r["comm_bytes_per_step"] for r in runs]),
+            "loopback_bytes_per_step": median([r["loopback_bytes_per_step"] for r in runs]),
+            "final_val_loss": median([r["final_val"] for r in runs]),
+            "time_to_target_s": median(ttt) if all(t is not None for t in ttt) else None,
+            "wait_fraction": median([r["wait_fraction"] for r in runs]),
+            "samples_per_s": median([r["samples_per_s"] for r in runs]),
             # the straggler run: rank 1 slowed 2×; each rank's own throughput, the slowest one reported
-            "straggler_samples_per_s": _median([min(x["samples_per_s"] for x in r) for r in reps[(name, True)]]),
+            "straggler_samples_per_s": median([min(x["samples_per_s"] for x in r) for r in reps[(name, True)]]),
             "curves": [r["curve"] for r in runs],
         }
     out["results"] = rows
@@ -303,11 +254,11 @@ def main(args) -> int:
     args.bandwidth = getattr(args, "bandwidth", "none") or "none"
     _resolve(args)
     if args.bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
-        why = _cannot(args.bandwidth)
+        why = cannot("sync", args.bandwidth)
         if why:
             print(why, file=sys.stderr)
             return 2
-        return _in_namespace(args)
+        return run_in_namespace("sync", args.bandwidth, _argv(args))
     out = run_all(args)
     if args.json:
         with open(args.json, "w") as f:

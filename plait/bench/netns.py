@@ -1,0 +1,96 @@
+"""Shared pieces of the slow-network benchmarks (compression, sync).
+
+A slow network is emulated as DESIGN.md §5 says: a private network namespace whose loopback has
+MTU 1500 and a token-bucket rate limit (the burst above the MTU matters: with lo's 64 KiB MTU tbf
+drops packets and gloo times out). The benchmark re-executes itself inside the namespace, which is
+deleted on every way out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+
+import torch
+
+
+def cannot(bench: str, bandwidth: str) -> str | None:
+    """Why `plait bench <bench> --bandwidth <bandwidth>` cannot run here, or None."""
+    if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", bandwidth):
+        return f"--bandwidth {bandwidth!r}: give a tc rate such as 10mbit, 100mbit or 1gbit, or none"
+    if os.geteuid() != 0:
+        return (f"plait bench {bench}: emulating a network needs root (a private network namespace with a "
+                "rate-limited loopback); run it as root, or pass --bandwidth none for the unthrottled loopback")
+    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    if missing:
+        return (f"plait bench {bench}: {' and '.join(missing)} not found (package iproute2); install it, or pass "
+                f"--bandwidth none for the unthrottled loopback")
+    return None
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def run_in_namespace(bench: str, bandwidth: str, argv: list[str]) -> int:
+    """Run `python -m plait *argv` inside a fresh namespace whose loopback is limited to `bandwidth`."""
+    ns = f"plait-{bench}-{os.getpid()}"
+    try:
+        _sh("ip", "netns", "add", ns)
+    except subprocess.CalledProcessError as e:
+        print(f"plait bench {bench}: cannot create a network namespace ({e.stderr.strip()}); "
+              f"pass --bandwidth none for the unthrottled loopback", file=sys.stderr)
+        return 2
+    try:  # deleted on every way out: success, failure, Ctrl-C
+        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up", "mtu", "1500")
+        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", bandwidth,
+            "burst", "256kb", "latency", "50ms")
+        env = dict(os.environ, PLAIT_BENCH_NETNS=ns)
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that the namespace has no hostname
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "plait", *argv], env=env).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def loopback_tx_bytes() -> int:
+    """Bytes sent on `lo` in this process's network namespace."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                return int(rest.split()[8])
+    return 0
+
+
+def setup(spec: dict):
+    """(model, train sampler, validation sampler) on the default corpus, seeded from spec."""
+    from plait.config import DataConfig, ModelConfig
+    from plait.data import ChunkSampler, load_corpus
+    from plait.models import GPT
+    from plait.trainer import model_config
+
+    torch.set_num_threads(spec["threads"])
+    corpus = load_corpus(DataConfig(), 0)
+    mcfg = model_config(ModelConfig(preset=spec["preset"]), corpus.vocab_size, spec["seq_len"])
+    torch.manual_seed(spec["seed"])
+    model = GPT(mcfg)
+    train = ChunkSampler(corpus.train, spec["seq_len"], spec["seed"])
+    val = ChunkSampler(corpus.val, spec["seq_len"], spec["seed"], shuffle=False, what="validation")
+    return model, train, val
+
+
+def time_to(curve: list, target: float) -> float | None:
+    """First elapsed time at which a (step, elapsed, val_loss) curve reaches `target`."""
+    for _, elapsed, v in curve:
+        if v <= target * (1 + 1e-9):
+            return elapsed
+    return None
+
+
+def median(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
