@@ -41,6 +41,10 @@ class Handle:
         self._after = after
         self.done = False
 
+    def is_completed(self) -> bool:
+        """True when every request of this operation has finished (does not block, records nothing)."""
+        return self.done or all(w.is_completed() for w in self._works)
+
     def wait(self) -> None:
         if self.done:
             return

@@ -223,7 +223,7 @@ class PipelineRunner:
             self._sending.append((h, keep))
         still = []
         for hh, k in self._sending:  # release what the peers already took, without blocking
-            if _completed(hh):
+            if hh.is_completed():
                 hh.wait()
             else:
                 still.append((hh, k))
@@ -333,7 +333,3 @@ class PipelineRunner:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter
 
-
-def _completed(h) -> bool:
-    """True when every request of the handle has finished (checked without blocking)."""
-    return h.done or all(w.is_completed() for w in getattr(h, "_works", ()))
