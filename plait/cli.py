@@ -1,4 +1,4 @@
-"""Command line: `plait train`, `plait bench`, `plait report`.
+"""Command line: `plait train`, `plait bench`, `plait export`, `plait report`.
 
 `plait train` run by hand is the launcher: it validates the config, picks the run folder, then
 either trains in this process (one rank) or starts the workers through torch's elastic launcher
@@ -60,18 +60,27 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or cfg.log.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     from plait.metrics import prepare_run_dir
 
-    prepare_run_dir(Path(run_dir), create=False)
-    if nproc == 1 and args.nnodes == 1:
+    prepare_run_dir(Path(run_dir), create=False, checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
+    if nproc == 1 and args.nnodes == 1 and not args.max_restarts:  # restarts need the elastic agent
         from plait.trainer import train
 
         train(cfg, run_dir)
         return 0
     from plait.launch import launch
 
-    worker_args = ["train"] + ([config_path] if config_path else []) + ["--run-dir", run_dir] + overrides
+    # options before the positionals: argparse takes no positionals after an option once `rest` has matched
+    worker_args = ["train", "--run-dir", run_dir] + ([config_path] if config_path else []) + overrides
     return launch(worker_args, nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                   rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
                   max_restarts=args.max_restarts)
+
+
+def cmd_export(args) -> int:
+    from plait.checkpoint import export_safetensors
+
+    for out in export_safetensors(args.checkpoint, args.out):
+        print(f"wrote {out}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -116,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run")
-    be.add_argument("what", choices=["dp", "gpu", "tp", "compression", "sync", "pp"])
+    be.add_argument("what", choices=["dp", "gpu", "tp", "compression", "sync", "pp", "zero"])
     be.add_argument("--json", default=None, help="write results as JSON here")
     be.add_argument("--bandwidth", default="100mbit", help="compression, sync: emulated network rate (tc rate, e.g. "
                     "100mbit, 1gbit; needs root), or none for the plain loopback")
@@ -132,7 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-compile", action="store_true", help="gpu: eager mode")
     be.add_argument("--data", default="", help="gpu: data.path for plait's trainer (default corpus if empty)")
     be.add_argument("--every", type=int, default=0, help="sync: H, steps between syncs (default steps / 10)")
+    be.add_argument("--mem-cap-gb", type=float, default=80.0, help="zero: memory per rank for the what-fits table")
     be.set_defaults(fn=cmd_bench)
+
+    ex = sub.add_parser("export", help="a checkpoint (any layout) as one safetensors file plus a config JSON")
+    ex.add_argument("checkpoint", help="a checkpoint folder (step-NNNNNNNN), or a run / checkpoints folder (latest)")
+    ex.add_argument("out", help="OUT.safetensors (config: OUT.json), or a folder (model.safetensors, config.json)")
+    ex.add_argument("--format", choices=["safetensors"], default="safetensors")
+    ex.set_defaults(fn=cmd_export)
 
     rp = sub.add_parser("report", help="plots and summary of a run folder")
     rp.add_argument("run_dir")

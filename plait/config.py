@@ -79,7 +79,12 @@ class TrainConfig:
     val_samples: int = 64
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp32 master weights and gradient reduction)
+    # fp16 only: dynamic loss scaling (plait.optim.loss_scale): the initial scale, and the overflow-free
+    # steps after which it doubles (an overflow on any rank skips the step everywhere and halves it)
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
+    activation_checkpointing: str = "none"  # none | full (each block) | selective (attention core only)
     compile: bool = False
     peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
     threads: int = 0  # torch threads per rank; 0: cores / local ranks
@@ -162,7 +167,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "sgd", "lamb", "lars", "onebit_adam"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.device": ("auto", "cpu", "cuda"),
-    "train.dtype": ("fp32", "bf16"),
+    "train.dtype": ("fp32", "bf16", "fp16"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "compression.name": ("none", "fp16", "bf16", "int8", "topk", "sign", "powersgd"),
     "sync.strategy": ("every_step", "local_sgd", "diloco", "streaming_diloco", "delayed"),
     "sync.quantize": ("none", "fp16", "int8", "fp4"),
@@ -172,14 +178,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = {
     "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
     "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s", "parallel.bucket_mb",
-    "compression.rank", "train.max_bad_steps",
+    "compression.rank", "train.max_bad_steps", "train.loss_scale_init", "train.loss_scale_growth_interval",
 }
 NON_NEGATIVE = {
     "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",
     "model.d_model", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden", "train.val_every",
     "train.val_samples", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
     "checkpoint.every", "checkpoint.keep", "checkpoint.every_minutes", "train.exit_after_steps",
-    "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops", "train.threads", "optim.eps",
+    "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops", "train.threads",
+    "optim.eps",
     "optim.min_lr_ratio", "optim.reference_batch", "train.batch_rampup_samples", "compression.warmup_steps",
 }
 

@@ -49,7 +49,8 @@ def peak_flops(device: torch.device, dtype: str = "fp32", configured: float = 0.
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, v in GPU_BF16_PEAK.items():
-            if key in name and dtype == "bf16":
+            if key in name and dtype in ("bf16", "fp16"):  # the same dense tensor-core peak
                 return v
-        return measure_matmul_flops(device, torch.bfloat16 if dtype == "bf16" else torch.float32, n=4096, seconds=1.0)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        return measure_matmul_flops(device, half.get(dtype, torch.float32), n=4096, seconds=1.0)
     return measure_matmul_flops(device)

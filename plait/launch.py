@@ -34,6 +34,10 @@ def launch(worker_args: list[str], nproc: int, **kw) -> int:
 
     # one thread pool per worker sized to its share of the cores (torchrun would force 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if kw.get("max_restarts"):
+        # restarted workers must not find the previous attempt's addresses in the rendezvous store the agent
+        # shares with them (pytorch/pytorch#135712): each attempt gets a store of its own
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = get_args_parser().parse_args(torchrun_args(worker_args, nproc, **kw))
     try:
         run(args)

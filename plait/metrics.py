@@ -16,11 +16,16 @@ import torch
 from plait.errors import ConfigError
 
 
-def prepare_run_dir(path: Path, create: bool = True) -> Path:
-    """Create the run folder; refuse one that already holds a run (nothing written is overwritten)."""
+def prepare_run_dir(path: Path, create: bool = True, checkpoints: Path | None = None) -> Path:
+    """Create the run folder. One that already holds a run is accepted only when it holds a complete
+    checkpoint to resume from (in `checkpoints`, default RUN/checkpoints); otherwise it is refused,
+    so nothing written is overwritten. A resumed run appends to metrics.jsonl."""
     if (path / "metrics.jsonl").exists() or (path / "summary.json").exists():
-        raise ConfigError(f"run folder {str(path)!r} already holds a run: choose another --run-dir "
-                          f"(or log.run_dir), or move the old one away")
+        from plait.checkpoint import latest
+
+        if latest(checkpoints if checkpoints is not None else path / "checkpoints") is None:
+            raise ConfigError(f"run folder {str(path)!r} already holds a run and no complete checkpoint to resume "
+                              f"from: choose another --run-dir (or log.run_dir), or move the old one away")
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path

@@ -39,12 +39,16 @@ class ParallelModel(nn.Module):
     - `loss(logits, targets, reduction)`: the language-model loss matching the output layout
       (a vocab-parallel cross-entropy when the head is split over tp);
     - `full_state_dict()`: every parameter at full, unsharded shape (gathered where sharded);
-    - `pipeline`: the pipeline runner when pp > 1 (it then drives forward and backward), else None.
+    - `pipeline`: the pipeline runner when pp > 1 (it then drives forward and backward), else None;
+    - `autocast()`: the mixed-precision context of step 4 (forward enters it by itself; a pipeline
+      runner or an evaluation loop that calls the layers directly enters it around them).
     """
 
     def __init__(self, module: nn.Module, mesh: Mesh, reducer: GradReducer | None,
-                 loss_fn: Callable = lm_loss, pipeline=None, state_gatherers: list[StateGatherer] = ()):
+                 loss_fn: Callable = lm_loss, pipeline=None, state_gatherers: list[StateGatherer] = (),
+                 amp_dtype: torch.dtype | None = None):
         super().__init__()
+        self.amp_dtype = amp_dtype  # None: fp32; else the autocast dtype (parameters stay fp32)
         self.module = module
         self.mesh = mesh
         self.reducer = reducer
@@ -55,7 +59,14 @@ class ParallelModel(nn.Module):
         self.state_gatherers = list(state_gatherers)
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        with self.autocast():
+            return self.module(*args, **kwargs)
+
+    def autocast(self):
+        """A fresh autocast context for the configured dtype (bf16 / fp16), or a no-op under fp32."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.mesh.device.type, dtype=self.amp_dtype)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return self.loss_fn(logits, targets, reduction=reduction)
@@ -74,13 +85,18 @@ class ParallelModel(nn.Module):
 class ParallelOptimizer:
     """Wraps a torch optimizer: `step()` completes the gradient exchange, clips, then steps.
 
-    `clip_grad_norm(max_norm)` returns the global gradient norm of the whole model: the squares of
-    each rank's unique parameters are summed over the model-parallel group (a parameter replicated
-    across tp ranks is counted on tp rank 0 only), so every rank computes the same norm.
+    `grad_norm()` returns the global gradient norm of the whole model: the squares of each rank's
+    unique gradient pieces are summed over the model-parallel group, or the world when gradients are
+    sharded over dp (ZeRO); a parameter replicated across tp ranks is counted on tp rank 0 only, so
+    every rank computes the same norm. `step()` clips to `grad_clip` with it.
+
+    fp16 (`scaler`, a plait.optim.loss_scale.LossScaler): the loss was multiplied by `loss_scale`
+    before backward; `step()` divides the reduced gradients by it, agrees over mesh.world whether
+    any rank saw inf / nan (one 4-byte all-reduce) and then skips the update on every rank.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], mesh: Mesh,
-                 reducer: GradReducer | None, grad_clip: float = 0.0, sync=None):
+                 reducer: GradReducer | None, grad_clip: float = 0.0, sync=None, scaler=None):
         self.optimizer = optimizer
         self.params = params
         self.mesh = mesh
@@ -88,6 +104,12 @@ class ParallelOptimizer:
         self.grad_clip = grad_clip
         self.sync = sync  # plait.sync strategy (step 6); None: step every time on the reduced gradient
         self.last_grad_norm: torch.Tensor | None = None
+        self.scaler = scaler
+
+    @property
+    def loss_scale(self) -> float:
+        """What to multiply the loss by before backward: the fp16 loss scale, else 1."""
+        return self.scaler.scale if self.scaler is not None else 1.0
 
     @property
     def param_groups(self):
@@ -115,13 +137,19 @@ class ParallelOptimizer:
         self.comm.all_reduce(sq, self.mesh.world if sharded else self.mesh.mp)
         return sq.sqrt()
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """Finish the gradient exchange and update; False when an fp16 overflow skipped the update."""
         self.finish_grads()
+        if self.scaler is not None:  # unscaled before clipping; an overflow on any rank skips on all
+            if not self.scaler.unscale_and_check([p.grad for p in self.params if p.grad is not None], self.mesh):
+                self.last_grad_norm = None  # no norm for a skipped step
+                return False
         # the sync strategy decides when the inner step runs and on which gradient (plait.sync)
         if self.sync is not None:
             self.sync.step(self._inner_step)
         else:
             self._inner_step()
+        return True
 
     def _inner_step(self) -> None:
         if self.grad_clip > 0:
@@ -143,12 +171,17 @@ class ParallelOptimizer:
         sd = self.optimizer.state_dict()
         # a sync strategy's state (DiLoCo's outer parameters and momentum) rides along under "sync"
         extra = self.sync.state_dict() if self.sync is not None else {}
-        return {**sd, "sync": extra} if extra else sd
+        sd = {**sd, "sync": extra} if extra else sd
+        return {**sd, "loss_scale": self.scaler.state_dict()} if self.scaler is not None else sd
 
     def load_state_dict(self, sd) -> None:
+        sd = dict(sd)
         if "sync" in sd:
-            sd = dict(sd)
             self.sync.load_state_dict(sd.pop("sync"))
+        if "loss_scale" in sd:
+            scale = sd.pop("loss_scale")
+            if self.scaler is not None:
+                self.scaler.load_state_dict(scale)
         self.optimizer.load_state_dict(sd)
 
 
@@ -185,6 +218,39 @@ def _apply_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: 
     from plait.pipeline import build_pipeline
 
     return build_pipeline(model, mesh, cfg, loss_fn)
+
+
+def _apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Step 3: recompute each block (`full`) or its attention core (`selective`) in backward.
+
+    After the pipeline split, so only this rank's blocks are wrapped. Collectives inside a
+    recomputed block (tensor parallelism) run again in backward on mesh.tp and are counted; see
+    plait.activation_checkpointing for which and how many.
+    """
+    from plait.activation_checkpointing import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, mode)
+    return model
+
+
+def _apply_mixed_precision(dtype: str, loss_scale=None) -> tuple[torch.dtype | None, object | None]:
+    """Step 4: (autocast dtype or None, fp16 loss scaler or None).
+
+    Parameters, gradients and optimizer state stay fp32 (master weights); the forward runs under
+    autocast (matrix products in bf16 / fp16), so gradients reach the parameters, and the dp
+    reducer's buckets, in fp32: gradient reduction is fp32 unless [compression] says otherwise.
+    fp16 adds dynamic loss scaling (plait.optim.loss_scale): `loss_scale` is a LossScaler, or None
+    for the defaults. No communication here; the scaler's agreement is one all-reduce per step.
+    """
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.dtype = {dtype!r}: choose fp32, bf16 or fp16")
+    if dtype == "fp32":
+        return None, None
+    if dtype == "bf16":
+        return torch.bfloat16, None
+    from plait.optim.loss_scale import LossScaler
+
+    return torch.float16, loss_scale if loss_scale is not None else LossScaler()
 
 
 def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
@@ -250,7 +316,8 @@ def _build_optimizer(optimizer: OptimizerOrFactory, model: nn.Module) -> torch.o
 
 def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg: ParallelConfig | None = None,
                 grad_clip: float = 0.0, compression: CompressionConfig | None = None, sync=None,
-                total_steps: int | None = None) -> tuple[ParallelModel, ParallelOptimizer]:
+                total_steps: int | None = None, activation_checkpointing: str = "none", dtype: str = "fp32",
+                loss_scale=None) -> tuple[ParallelModel, ParallelOptimizer]:
     """Make `model` parallel over `mesh` and return (model, optimizer) ready for a training loop.
 
     `optimizer` is a torch optimizer or a factory `params -> optimizer`; when the parallel
@@ -268,12 +335,19 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg
     (None, the default), local SGD, DiLoCo, streaming DiLoCo or delayed. `total_steps`, the run's
     length when known, lets the last `optimizer.step()` finish every exchange in flight; without
     it, call `optimizer.sync.flush()` after the loop.
+
+    `activation_checkpointing`: none | full (recompute each block in backward) | selective (only the
+    attention core). `dtype`: fp32 | bf16 | fp16: the forward's autocast dtype, parameters and
+    gradients staying fp32; fp16 scales the loss dynamically (`loss_scale`, a LossScaler, or None
+    for its defaults): multiply the loss by `optimizer.loss_scale` before backward, and
+    `optimizer.step()` returns False when it skipped an overflowing step (on every rank).
     """
     cfg = cfg or ParallelConfig()
     model = model.to(mesh.device)
     model, loss_fn, tp_gather = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
     model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)  # 2. keep this rank's stage
-    # 3. activation checkpointing and 4. mixed precision: configured in TrainConfig / the trainer
+    model = _apply_activation_checkpointing(model, activation_checkpointing)  # 3. recompute blocks in backward
+    amp_dtype, scaler = _apply_mixed_precision(dtype, loss_scale)  # 4. autocast, fp32 master weights, fp16 scaler
     # 5.+6. dp gradient path, compression; a sync strategy other than every_step exchanges over dp
     # itself (step 6), so it gets no per-step gradient reducer
     reducer = _apply_data_parallel(model, mesh, cfg, compression, optimizer) if _uses_reducer(sync) else None
@@ -286,9 +360,9 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, cfg
         params = opt.params
     zero_gather = getattr(reducer, "state_gatherer", None)  # ZeRO-3: dp shards -> full tensors, first
     gatherers = [g for g in (zero_gather, tp_gather, pp_gather) if g is not None]
-    pmodel = ParallelModel(model, mesh, reducer, loss_fn, runner, gatherers)
+    pmodel = ParallelModel(model, mesh, reducer, loss_fn, runner, gatherers, amp_dtype)
     strategy = _apply_sync(model, mesh, cfg, sync, total_steps, compression)  # 6. sync strategy over dp
-    return pmodel, ParallelOptimizer(opt, params, mesh, reducer, grad_clip, sync=strategy)
+    return pmodel, ParallelOptimizer(opt, params, mesh, reducer, grad_clip, sync=strategy, scaler=scaler)
 
 
 @contextmanager

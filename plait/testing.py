@@ -61,6 +61,18 @@ def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init:
 
 def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0, threads: int = 1,
               init_process_group: bool = True, env: dict | None = None, pg_timeout: float = 300.0) -> list:
+    # The free port is probed, then released before rank 0 binds it: another process can take it in
+    # between. Only that failure (the rendezvous cannot listen) is retried, on a fresh port.
+    for attempt in range(3):
+        try:
+            return _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env, pg_timeout)
+        except RankFailure as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env, pg_timeout) -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()

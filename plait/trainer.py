@@ -8,7 +8,7 @@ layout, also when ranks hold unequal numbers of samples.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import time
 from dataclasses import asdict
@@ -25,6 +25,7 @@ from plait.metrics import RunLog, peak_memory_bytes, plot_run, prepare_run_dir, 
 from plait.models import GPT, build_config, count_params, flops_per_token
 from plait.models.gpt import Block
 from plait.optim import NoiseScaleMonitor, optimizer_factory, tensor_parallel_norm_reducer
+from plait.optim.loss_scale import LossScaler
 from plait.optim.noise_scale import supported as noise_scale_supported
 from plait.optim.schedule import batch_at, batch_lr_scale, lr_factor, rank_share
 from plait.parallelize import maybe_no_sync, parallelize
@@ -61,9 +62,13 @@ class Trainer:
         self.n_params = count_params(model)
         # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
         build_optimizer = optimizer_factory(cfg.optim, mesh.device, tensor_parallel_norm_reducer(mesh))
+        scaler = (LossScaler(t.loss_scale_init, growth_interval=t.loss_scale_growth_interval)
+                  if t.dtype == "fp16" else None)
         self.model, self.optimizer = parallelize(model, build_optimizer, mesh, cfg.parallel,
                                                  grad_clip=cfg.optim.grad_clip, compression=cfg.compression,
-                                                 sync=cfg.sync, total_steps=t.steps)
+                                                 sync=cfg.sync, total_steps=t.steps,
+                                                 activation_checkpointing=t.activation_checkpointing,
+                                                 dtype=t.dtype, loss_scale=scaler)
         # gradient noise scale (metric critical_batch): needs two batch sizes, micro-batch < global batch,
         # and the exact global-batch gradient. It grows as the loss falls, so batch-size warnings wait
         # for the first fifth of the run.
@@ -79,8 +84,7 @@ class Trainer:
         self.train_data.pin_memory = mesh.device.type == "cuda"
         self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation") \
             if t.val_samples and len(corpus.val) > t.seq_len else None
-        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16)
-                         if t.dtype == "bf16" else contextlib.nullcontext())
+        self.autocast = self.model.autocast()  # train.dtype: bf16 / fp16 autocast (parallelize step 4), or none
         self.step = 0
         self.samples = 0  # data position: global samples consumed
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
@@ -95,8 +99,11 @@ class Trainer:
 
     def forward_backward(self, batches, global_tokens: int) -> torch.Tensor:
         """Forward and backward of this rank's micro-batches; returns its share of the mean loss."""
+        scale = self.optimizer.loss_scale  # fp16: backward runs on loss × scale (a power of 2: exact); else 1
         if self.model.pipeline is not None:  # the pipeline schedule runs them all; its loss is on every pp rank
-            return self.model.pipeline.train_step(batches, global_tokens, self.autocast, no_sync=self.model.no_sync)
+            loss = self.model.pipeline.train_step(batches, global_tokens / scale, self.autocast,
+                                                  no_sync=self.model.no_sync)
+            return loss / scale if scale != 1.0 else loss
         loss_sum = torch.zeros((), device=self.mesh.device)
         for k, (x, y) in enumerate(batches):
             x, y = x.to(self.mesh.device, non_blocking=True), y.to(self.mesh.device, non_blocking=True)
@@ -104,7 +111,7 @@ class Trainer:
                 with self.autocast:
                     logits = self.model(x)
                 loss = self.model.loss(logits, y, reduction="sum") / global_tokens
-                loss.backward()
+                (loss * scale if scale != 1.0 else loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
@@ -121,17 +128,23 @@ class Trainer:
         self.acc = count // t.micro_batch  # this rank's micro-batches this step
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
         if self.noise is not None:
-            self.noise.begin_step()
+            self.noise.begin_step(self.optimizer.loss_scale)
         loss = self.forward_backward(batches, batch * t.seq_len)
-        self.optimizer.step()
-        extra = self.noise.end_step(self.optimizer, batch) if self.noise is not None else {}
+        applied = self.optimizer.step()  # False: an fp16 overflow on some rank skipped the update on all
+        # one all-reduce: the global batch's mean loss (for logging) and the noise scale's small-batch
+        # sum (zero without it, so every run makes the same collectives)
+        sums = torch.stack([loss.float(), self.noise.local_sum if self.noise is not None
+                            else torch.zeros((), device=loss.device)])
+        self.mesh.comm.all_reduce(sums, self.mesh.dp)
+        loss = sums[0]
+        extra = (self.noise.end_step(self.optimizer, batch, dp_sum=sums[1], applied=applied)
+                 if self.noise is not None else {})
         self.optimizer.zero_grad()
-        self.mesh.comm.all_reduce(loss, self.mesh.dp)  # the global batch's mean loss, for logging
         self.step += 1
         self.samples += batch
         # tensors, not floats: reading them waits for the device, which the caller does when it logs
         return {"loss": loss, "lr": lr, "grad_norm": self.optimizer.last_grad_norm, "global_batch": batch,
-                **extra}
+                "applied": applied, "loss_scale": self.optimizer.loss_scale, **extra}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -164,8 +177,19 @@ class Trainer:
     def run(self, run_dir: Path | None) -> dict:
         cfg, mesh, t = self.cfg, self.mesh, self.cfg.train
         lead = mesh.rank == 0
-        if lead and run_dir is not None:
-            (run_dir / "config.toml").write_text(C.to_toml(cfg))
+        from plait.checkpoint import Checkpointer, StepGuard
+
+        ckpt = Checkpointer(self, run_dir)  # resume, periodic and planned saves (plait.checkpoint)
+        resumed = ckpt.resume()  # collective: the newest complete checkpoint, under any layout
+        if lead and run_dir is not None:  # a resumed run keeps the first config.toml and adds its own
+            conf = run_dir / "config.toml"
+            (run_dir / f"config.step-{self.step:08d}.toml" if conf.exists() else conf).write_text(C.to_toml(cfg))
+        if self.step >= t.steps:
+            if lead:
+                print(f"plait: the run is complete (step {self.step} of train.steps = {t.steps}): nothing to do; "
+                      f"raise train.steps to train on", flush=True)
+            done = run_dir / "summary.json" if run_dir is not None else None
+            return json.loads(done.read_text()) if done is not None and done.exists() else {"steps": self.step}
         peak = peak_flops(mesh.device, t.dtype, t.peak_flops)
         log = RunLog(run_dir if lead else None, t.steps, cfg.log.progress and lead)
         if lead:
@@ -177,8 +201,10 @@ class Trainer:
         wall0 = time.perf_counter()
         val_loss = None
         comm_total = 0.0
+        stopped = None
+        guard = StepGuard(self, ckpt)  # non-finite steps skipped on every rank; time-based saves and stops
         try:
-            for _ in range(t.steps):
+            while self.step < t.steps:
                 t0 = time.perf_counter()
                 out = self.train_step()
                 if mesh.device.type == "cuda":
@@ -199,13 +225,26 @@ class Trainer:
                     val_loss = self.evaluate()
                     mesh.comm.stats.reset_step(self.step)  # validation traffic is not a training step's
                     rec["val_loss"] = val_loss
-                if self.step % t.log_every == 0 or self.step == t.steps or "val_loss" in rec:
+                rec["skipped_steps"] = guard.skipped_total
+                if self.optimizer.scaler is not None:  # fp16: the scale after this step; overflow skips so far
+                    rec["loss_scale"], rec["overflow_steps"] = out["loss_scale"], self.optimizer.scaler.skipped
+                if guard.last_skipped:
+                    rec["skipped"] = True
+                if resumed is not None and not log.records:
+                    rec["resumed_from"] = resumed["step"]
+                if self.step % t.log_every == 0 or self.step == t.steps or "val_loss" in rec or guard.last_skipped:
                     log.log(rec)
+                stopped = ckpt.after_step(guard)  # saves when due; a planned stop saves, then ends the loop
+                if stopped:
+                    break
+            if not stopped:
+                ckpt.finish(guard)
         finally:
+            guard.remove()
             log.close()
         wall = time.perf_counter() - wall0
         recs = log.records
-        steady = [r for r in recs if r["step"] > 1] or recs  # the first step pays one-off warm-up
+        steady = [r for r in recs if r["step"] > ckpt.start_step + 1] or recs  # the first step pays one-off warm-up
         median = sorted(r["step_s"] for r in steady)[len(steady) // 2] if steady else float("nan")
         summary = {
             "final_train_loss": recs[-1]["loss"] if recs else None,
@@ -214,7 +253,7 @@ class Trainer:
             "tokens": self.samples * t.seq_len,
             "tokens_per_s": tokens_per_step / median,
             "mfu": self.flops_per_token * tokens_per_step / median / (mesh.world_size * peak),
-            "comm_bytes_per_step": comm_total / max(1, self.step),
+            "comm_bytes_per_step": comm_total / max(1, self.step - ckpt.start_step),  # this session's steps
             "layout": {"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": cfg.parallel.zero,
                        "world_size": mesh.world_size, "micro_batches": self.acc, "device": str(mesh.device)},
             "peak_memory_bytes": peak_memory_bytes(mesh.device),
@@ -223,6 +262,11 @@ class Trainer:
             "n_params": self.n_params,
             "peak_flops_per_rank": peak,
             "model": asdict(self.model_cfg),
+            "skipped_steps": guard.skipped_total,
+            "overflow_steps": self.optimizer.scaler.skipped if self.optimizer.scaler is not None else 0,  # fp16
+            "resumed_from_step": resumed["step"] if resumed is not None else None,
+            "stopped": stopped,  # train.exit_after_steps / train.exit_after_minutes, or None: ran to the end
+            "checkpoint": str(ckpt.last_path) if ckpt.last_path is not None else None,
         }
         if self.model.pipeline is not None:  # gathering the timeline is a collective over pp: every rank
             timeline = self.model.pipeline.gather_timeline()
@@ -234,8 +278,12 @@ class Trainer:
             write_json(run_dir / "summary.json", summary)
             if cfg.log.plots and recs:
                 plot_run(run_dir)
-            print(f"plait: done. final loss {summary['final_train_loss']:.4f}, val {val_loss}, "
-                  f"{summary['tokens_per_s']:,.0f} tok/s, run folder {run_dir}", flush=True)
+            if stopped:
+                print(f"plait: stopped at step {self.step} ({stopped}), checkpoint {ckpt.last_path}; run `plait "
+                      f"train` again with --run-dir {run_dir} to continue", flush=True)
+            else:
+                print(f"plait: done. final loss {summary['final_train_loss']:.4f}, val {val_loss}, "
+                      f"{summary['tokens_per_s']:,.0f} tok/s, run folder {run_dir}", flush=True)
         return summary
 
 
@@ -252,7 +300,11 @@ def train(cfg: C.Config, run_dir: str | None = None) -> dict:
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
     path = Path(run_dir or cfg.log.run_dir) if (run_dir or cfg.log.run_dir) else None
     if path is not None:  # every rank checks, before any collective; rank 0 creates it
-        prepare_run_dir(path, create=int(os.environ.get("RANK", "0")) == 0)
+        from plait.checkpoint import root_of
+
+        # a folder holding a run is resumed from its checkpoint; an elastic restart resumes its own run
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            prepare_run_dir(path, create=int(os.environ.get("RANK", "0")) == 0, checkpoints=root_of(cfg, path))
     mesh = Mesh.from_env(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, backend=backend,
                          timeout_s=cfg.train.timeout_s, device=device)
     return Trainer(cfg, mesh).run(path)

@@ -137,8 +137,15 @@ def report(args) -> None:
         title = args.titles[i] if i < len(args.titles) else Path(d).name
         png = Path(args.png_dir) / f"large_batch_{i + 1}.png"
         lines += section(Path(d), title, png)
-    Path(args.md).write_text("\n".join(lines) + "\n")
+    md = Path(args.md)
+    # the hand-written interpretation below the generated sections survives a regeneration
+    old = md.read_text() if md.exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""
+    md.write_text("\n".join(lines) + "\n" + notes)
     print(f"wrote {args.md}")
+
+
+NOTES = "## Reading the numbers"
 
 
 def section(src: Path, title: str, png: Path) -> list[str]:
@@ -155,12 +162,12 @@ def section(src: Path, title: str, png: Path) -> list[str]:
     base = next(r for r in runs if r["name"] == "base-adamw")
     order = {n: i for i, n in enumerate(planned)}
     runs.sort(key=lambda r: order.get(r["name"], 99))
-    best = {}  # the best LAMB learning rate of each multiple
+    best = {}  # the best LAMB learning rate of each multiple (the plot shows only that one)
     for r in runs:
-        if r["optim"] == "lamb" and math.isfinite(r["final_val_loss"]):
+        if r["optim"] == "lamb" and not r.get("rampup") and math.isfinite(r["final_val_loss"]):
             if r["k"] not in best or r["final_val_loss"] < best[r["k"]]["final_val_loss"]:
                 best[r["k"]] = r
-    plot([r for r in runs if r["optim"] != "lamb" or best.get(r["k"]) is r], png)
+    plot([r for r in runs if r["optim"] != "lamb" or r.get("rampup") or best.get(r["k"]) is r], png)
     b0 = base["final_val_loss"]
     lines = [
         f"## {title}", "",
@@ -186,7 +193,7 @@ def section(src: Path, title: str, png: Path) -> list[str]:
                      f"{v:.4f} | {rel} | {'' if crit is None else f'{crit:.0f}'} | {r['wall_s']:.0f} |")
     missing = [n for n in planned if n not in {r["name"] for r in runs}]
     if missing:
-        lines += ["", f"Not run (the job's time budget ran out first): {', '.join(missing)}."]
+        lines += ["", f"Planned but not run (the job's --time-budget ran out first): {', '.join(missing)}."]
     lines += ["", f"![validation loss against samples and steps; critical_batch against samples]({png.name})", "",
               "Target (at equal samples, (b) or (c) within 3% of the base run's final validation loss in 1/k of "
               "the steps):", ""]
@@ -224,12 +231,13 @@ def plot(runs: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for r in runs:
+    colors = plt.cm.tab20.colors
+    for i, r in enumerate(runs):
         ev = [e for e in r["evals"] if e["val_loss"] is not None and math.isfinite(e["val_loss"])]
         style = {"adamw": "-", "lamb": "--"}[r["optim"]]
         label = f"{r['name']} (B={r['batch']})"
         (line,) = axes[0].plot([e["samples"] for e in ev], [e["val_loss"] for e in ev], style, marker=".",
-                               label=label)
+                               label=label, color=colors[2 * i % 20 + (2 * i // 20) % 2])
         axes[1].plot([e["step"] for e in ev if e["step"]], [e["val_loss"] for e in ev if e["step"]], style, marker=".",
                      color=line.get_color())  # step 0 has no place on the log axis
         crit = [(x["samples"], x["critical_batch"]) for x in r["records"] if x["critical_batch"] is not None]

@@ -47,6 +47,15 @@ def test_noise_scale_value_needs_positive_signal():
     assert est.value is None
 
 
+@pytest.mark.parametrize("kind", [float, torch.tensor])
+def test_noise_scale_skips_non_finite_steps(kind):
+    est = NoiseScale(beta=0.5)
+    est.update(2, kind(3.0), 8, kind(1.5))  # |G|² = 1, tr(Σ) = 4
+    est.update(2, kind(float("inf")), 8, kind(float("nan")))  # an fp16 overflow step
+    assert float(est.value) == pytest.approx(4.0)
+    assert est.updates == (1 if kind is float else 2)  # a tensor's finiteness is not read on the host
+
+
 def _model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -54,8 +63,8 @@ def _model_and_data():
     return model, x
 
 
-@pytest.mark.parametrize("clip", [False, True])
-def test_monitor_measures_each_micro_batch_exactly(clip):
+@pytest.mark.parametrize("clip,scale", [(False, 1.0), (True, 1.0), (False, 1024.0)])
+def test_monitor_measures_each_micro_batch_exactly(clip, scale):
     b, B = 2, 8
     model, x = _model_and_data()
     # reference: each micro-batch's mean-loss gradient, and the whole batch's
@@ -70,9 +79,11 @@ def test_monitor_measures_each_micro_batch_exactly(clip):
 
     model.zero_grad()
     mon = NoiseScaleMonitor(list(model.parameters()), Mesh.single(), micro_batch=b, beta=0.0)
-    mon.begin_step()
+    mon.begin_step(grad_scale=scale)  # fp16 loss scaling multiplies every gradient by the scale
     for k in range(B // b):  # the trainer's normalization: summed loss / the global batch
-        (model(x[k * b:(k + 1) * b]).pow(2).sum(1).sum() / B).backward()
+        (model(x[k * b:(k + 1) * b]).pow(2).sum(1).sum() / B * scale).backward()
+    for p in model.parameters():  # the optimizer unscales the reduced gradient before using it
+        p.grad /= scale
     opt = types.SimpleNamespace(grad_clip=1.0 if clip else 0.0, last_grad_norm=sq_big ** 0.5 if clip else None)
     out = mon.end_step(opt, B)
     assert (float(mon.estimate.g2), float(mon.estimate.trace)) == pytest.approx(want, rel=1e-5)

@@ -28,4 +28,8 @@ def run_bench(what: str, args) -> int:
         from plait.bench.pp import main
 
         return main(args)
+    if what == "zero":
+        from plait.bench.zero import main
+
+        return main(args)
     raise SystemExit(f"unknown benchmark {what!r}")

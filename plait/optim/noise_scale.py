@@ -32,10 +32,12 @@ The smoothing lags: the estimate trails the true B_simple by about 1/(1−β) st
 grows as the loss falls, so a run with few large steps reads lower than a run with many small
 ones at the same sample count. Units: samples (sequences), like train.global_batch.
 
-Communication contract: `NoiseScaleMonitor.end_step` issues one all-reduce (SUM) of two fp32
-values on `mesh.world` per step: the small-batch sum over every dp rank's micro-batches and
-every model-parallel piece (tp-replicated weights counted on tp rank 0 only), plus, for a plain
-optimizer without `grad_norm()`, the local part of |G_B|²; when the optimizer did not clip, its
+Communication contract: the small-batch sum must be summed over every dp rank's micro-batches
+and every model-parallel piece (tp-replicated weights counted on tp rank 0 only). The trainer
+sends its dp part inside the all-reduce it already makes for the logged loss (so a pure
+data-parallel run adds no collective), and `NoiseScaleMonitor.end_step` sums the rest over
+`mesh.mp` (a 4-byte all-reduce, only when tp·pp > 1). Called alone, `end_step` makes one
+all-reduce (SUM) of two fp32 values on `mesh.world`. When the optimizer did not clip, its
 `grad_norm()` adds that method's own reduction. Every rank must call it once per step.
 """
 
@@ -81,11 +83,20 @@ class NoiseScale:
         self.trace = 0.0
         self.updates = 0
 
-    def update(self, b_small: float, sq_small: float, b_big: float, sq_big: float) -> float | None:
+    def update(self, b_small: float, sq_small: float, b_big: float, sq_big: float):
         g2, trace = two_batch_estimate(b_small, sq_small, b_big, sq_big)
         # the EMAs start at 0, but only their ratio is reported, so no bias correction is needed
-        self.g2 = self.beta * self.g2 + (1 - self.beta) * g2
-        self.trace = self.beta * self.trace + (1 - self.beta) * trace
+        new_g2 = self.beta * self.g2 + (1 - self.beta) * g2
+        new_trace = self.beta * self.trace + (1 - self.beta) * trace
+        if isinstance(new_g2, torch.Tensor):  # a non-finite step (an fp16 overflow) leaves the averages as they were
+            ok = torch.isfinite(new_g2) & torch.isfinite(new_trace)
+            self.g2 = torch.where(ok, new_g2, torch.as_tensor(self.g2, dtype=new_g2.dtype, device=new_g2.device))
+            self.trace = torch.where(ok, new_trace,
+                                     torch.as_tensor(self.trace, dtype=new_g2.dtype, device=new_g2.device))
+        elif math.isfinite(new_g2) and math.isfinite(new_trace):
+            self.g2, self.trace = new_g2, new_trace
+        else:
+            return self.value
         self.updates += 1
         return self.value
 
@@ -133,6 +144,7 @@ class NoiseScaleMonitor:
         self.warned: set[str] = set()
         self.active = False
         self._sq = torch.zeros((), dtype=torch.float32, device=mesh.device)
+        self._scale = 1.0
         seen: set[int] = set()
         self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         # a tp-replicated weight's gradient is whole on every tp rank: count it once
@@ -144,16 +156,30 @@ class NoiseScaleMonitor:
         if self.active:
             self._sq += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
 
-    def begin_step(self) -> None:
+    def begin_step(self, grad_scale: float = 1.0) -> None:
+        """`grad_scale`: what backward multiplies this step's gradients by (the fp16 loss scale), undone here."""
         self._sq.zero_()
+        self._scale = grad_scale
         self.active = True
 
-    def end_step(self, optimizer, global_batch: int) -> dict:
+    @property
+    def local_sum(self) -> torch.Tensor:
+        """This step's Σ over this rank's micro-batches of ‖its gradient piece‖² so far (0-d, on the device)."""
+        return self._sq / self._scale ** 2 if self._scale != 1.0 else self._sq
+
+    def end_step(self, optimizer, global_batch: int, dp_sum: torch.Tensor | None = None,
+                 applied: bool = True) -> dict:
         """Fold this step in; returns {'critical_batch': the smoothed estimate} (a 0-d tensor, NaN while
-        there is none; None before the first step with two batch sizes). See `metric_value`."""
+        there is none; None before the first step with two batch sizes). See `metric_value`.
+
+        `dp_sum`: `local_sum` already summed over mesh.dp by the caller (the trainer sends it in the
+        loss's all-reduce); then only model-parallel pieces are summed here (over mesh.mp, when it has
+        more than one rank). None: end_step sums it over mesh.world itself. `applied` False (an fp16
+        overflow skipped the update on every rank): the step is left out.
+        """
         self.active = False
         B, b = global_batch, self.micro
-        if B <= b:  # one micro-batch in the whole step (e.g. the start of a ramp-up): no second size
+        if B <= b or not applied:  # one micro-batch in the whole step (e.g. the start of a ramp-up): no second size
             return {"critical_batch": self.estimate.value}
         clipped = getattr(optimizer, "grad_clip", 0) > 0 and getattr(optimizer, "last_grad_norm", None) is not None
         own_norm = not clipped and not hasattr(optimizer, "grad_norm")  # a plain optimizer over whole tensors
@@ -162,14 +188,22 @@ class NoiseScaleMonitor:
             for p in self.counted:
                 if p.grad is not None:
                     big_local += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
-        vec = torch.stack([self._sq, big_local])
-        self.mesh.comm.all_reduce(vec, self.mesh.world)
-        sq_small = vec[0] * (B / b)  # mean over the B/b micro-batches of ‖G_b‖² (see the module docstring)
+        if dp_sum is None:
+            vec = torch.stack([self.local_sum, big_local])
+            self.mesh.comm.all_reduce(vec, self.mesh.world)
+            small, big_sum = vec[0], vec[1]
+        else:
+            small = dp_sum.detach().float().clone()
+            self.mesh.comm.all_reduce(small, self.mesh.mp)  # tp / pp pieces (free when mp has one rank)
+            big_sum = big_local
+            if own_norm:
+                self.mesh.comm.all_reduce(big_sum, self.mesh.world)
+        sq_small = small * (B / b)  # mean over the B/b micro-batches of ‖G_b‖² (see the module docstring)
         if own_norm:
-            sq_big = vec[1] / self.mesh.dp_size  # every dp rank added the same reduced |G_B|²
+            sq_big = big_sum / self.mesh.dp_size  # every dp rank added the same reduced |G_B|²
         else:
             norm = optimizer.last_grad_norm if clipped else optimizer.grad_norm()  # the pre-clipping norm
-            sq_big = torch.as_tensor(norm, dtype=torch.float32, device=vec.device).square()
+            sq_big = torch.as_tensor(norm, dtype=torch.float32, device=small.device).square()
         value = self.estimate.update(b, sq_small, B, sq_big)
         n = self.estimate.updates
         if self.lead and n >= self.warn_after and n % self.check_every == 0:

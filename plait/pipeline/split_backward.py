@@ -14,9 +14,11 @@ W is the whole backward.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch.autograd.graph import GradientEdge
 
 
@@ -129,9 +131,14 @@ def backward_weight(work: WeightGrad, params: list[torch.nn.Parameter]) -> None:
         ps = [p for p in params if p.requires_grad]
         _accumulate(ps, torch.autograd.grad(out, ps, g, allow_unused=True))
         return
-    for node, gouts, weights in work.captured:
-        ws = [w for w in weights if id(w) in wanted]
-        edges = [(GradientEdge(node, i), g) for i, g in enumerate(gouts) if g is not None]
-        if not ws or not edges:
-            continue
-        _accumulate(ws, torch.autograd.grad([e for e, _ in edges], ws, [g for _, g in edges], allow_unused=True))
+    # W's calls cover disjoint parts of the graph: under one GraphExecGroup an activation-checkpointed
+    # region is recomputed once for all of them, not once per call (torch >= 2.10; older: per call)
+    group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
+    with group() if group is not None else nullcontext():
+        for node, gouts, weights in work.captured:
+            ws = [w for w in weights if id(w) in wanted]
+            edges = [(GradientEdge(node, i), g) for i, g in enumerate(gouts) if g is not None]
+            if not ws or not edges:
+                continue
+            _accumulate(ws, torch.autograd.grad([e for e, _ in edges], ws, [g for _, g in edges],
+                                                allow_unused=True))

@@ -1,0 +1,209 @@
+"""A Trainer's state as one DCP state dict (`collect`), and back (`restore`). Key layout: plait.checkpoint.state."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from plait.checkpoint.state import (
+    DIVERGENT,
+    Shards,
+    _scatter_dp,
+    check_entries,
+    compressor_of,
+    flatten,
+    load_optimizer_state,
+    optimizer_slots,
+    optimizer_state,
+    raise_agreed,
+    rng_state,
+    scalars_into,
+    set_rng_state,
+    template,
+    unflatten,
+)
+from plait.checkpoint.store import CheckpointError
+
+# DCP warns on every single-process save and load (also from an asynchronous save's thread) that it runs
+# single-process; a one-rank run does so on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable", category=UserWarning)
+
+
+def single_process() -> bool:
+    """No process group (one rank): DCP then reads and writes without coordinating."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+
+
+def replica_prefix(strategy: str, mesh) -> str:
+    return f"replica{mesh.dp_index}/" if strategy in DIVERGENT else ""
+
+
+def _names(module: torch.nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}  # each parameter once, under its first name
+
+
+def collect(tr, shards: Shards, copy: bool = False, skipped: int = 0) -> dict:
+    """Everything needed to continue `tr` exactly, as a flat state dict for dcp.save (every rank calls it).
+
+    `copy`: clone tensors (an asynchronous save writes while training goes on). ZeRO optimizers
+    gather their state over mesh.dp here (a collective); nothing else communicates.
+    """
+    mesh, cfg = tr.mesh, tr.cfg
+    keep = (lambda t: t.detach().clone()) if copy else (lambda t: t)
+    pre = replica_prefix(cfg.sync.strategy, mesh)
+    sd: dict = {}
+    entries = shards.entries(tr.model.module)
+    for e in entries:
+        sd[f"{pre}model/{e.name}"] = shards.wrap(keep(e.tensor), e.split)
+    split = {e.name: e.split for e in entries}
+    names = _names(tr.model.module)
+    opt = tr.optimizer.optimizer
+    slots = optimizer_slots(opt)
+    for slot, st in optimizer_state(opt)["state"].items():
+        p = slots[int(slot)]
+        name = names[id(p)]
+        for k, v in st.items():
+            key = f"{pre}optim/{name}/{k}"
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):  # one value per element
+                sd[key] = shards.wrap(keep(v), split[name])
+            else:
+                sd[key] = keep(v) if torch.is_tensor(v) else v
+    sd["trainer/step"] = tr.step
+    sd["trainer/samples"] = tr.samples
+    sd["trainer/skipped_steps"] = skipped
+    noise = getattr(tr, "noise", None)
+    est = getattr(noise, "estimate", None)
+    if est is not None:  # the gradient noise scale's running estimate (a metric)
+        flatten("trainer/noise", {"g2": est.g2, "trace": est.trace, "updates": est.updates}, sd)
+    scaler = getattr(tr.optimizer, "scaler", None)
+    if scaler is not None:  # fp16: the loss scale and its schedule
+        flatten("trainer/loss_scale", scaler.state_dict(), sd)
+    own = f"rank{mesh.rank}"
+    flatten(f"{own}/rng", rng_state(mesh.device), sd)
+    comp = compressor_of(tr.model, tr.optimizer)
+    if comp is not None:
+        flatten(f"{own}/compressor", comp.state_dict(), sd)
+    if tr.optimizer.sync is not None:
+        flatten(f"{own}/sync", tr.optimizer.sync.state_dict(), sd)
+    return sd
+
+
+def read_index(path: Path):
+    """DCP's index of a checkpoint folder (keys, shapes); CheckpointError naming the file when unreadable."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a damaged index can fail in many ways (pickle, I/O)
+        raise CheckpointError(f"checkpoint file {str(Path(path) / '.metadata')!r} cannot be read ({type(e).__name__}:"
+                              f" {e}): the checkpoint is damaged") from e
+
+
+def load_model(tr, shards: Shards, path: Path, prefix: str = "") -> None:
+    """Load only the model's tensors from a checkpoint folder into `tr`, in place, in any layout (collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    index = read_index(path)
+    entries = shards.entries(tr.model.module)
+    raise_agreed(check_entries(entries, index, prefix, f"checkpoint {path}"), tr.mesh, "checkpoint does not fit")
+    tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}
+    dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
+    params = dict(tr.model.module.named_parameters())
+    for e in entries:
+        if e.name in params:
+            _scatter_dp(params[e.name], e.tensor, tr.mesh)
+
+
+def restore(tr, shards: Shards, path: Path, manifest: dict, same_layout: bool, with_optimizer: bool) -> dict:
+    """Load a checkpoint into `tr` (collective over every rank). Returns what was restored.
+
+    Model and optimizer state load under any layout; per-rank state (RNG, compression residuals,
+    sync-strategy state) only when `same_layout`, else the compressor keeps only its counters.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    mesh = tr.mesh
+    pre = replica_prefix(manifest["layout"]["sync"], mesh)
+    index = read_index(path)
+    entries = shards.entries(tr.model.module)
+    raise_agreed(check_entries(entries, index, pre, f"checkpoint {path}"), mesh, "checkpoint does not fit this model")
+    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}  # loaded in place
+    split = {e.name: e.split for e in entries}
+    shapes = {e.name: e.global_shape for e in entries}
+    opt = tr.optimizer.optimizer
+    slots = optimizer_slots(opt)
+    names = _names(tr.model.module)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    pending: dict[int, dict] = {}  # slot -> state key -> the tensor DCP fills (or the key of a loaded object)
+    if with_optimizer:
+        for slot, p in enumerate(slots):
+            name = names[id(p)]
+            base = f"{pre}optim/{name}/"
+            st = {}
+            for key, md in index.state_dict_metadata.items():
+                if not key.startswith(base) or "/" in key[len(base):]:
+                    continue
+                k = key[len(base):]
+                if isinstance(md, TensorStorageMetadata) and tuple(md.size) == shapes[name] and len(md.size) > 0:
+                    # p.shape: the tp-local shape (for ZeRO-3 DTensors the shape gathered over dp)
+                    local = torch.zeros(tuple(p.shape), dtype=md.properties.dtype, device=mesh.device)
+                    tmpl[key] = shards.wrap(local, split[name])
+                    st[k] = local
+                else:  # a step count or another small value: loaded as saved
+                    tmpl[key] = (torch.empty(md.size, dtype=md.properties.dtype)
+                                 if isinstance(md, TensorStorageMetadata) else None)
+                    st[k] = key
+            if st:
+                pending[slot] = st
+    tmpl.update(template(index, "trainer"))
+    own = f"rank{mesh.rank}"
+    if same_layout:
+        tmpl.update(template(index, own))
+    else:
+        tmpl.update(template(index, "rank0/compressor", tensors=False))
+    dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
+
+    params = dict(tr.model.module.named_parameters())
+    for e in entries:
+        if e.name in params:
+            _scatter_dp(params[e.name], e.tensor, mesh)
+    out = {"optimizer": with_optimizer, "rank_state": same_layout}
+    if with_optimizer:
+        state = {slot: {k: (tmpl[v] if isinstance(v, str) else v) for k, v in st.items()}
+                 for slot, st in pending.items()}
+        load_optimizer_state(opt, state)
+    tr.step = int(tmpl["trainer/step"])  # the learning-rate schedule follows from it
+    tr.samples = int(tmpl["trainer/samples"])  # the data position
+    out["skipped_steps"] = int(tmpl.get("trainer/skipped_steps") or 0)
+    noise, est = unflatten(tmpl, "trainer/noise"), getattr(getattr(tr, "noise", None), "estimate", None)
+    if noise and est is not None:
+        est.g2, est.trace, est.updates = noise["g2"], noise["trace"], noise["updates"]
+    scale, scaler = unflatten(tmpl, "trainer/loss_scale"), getattr(tr.optimizer, "scaler", None)
+    if scale and scaler is not None:
+        scaler.load_state_dict(scale)
+    comp = compressor_of(tr.model, tr.optimizer)
+    if same_layout:
+        if any(k.startswith(f"{own}/rng/") for k in tmpl):
+            set_rng_state(unflatten(tmpl, f"{own}/rng"), mesh.device)
+        if comp is not None and any(k.startswith(f"{own}/compressor") for k in tmpl):
+            comp.load_state_dict(_move(unflatten(tmpl, f"{own}/compressor"), mesh.device))
+        if tr.optimizer.sync is not None and any(k.startswith(f"{own}/sync") for k in tmpl):
+            tr.optimizer.sync.load_state_dict(_move(unflatten(tmpl, f"{own}/sync"), mesh.device))
+    elif comp is not None and "rank0/compressor/name" in tmpl and tmpl["rank0/compressor/name"] == comp.name:
+        comp.load_state_dict(scalars_into(comp.state_dict(), unflatten(tmpl, "rank0/compressor")))
+    return out
+
+
+def _move(obj, device: torch.device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,273 @@
+"""What a checkpoint holds, as one flat torch.distributed.checkpoint (DCP) state dict, and how it comes back.
+
+Keys (flat; "/" separates levels, parameter names keep their dots):
+
+    model/<name>                  each parameter under its original model name (a pipeline stage keeps them)
+    optim/<name>/<state key>      per-parameter optimizer state (Adam's moments, momentum, step counts)
+    trainer/<field>               step, samples, skipped steps, noise-scale estimate, fp16 loss scale
+    rank<R>/rng/...               rank R's RNG states                        } layout-dependent: restored
+    rank<R>/compressor/...        its error-feedback residuals, PowerSGD Q   } only under the same layout
+    rank<R>/sync/...              its sync strategy's state (DiLoCo's outer state, exchanges in flight)
+
+Resharding. A tensor-parallel shard is saved as a DTensor on a 1-D DeviceMesh over `mesh.tp`
+with placement Shard(dim) and the unpadded full shape as global shape: DTensor's chunks (ceil
+division, the last one short) are exactly plait's padded layout with the padding rows dropped, so
+DCP stores each shard once, as chunks of the full tensor, and a load under any tp size reads the
+overlapping chunks into each rank's shard, in place. Replicated tensors are plain tensors: every dp
+(and tp) replica offers the same key and DCP writes it once. Pipeline stages hold disjoint keys.
+Optimizer state goes through the same path per parameter: an optimizer that shards its own state
+(ZeRO) offers `full_state_dict()` / `load_full_state_dict()` in torch's layout over the full
+(tp-local) parameters and is used through them; a plain torch optimizer through its state dict.
+
+Sync strategies whose replicas drift apart between syncs (local SGD, DiLoCo, streaming DiLoCo)
+save model and optimizer state per replica, under `replica<d>/`, and resume only under the same
+layout. DCP's own planning traffic (a few small gathers over the default group) bypasses
+plait.comm: it is not training traffic and is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from plait.checkpoint.store import CheckpointError
+
+DIVERGENT = ("local_sgd", "diloco", "streaming_diloco")  # replicas differ between syncs
+
+
+def layout_of(cfg, mesh) -> dict:
+    """Everything that decides which rank holds what: per-rank state is restored only when it matches."""
+    p = cfg.parallel
+    compression = "onebit_adam" if cfg.optim.name == "onebit_adam" else cfg.compression.name
+    return {"world_size": mesh.world_size, "dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size,
+            "zero": p.zero, "virtual_stages": p.virtual_stages, "bucket_mb": p.bucket_mb,
+            "compression": compression, "sync": cfg.sync.strategy}
+
+
+# -- flat keys ----------------------------------------------------------------------------------
+EMPTY = "<plait: empty dict>"  # DCP drops empty dicts while flattening; this leaf keeps their key
+
+
+def flatten(prefix: str, obj, out: dict) -> dict:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            flatten(f"{prefix}/{k}", v, out)
+        if not obj:
+            out[prefix] = EMPTY
+    else:
+        out[prefix] = obj
+    return out
+
+
+def unflatten(flat: dict, prefix: str) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        if not key.startswith(prefix + "/"):
+            continue
+        *path, leaf = key[len(prefix) + 1:].split("/")
+        d = out
+        for part in path:
+            d = d.setdefault(part, {})
+        d[leaf] = {} if isinstance(v, str) and v == EMPTY else v
+    return out
+
+
+def template(metadata, prefix: str, tensors: bool = True) -> dict:
+    """Empty containers for every saved key under `prefix` (DCP loads into what it is given)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    out = {}
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith(prefix + "/"):
+            if isinstance(md, TensorStorageMetadata):
+                if tensors:
+                    out[key] = torch.empty(md.size, dtype=md.properties.dtype)
+            else:
+                out[key] = None
+    return out
+
+
+# -- tensor-parallel shards as DTensors -----------------------------------------------------------
+@dataclass
+class Entry:
+    """One model tensor: its name, the tensor this rank holds, its tp split (dim, unpadded size) or None."""
+
+    name: str
+    tensor: torch.Tensor
+    split: tuple[int, int] | None
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        shape = list(self.tensor.shape)
+        if self.split is not None:
+            shape[self.split[0]] = self.split[1]
+        return tuple(shape)
+
+
+class Shards:
+    """Wraps this rank's tensors for DCP. No communication (the DeviceMesh reuses mesh.tp's group)."""
+
+    def __init__(self, mesh):
+        self.mesh = mesh
+        self._dm = None
+
+    @property
+    def dm(self):
+        """The 1-D DeviceMesh over mesh.tp (made on first use: runs that never save never touch DTensor)."""
+        if self._dm is None and self.mesh.tp_size > 1:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._dm = DeviceMesh.from_group(self.mesh.tp.pg, self.mesh.device.type)
+        return self._dm
+
+    def entries(self, module: torch.nn.Module) -> list[Entry]:
+        return self.local_entries(module, self.mesh)
+
+    @staticmethod
+    def local_entries(module: torch.nn.Module, mesh) -> list[Entry]:
+        """Parameters (each once, under its first name) and persistent buffers of `module`."""
+        out, seen = [], set()
+        for name, p in module.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(Entry(name, _dp_full(p, mesh), getattr(p, "plait_tp_shard", None)
+                                 if mesh.tp_size > 1 else None))
+        keys = set(module.state_dict().keys())
+        out += [Entry(n, b, None) for n, b in module.named_buffers() if n in keys]
+        return out
+
+    def wrap(self, local: torch.Tensor, split: tuple[int, int] | None) -> torch.Tensor:
+        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor; `local` itself if whole."""
+        if split is None or self.mesh.tp_size == 1:
+            return local
+        from torch.distributed.tensor import DTensor, Shard
+
+        dim, full = split
+        c = local.shape[dim]
+        n = max(0, min(c, full - self.mesh.tp_index * c))  # rows of real data: the last chunk may be short
+        shape = list(local.shape)
+        shape[dim] = full
+        stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        return DTensor.from_local(local.narrow(dim, 0, n), self.dm, [Shard(dim)], run_check=False,
+                                  shape=torch.Size(shape), stride=tuple(stride))
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _dp_full(p: torch.Tensor, mesh) -> torch.Tensor:
+    """A parameter as this rank's tp-local tensor: ZeRO-3 shards it over dp too (a DTensor), gathered here
+    (an all-gather on mesh.dp); otherwise the tensor itself (loads write into it in place)."""
+    if not _is_dtensor(p):
+        return p.detach()
+    local = p.to_local().detach()
+    d0, n = p.shape[0], mesh.dp_size
+    c = math.ceil(d0 / n)
+    chunk = local.new_zeros((c, *p.shape[1:]))
+    chunk[: local.shape[0]] = local
+    full = local.new_empty((c * n, *p.shape[1:]))
+    mesh.comm.all_gather(full, chunk, mesh.dp)
+    return full[:d0].clone()
+
+
+def _scatter_dp(p: torch.Tensor, full: torch.Tensor, mesh) -> None:
+    """Copy this rank's dp rows of `full` into a ZeRO-3 parameter's local shard (no communication)."""
+    if not _is_dtensor(p):
+        return
+    local = p.to_local()
+    c = math.ceil(p.shape[0] / mesh.dp_size)
+    with torch.no_grad():
+        local.copy_(full[mesh.dp_index * c: mesh.dp_index * c + local.shape[0]])
+
+
+# -- the optimizer, per parameter -------------------------------------------------------------------
+def optimizer_slots(opt) -> list[torch.Tensor]:
+    """The parameters in the optimizer's state-dict numbering (a sharding wrapper names its full ones)."""
+    full = getattr(opt, "full_params", None)
+    return list(full) if full is not None else [p for g in opt.param_groups for p in g["params"]]
+
+
+def optimizer_state(opt) -> dict:
+    """torch's layout {"state": {slot: {key: value}}, "param_groups": ...} over full (tp-local) parameters."""
+    return opt.full_state_dict() if hasattr(opt, "full_state_dict") else opt.state_dict()
+
+
+def load_optimizer_state(opt, state: dict) -> None:
+    groups = opt.original_groups() if hasattr(opt, "original_groups") else opt.state_dict()["param_groups"]
+    sd = {"state": state, "param_groups": groups}
+    if hasattr(opt, "load_full_state_dict"):
+        opt.load_full_state_dict(sd)
+    else:
+        opt.load_state_dict(sd)
+
+
+# -- per-rank state ---------------------------------------------------------------------------------
+def rng_state(device: torch.device) -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s: dict, device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def compressor_of(model, popt):
+    """The dp exchange's compressor (its residuals are per rank), or None."""
+    reducer = getattr(model, "reducer", None)
+    comp = getattr(reducer, "compressor", None) if reducer is not None else None
+    return comp if comp is not None else getattr(popt.optimizer, "dp_exchange", None)
+
+
+def scalars_into(fresh: dict, saved: dict) -> dict:
+    """`fresh` (a state dict) with every non-tensor value found in `saved` taken from it: the counters
+    of a compressor without its per-layout buffers."""
+    flat = flatten("s", fresh, {})
+    for k, v in flatten("s", saved, {}).items():
+        if not torch.is_tensor(v) and k in flat:
+            flat[k] = v
+    return unflatten(flat, "s")
+
+
+def check_entries(entries: list[Entry], metadata, prefix: str, where: str) -> list[str]:
+    """What does not match between this rank's model tensors and the checkpoint's index."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    problems = []
+    md = metadata.state_dict_metadata
+    for e in entries:
+        key = f"{prefix}model/{e.name}"
+        got = md.get(key)
+        if not isinstance(got, TensorStorageMetadata):
+            problems.append(f"{where} has no tensor {e.name!r} (this model has one of shape {list(e.global_shape)})")
+        elif tuple(got.size) != e.global_shape:
+            problems.append(f"{where}: {e.name} has shape {list(got.size)} there, {list(e.global_shape)} in this "
+                            f"model")
+    return problems
+
+
+def raise_agreed(problems: list[str], mesh, what: str) -> None:
+    """Raise on every rank when any rank found problems (one all-reduce over the world)."""
+    flags = torch.zeros(mesh.world_size, device=mesh.device)
+    flags[mesh.rank] = float(bool(problems))
+    mesh.comm.all_reduce(flags, mesh.world)
+    bad = [r for r, f in enumerate(flags.tolist()) if f]
+    if not bad:
+        return
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{what}: " + "; ".join(problems[:3]) + more)
+    raise CheckpointError(f"{what}: rank(s) {bad} found a mismatch (see their error)")
