@@ -317,6 +317,9 @@ def validate(cfg: Config) -> None:
     if cfg.optim.name == "onebit_adam" and c.warmup_steps < 1:
         raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
                           "least one step (15-25% of train.steps is typical)")
+    if cfg.optim.scale_lr_with_batch and cfg.optim.reference_batch <= 0:
+        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
+                          "batch (in samples) at which optim.lr was tuned")
     t = cfg.train
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "

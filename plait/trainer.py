@@ -24,7 +24,7 @@ from plait.mesh import Mesh
 from plait.metrics import RunLog, peak_memory_bytes, plot_run, prepare_run_dir, write_json
 from plait.models import GPT, build_config, count_params, flops_per_token
 from plait.models.gpt import Block
-from plait.optim import NoiseScaleMonitor, optimizer_factory, tensor_parallel_norm_reducer
+from plait.optim import NoiseScaleMonitor, metric_value, optimizer_factory, tensor_parallel_norm_reducer
 from plait.optim.loss_scale import LossScaler
 from plait.optim.noise_scale import supported as noise_scale_supported
 from plait.optim.schedule import batch_at, batch_lr_scale, lr_factor, rank_share
@@ -90,9 +90,11 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
 
     # -- one step --------------------------------------------------------------------------
-    def set_lr(self) -> float:
+    def set_lr(self, batch: int) -> float:
+        """The schedule's factor at this step, times the linear scaling rule's for this step's batch."""
         o = self.cfg.optim
         f = lr_factor(self.step, self.cfg.train.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+        f *= batch_lr_scale(batch, o.reference_batch, o.scale_lr_with_batch)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * f
         return self.base_lrs[0] * f
@@ -116,14 +118,9 @@ class Trainer:
         return loss_sum
 
     def train_step(self) -> dict:
-        t, o = self.cfg.train, self.cfg.optim
+        t = self.cfg.train
         batch = batch_at(self.samples, t.global_batch, t.micro_batch, t.batch_rampup_samples)  # ramp-up or fixed
-        lr = self.set_lr()
-        scale = batch_lr_scale(batch, o.reference_batch, o.scale_lr_with_batch)
-        if scale != 1.0:
-            for g in self.optimizer.param_groups:
-                g["lr"] *= scale
-            lr *= scale
+        lr = self.set_lr(batch)
         start, count = rank_share(self.samples, batch, t.micro_batch, self.mesh.dp_size, self.mesh.dp_index)
         self.acc = count // t.micro_batch  # this rank's micro-batches this step
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
@@ -197,7 +194,6 @@ class Trainer:
                   f"layout dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, "
                   f"global batch {t.global_batch}×{t.seq_len} tokens ({self.acc} micro-batches of "
                   f"{t.micro_batch} per rank), data: {self.corpus_source}, device {mesh.device}", flush=True)
-        tokens_per_step = t.global_batch * t.seq_len
         wall0 = time.perf_counter()
         val_loss = None
         comm_total = 0.0
@@ -213,8 +209,10 @@ class Trainer:
                 comm = mesh.comm.stats.reset_step(self.step)
                 comm_total += comm["comm_bytes"]
                 gn = out["grad_norm"]
+                tokens_per_step = out["global_batch"] * t.seq_len  # varies during a batch ramp-up
                 rec = {"step": self.step, "loss": float(out["loss"]), "lr": out["lr"],
-                       "grad_norm": None if gn is None else float(gn),
+                       "grad_norm": None if gn is None else float(gn), "global_batch": out["global_batch"],
+                       "critical_batch": metric_value(out.get("critical_batch")),
                        "samples": self.samples, "tokens": self.samples * t.seq_len, "step_s": dt,
                        "tokens_per_s": tokens_per_step / dt,
                        "mfu": self.flops_per_token * tokens_per_step / dt / (mesh.world_size * peak),
@@ -245,17 +243,20 @@ class Trainer:
         wall = time.perf_counter() - wall0
         recs = log.records
         steady = [r for r in recs if r["step"] > ckpt.start_step + 1] or recs  # the first step pays one-off warm-up
-        median = sorted(r["step_s"] for r in steady)[len(steady) // 2] if steady else float("nan")
+        # throughput over the steady steps: total tokens / total time (exact also when the batch ramps up)
+        steady_s = sum(r["step_s"] for r in steady) or float("nan")
+        tokens_per_s = sum(r["global_batch"] * t.seq_len for r in steady) / steady_s
         summary = {
             "final_train_loss": recs[-1]["loss"] if recs else None,
             "final_val_loss": val_loss,
             "steps": self.step,
             "tokens": self.samples * t.seq_len,
-            "tokens_per_s": tokens_per_step / median,
-            "mfu": self.flops_per_token * tokens_per_step / median / (mesh.world_size * peak),
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (mesh.world_size * peak),
             "comm_bytes_per_step": comm_total / max(1, self.step - ckpt.start_step),  # this session's steps
             "layout": {"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": cfg.parallel.zero,
-                       "world_size": mesh.world_size, "micro_batches": self.acc, "device": str(mesh.device)},
+                       "world_size": mesh.world_size, "micro_batches": C.accumulation_steps(cfg, mesh.dp_size),
+                       "device": str(mesh.device)},
             "peak_memory_bytes": peak_memory_bytes(mesh.device),
             "memory": memory_breakdown(self.model, self.optimizer),  # this rank's parameters, gradients, optimizer
             "wall_s": wall,
