@@ -141,9 +141,10 @@ def test_factory_builds_and_checks_config():
     assert isinstance(opt, LAMB) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     cfg = C.from_dict({"optim": {"name": "lars"}})
     assert isinstance(optimizer_factory(cfg.optim, torch.device("cpu"))(list(model.parameters())), LARS)
-    bad = C.from_dict({"optim": {"scale_lr_with_batch": True}})
-    with pytest.raises(ConfigError, match="optim.reference_batch"):
-        optimizer_factory(bad.optim, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="optim.reference_batch"):  # caught when the config is loaded
+        C.from_dict({"optim": {"scale_lr_with_batch": True}})
+    with pytest.raises(ConfigError, match="optim.reference_batch"):  # and by the factory, for hand-built configs
+        optimizer_factory(C.OptimConfig(scale_lr_with_batch=True), torch.device("cpu"))
     with pytest.raises(ConfigError, match="optim.name"):
         C.from_dict({"optim": {"name": "lion"}})
 
