@@ -287,140 +287,6 @@ def from_dict(d: dict[str, dict[str, Any]]) -> Config:
     return cfg
 
 
-# -- validation ----------------------------------------------------------------------------
-def validate(cfg: Config) -> None:
-    """Checks that need no world size. `validate_layout` adds those that do."""
-    flat = to_dict(cfg)
-    for key, choices in CHOICES.items():
-        sec, name = key.split(".")
-        v = flat[sec][name]
-        if v not in choices:
-            raise ConfigError(f"{key} = {v!r}: choose one of {', '.join(choices)}{_suggest(str(v), choices)}")
-    for key in POSITIVE | NON_NEGATIVE:
-        sec, name = key.split(".")
-        v = flat[sec][name]
-        if key in POSITIVE and v <= 0:
-            raise ConfigError(f"{key} = {v!r}: must be positive")
-        if v < 0:
-            raise ConfigError(f"{key} = {v!r}: must not be negative")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in [0, 1)")
-    if cfg.parallel.zero not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero = {cfg.parallel.zero}: choose 0, 1, 2 or 3")
-    check_sync(cfg)
-    c = cfg.compression
-    if not 0.0 < c.topk_fraction <= 1.0:
-        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
-    if cfg.optim.name == "onebit_adam" and c.name != "none":
-        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit Adam compresses "
-                          f"the data-parallel exchange itself; set compression.name=none")
-    if cfg.optim.name == "onebit_adam" and c.warmup_steps < 1:
-        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
-                          "least one step (15-25% of train.steps is typical)")
-    if cfg.optim.scale_lr_with_batch and cfg.optim.reference_batch <= 0:
-        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
-                          "batch (in samples) at which optim.lr was tuned")
-    t = cfg.train
-    if t.global_batch % t.micro_batch:
-        raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
-                          f"{t.micro_batch}: make the global batch a multiple of the micro-batch")
-    if cfg.data.path and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, a folder "
-                          f"of text files, or a .bin of token ids (or leave it empty for the default corpus)")
-
-
-def check_sync(cfg: Config) -> None:
-    """The [sync] section and its combinations with the rest (plait.sync)."""
-    s = cfg.sync
-    for key, v in (("sync.every", s.every), ("sync.fragments", s.fragments)):
-        if v < 1:
-            raise ConfigError(f"{key} = {v}: must be a positive integer")
-    if not 0.0 <= s.outer_momentum < 1.0:
-        raise ConfigError(f"sync.outer_momentum = {s.outer_momentum}: must be in [0, 1) (0.9 in DiLoCo)")
-    if s.outer_lr <= 0:
-        raise ConfigError(f"sync.outer_lr = {s.outer_lr}: must be positive (0.7 in DiLoCo; 1.0 with no momentum "
-                          f"is plain parameter averaging)")
-    if not 0.0 <= s.alpha <= 1.0:
-        raise ConfigError(f"sync.alpha = {s.alpha}: must be in [0, 1] (0: replace local weights by the global ones)")
-    if s.slow_factor < 1.0:
-        raise ConfigError(f"sync.slow_factor = {s.slow_factor}: must be >= 1 (2.0: the slow rank takes twice as long)")
-    if s.strategy == "streaming_diloco":
-        if s.every < s.fragments:
-            raise ConfigError(f"sync.every = {s.every} < sync.fragments = {s.fragments}: each fragment syncs once "
-                              f"every H steps on its own offset, so H must be at least P; raise sync.every")
-        if not 0 <= s.delay < s.every:
-            raise ConfigError(f"sync.delay = {s.delay}: must be in [0, sync.every) = [0, {s.every}) so a fragment is "
-                              f"applied before it is sent again")
-    if s.strategy == "delayed" and s.delay < 1:
-        raise ConfigError(f"sync.delay = {s.delay} with sync.strategy = delayed: must be >= 1 (0 is every_step)")
-    if s.quantize != "none" and s.strategy not in ("diloco", "streaming_diloco"):
-        raise ConfigError(f"sync.quantize = {s.quantize!r} applies to outer gradients (sync.strategy = diloco or "
-                          f"streaming_diloco), not to {s.strategy}: set sync.quantize=none (compress per-step "
-                          f"gradients with [compression])")
-    if s.strategy != "every_step":
-        if cfg.parallel.zero:
-            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {cfg.parallel.zero}: replicas that "
-                              f"step on their own need their whole optimizer state; set parallel.zero=0")
-        if cfg.compression.name != "none" or cfg.optim.name == "onebit_adam":
-            raise ConfigError(f"sync.strategy = {s.strategy} replaces the per-step gradient exchange that "
-                              f"compression.name / optim.name = onebit_adam compress: set compression.name=none "
-                              f"and a plain optimizer, or sync.strategy=every_step")
-    if s.strategy in ("local_sgd", "diloco", "streaming_diloco") and getattr(cfg.train, "batch_rampup_samples", 0):
-        raise ConfigError(f"sync.strategy = {s.strategy} with train.batch_rampup_samples > 0: replicas stepping on "
-                          f"their own gradients need equal shares of every batch, which a ramp-up does not give; "
-                          f"set train.batch_rampup_samples=0")
-
-
-def validate_layout(cfg: Config, world_size: int) -> int:
-    """Checks that need the world size; returns the resolved dp size."""
-    from plait.mesh import check_layout, resolve_dp
-
-    p = cfg.parallel
-    dp = resolve_dp(world_size, p.dp, p.tp, p.pp)
-    check_layout(world_size, dp, p.tp, p.pp)
-    t = cfg.train
-    if t.global_batch % (t.micro_batch * dp):
-        raise ConfigError(
-            f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch × dp = "
-            f"{t.micro_batch} × {dp}: choose a global batch that is a multiple of {t.micro_batch * dp}"
-        )
-    check_pipeline(cfg, dp)
-    return dp
-
-
-def check_pipeline(cfg: Config, dp: int) -> None:
-    """The pipeline's micro-batch rule, for parallel.pp > 1.
-
-    A pipeline step runs m = train.global_batch / (dp · train.micro_batch) micro-batches of
-    train.micro_batch sequences (the same count gradient accumulation uses without a pipeline).
-    parallel.microbatches = 0 means exactly that; a non-zero value must equal it (it is a check,
-    not a second way to size the batch). The schedule needs m >= pp; interleaved 1F1B also m
-    divisible by pp, and virtual stages > 1 only make sense with it.
-    """
-    p, t = cfg.parallel, cfg.train
-    if p.pp == 1:
-        return
-    m = t.global_batch // (t.micro_batch * dp)
-    if p.microbatches and p.microbatches != m:
-        raise ConfigError(f"parallel.microbatches = {p.microbatches}, but train.global_batch / (dp × train.micro_batch)"
-                          f" = {t.global_batch} / ({dp} × {t.micro_batch}) = {m} micro-batches per pipeline: set it "
-                          f"to {m} or 0, or change the batch sizes")
-    if m < p.pp:
-        raise ConfigError(f"{m} micro-batches per pipeline step for parallel.pp = {p.pp} stages: a pipeline needs "
-                          f"at least as many micro-batches as stages; raise train.global_batch to "
-                          f"{p.pp * t.micro_batch * dp} or lower train.micro_batch")
-    if p.virtual_stages > 1 and p.schedule != "interleaved_1f1b":
-        raise ConfigError(f"parallel.virtual_stages = {p.virtual_stages} needs parallel.schedule = interleaved_1f1b "
-                          f"(not {p.schedule}); or set parallel.virtual_stages=1")
-    if p.schedule == "interleaved_1f1b" and m % p.pp:
-        raise ConfigError(f"parallel.schedule = interleaved_1f1b needs the micro-batches per pipeline step ({m}) to "
-                          f"be a multiple of parallel.pp = {p.pp}: change train.global_batch or train.micro_batch")
-
-
-def accumulation_steps(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch // (cfg.train.micro_batch * dp)
-
-
 # -- output --------------------------------------------------------------------------------
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
@@ -441,3 +307,13 @@ def to_toml(cfg: Config) -> str:
         out += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
         out.append("")
     return "\n".join(out)
+
+
+# the checks live in their own module; re-exported here so `plait.config.validate` etc. keep working
+from plait.config_checks import (  # noqa: E402
+    accumulation_steps as accumulation_steps,
+)
+from plait.config_checks import check_pipeline as check_pipeline  # noqa: E402
+from plait.config_checks import check_sync as check_sync  # noqa: E402
+from plait.config_checks import validate as validate  # noqa: E402
+from plait.config_checks import validate_layout as validate_layout  # noqa: E402
