@@ -26,13 +26,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
-from plait.bench.netns import cannot, loopback_tx_bytes, median, run_in_namespace, setup, time_to
+from plait.bench.netns import cannot, median, run_in_namespace, setup, time_to, timed_training
 
 CONFIGS = ("none", "fp16", "powersgd", "topk", "sign", "ddp_fp16", "ddp_powersgd")
 RANK, TOPK, WARMUP = 4, 0.01, 10  # PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
@@ -56,7 +55,7 @@ def _run(spec: dict) -> dict:
     from plait.config import CompressionConfig, OptimConfig, ParallelConfig
     from plait.mesh import Mesh
     from plait.models.gpt import lm_loss
-    from plait.optim import lr_factor, optimizer_factory
+    from plait.optim import optimizer_factory
 
     world, rank = dist.get_world_size(), dist.get_rank()
     B, T, steps = spec["batch"], spec["seq_len"], spec["steps"]
@@ -110,8 +109,6 @@ def _run(spec: dict) -> dict:
         def barrier():
             mesh.comm.barrier(mesh.world)
 
-    base = [g["lr"] for g in opt.param_groups]
-
     @torch.no_grad()
     def evaluate() -> float:
         module.eval()
@@ -125,31 +122,19 @@ def _run(spec: dict) -> dict:
         module.train()
         return float(acc[0] / acc[1])
 
-    barrier()
-    tx0 = loopback_tx_bytes()
-    times, curve, elapsed, formula = [], [], 0.0, 0.0
-    every = max(1, steps // 20)
-    for s in range(steps):
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * lr_factor(s, steps, ocfg.warmup_steps, ocfg.schedule, ocfg.min_lr_ratio)
-        x, y = train.batch(s * world * B + rank * B, B)
-        t0 = time.perf_counter()
-        step(x, y)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        elapsed += dt
+    formula = [0.0]
+
+    def count_step():
         if mesh is not None:
-            formula += mesh.comm.stats.reset_step()["comm_bytes"]
-        if (s + 1) % every == 0 or s + 1 == steps:
-            curve.append((s + 1, elapsed, evaluate()))
-            if mesh is not None:
-                mesh.comm.stats.reset_step()  # validation is not a training step's traffic
-    barrier()
-    tx = loopback_tx_bytes() - tx0
-    steady = times[2:] or times
-    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2],
-            "comm_bytes_per_step": formula / steps if mesh is not None else None,
-            "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}
+            formula[0] += mesh.comm.stats.reset_step()["comm_bytes"]
+
+    def drop_eval():
+        if mesh is not None:
+            mesh.comm.stats.reset_step()  # validation is not a training step's traffic
+
+    out = timed_training(step, evaluate, opt, train, spec, world, rank, barrier, count_step, drop_eval)
+    out["comm_bytes_per_step"] = formula[0] / steps if mesh is not None else None
+    return out
 
 
 # -- the driver ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -94,3 +95,45 @@ def time_to(curve: list, target: float) -> float | None:
 def median(xs: list) -> float | None:
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
+
+
+def timed_training(step, evaluate, opt, train, spec: dict, world: int, rank: int, sync_point,
+                   after_step=None, after_eval=None) -> dict:
+    """The slow-network benchmarks' loop, the same for every contestant.
+
+    Each rank reads its own B samples of step s (disjoint across ranks); the LR follows the default
+    warm-up + cosine schedule; `step(x, y)` is timed alone, and the validation loss is taken 20 times
+    (not timed). `after_step()` / `after_eval()` let a contestant account its own traffic. Returns
+    the median steady step time, the (step, training seconds, val loss) curve and the loopback
+    bytes per step per rank (inside a benchmark namespace).
+    """
+    from plait.config import OptimConfig
+    from plait.optim import lr_factor
+
+    ocfg = OptimConfig()
+    B, steps = spec["batch"], spec["steps"]
+    base = [g["lr"] for g in opt.param_groups]
+    sync_point()  # every rank is ready: the clock starts together
+    tx0 = loopback_tx_bytes()
+    times, curve, elapsed = [], [], 0.0
+    every = max(1, steps // 20)
+    for s in range(steps):
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * lr_factor(s, steps, ocfg.warmup_steps, ocfg.schedule, ocfg.min_lr_ratio)
+        x, y = train.batch(s * world * B + rank * B, B)
+        t0 = time.perf_counter()
+        step(x, y)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        elapsed += dt
+        if after_step is not None:
+            after_step()
+        if (s + 1) % every == 0 or s + 1 == steps:
+            curve.append((s + 1, elapsed, evaluate()))
+            if after_eval is not None:
+                after_eval()
+    sync_point()
+    tx = loopback_tx_bytes() - tx0
+    steady = times[2:] or times
+    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2], "train_s": elapsed,
+            "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}

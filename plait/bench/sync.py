@@ -35,13 +35,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
-from plait.bench.netns import cannot, loopback_tx_bytes, median, run_in_namespace, setup, time_to
+from plait.bench.netns import cannot, median, run_in_namespace, setup, time_to, timed_training
 
 CONFIGS = ("every_step", "local_sgd", "diloco", "diloco_int8", "streaming_diloco", "delayed", "torch_postlocal")
 SYNC = {  # config -> SyncConfig fields beyond strategy / every
@@ -60,7 +59,7 @@ def _run(spec: dict) -> dict:
     from plait.config import OptimConfig, ParallelConfig, SyncConfig
     from plait.mesh import Mesh
     from plait.models.gpt import lm_loss
-    from plait.optim import lr_factor, optimizer_factory
+    from plait.optim import optimizer_factory
 
     world, rank = dist.get_world_size(), dist.get_rank()
     B, T, steps, H = spec["batch"], spec["seq_len"], spec["steps"], spec["every"]
@@ -126,8 +125,6 @@ def _run(spec: dict) -> dict:
         def allreduce(t):
             mesh.comm.all_reduce(t, mesh.world)
 
-    base = [g["lr"] for g in opt.param_groups]
-
     @torch.no_grad()
     def evaluate() -> float:
         module.eval()
@@ -137,39 +134,30 @@ def _run(spec: dict) -> dict:
         module.train()
         return float(loss) / world
 
-    allreduce(torch.zeros(1))  # every rank is ready: the clock starts together
-    if mesh is not None:
-        mesh.comm.stats.reset_step()
-    tx0 = loopback_tx_bytes()
-    times, curve, elapsed, counted = [], [], 0.0, 0.0
-    val_every = max(1, steps // 20)
-    for s in range(steps):
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * lr_factor(s, steps, ocfg.warmup_steps, ocfg.schedule, ocfg.min_lr_ratio)
-        x, y = train.batch(s * world * B + rank * B, B)
-        t0 = time.perf_counter()
-        step(x, y)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        elapsed += dt
+    counted = [0.0]
+
+    def start():  # every rank is ready: the clock starts together, and the barrier is no step's traffic
+        allreduce(torch.zeros(1))
+        if mesh is not None:
+            mesh.comm.stats.reset_step()
+
+    def count_step():
         if mesh is not None:
             st = mesh.comm.stats.reset_step()
-            counted += st["comm_bytes"]
+            counted[0] += st["comm_bytes"]
             waited[0] += st["comm_s"]
-        if (s + 1) % val_every == 0 or s + 1 == steps:
-            curve.append((s + 1, elapsed, evaluate()))
-            if mesh is not None:
-                mesh.comm.stats.reset_step()  # validation is not a training step's traffic
-                opt.sync.reset_clock()  # nor is it a step the straggler stretches
-            else:
-                last[0] = time.perf_counter() if last[0] is not None else None
-    allreduce(torch.zeros(1))
-    tx = loopback_tx_bytes() - tx0
-    steady = times[2:] or times
-    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2], "train_s": elapsed,
-            "samples_per_s": steps * world * B / elapsed, "wait_fraction": waited[0] / elapsed,
-            "comm_bytes_per_step": counted / steps if mesh is not None else None,
-            "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}
+
+    def after_eval():
+        if mesh is not None:
+            mesh.comm.stats.reset_step()  # validation is not a training step's traffic
+            opt.sync.reset_clock()  # nor is it a step the straggler stretches
+        else:
+            last[0] = time.perf_counter() if last[0] is not None else None
+
+    out = timed_training(step, evaluate, opt, train, spec, world, rank, start, count_step, after_eval)
+    out.update(samples_per_s=steps * world * B / out["train_s"], wait_fraction=waited[0] / out["train_s"],
+               comm_bytes_per_step=counted[0] / steps if mesh is not None else None)
+    return out
 
 
 # -- the driver ----------------------------------------------------------------------------------
