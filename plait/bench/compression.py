@@ -23,15 +23,13 @@ validation loss of the uncompressed plait run of the same repetition (None: not 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-from plait.bench.netns import cannot, median, run_in_namespace, setup, time_to, timed_training
+from plait.bench.netns import drive, median, setup, time_to, timed_training
 
 CONFIGS = ("none", "fp16", "powersgd", "topk", "sign", "ddp_fp16", "ddp_powersgd")
 RANK, TOPK, WARMUP = 4, 0.01, 10  # PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
@@ -194,17 +192,5 @@ def _print_table(world: int, rows: dict, bandwidth: str) -> None:
 
 
 def main(args) -> int:
-    bandwidth = getattr(args, "bandwidth", "none") or "none"
-    args.bandwidth = bandwidth
-    if bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
-        why = cannot("compression", bandwidth)
-        if why:
-            print(why, file=sys.stderr)
-            return 2
-        return run_in_namespace("compression", args.bandwidth, _argv(args))
-    out = run_all(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0
+    args.bandwidth = getattr(args, "bandwidth", "none") or "none"
+    return drive("compression", args, _argv(args), run_all)

@@ -8,6 +8,7 @@ deleted on every way out.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -137,3 +138,20 @@ def timed_training(step, evaluate, opt, train, spec: dict, world: int, rank: int
     steady = times[2:] or times
     return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2], "train_s": elapsed,
             "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}
+
+
+def drive(bench: str, args, argv: list[str], run_all) -> int:
+    """A slow-network benchmark's entry: re-run inside a rate-limited namespace when a bandwidth is
+    asked for (and this is not that run already), else run here and write --json."""
+    if args.bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
+        why = cannot(bench, args.bandwidth)
+        if why:
+            print(why, file=sys.stderr)
+            return 2
+        return run_in_namespace(bench, args.bandwidth, argv)
+    out = run_all(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0

@@ -32,15 +32,13 @@ defaults to steps / 10.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import sys
 import time
 
 import torch
 
-from plait.bench.netns import cannot, median, run_in_namespace, setup, time_to, timed_training
+from plait.bench.netns import drive, median, setup, time_to, timed_training
 
 CONFIGS = ("every_step", "local_sgd", "diloco", "diloco_int8", "streaming_diloco", "delayed", "torch_postlocal")
 SYNC = {  # config -> SyncConfig fields beyond strategy / every
@@ -241,15 +239,4 @@ def _print_table(rows: dict, bandwidth: str, world: int) -> None:
 def main(args) -> int:
     args.bandwidth = getattr(args, "bandwidth", "none") or "none"
     _resolve(args)
-    if args.bandwidth != "none" and "PLAIT_BENCH_NETNS" not in os.environ:
-        why = cannot("sync", args.bandwidth)
-        if why:
-            print(why, file=sys.stderr)
-            return 2
-        return run_in_namespace("sync", args.bandwidth, _argv(args))
-    out = run_all(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.json}")
-    return 0
+    return drive("sync", args, _argv(args), run_all)
