@@ -2,11 +2,14 @@
 
     .venv/bin/python scripts/parity_matrix.py                 # every layout, ZeRO 0-3
     .venv/bin/python scripts/parity_matrix.py --zero 0 --out /tmp/m.md
+    python scripts/parity_matrix.py --device cuda --dtype bf16 --out $OUT/m.md   # on a GPU machine
 
 The same runs as tests/test_hybrid.py (which samples the 8-rank layouts in CI): the tiny model,
-5 fp32 steps, global batch 8 in micro-batches of 2 (gradient accumulation), gradient clipping active
-on every step, against the single-process run; each layout must agree within 1e-5 relative in every
-step's loss and gradient norm and every final parameter. Exits 1 if any layout does not.
+5 steps (fp32, or bf16 autocast with --dtype bf16), global batch 8 in micro-batches of 2 (gradient accumulation), gradient clipping active
+on every step, against the single-process run; each layout must agree within 1e-5 relative (fp32;
+bf16: tests/common.py's TOLERANCES) in every step's loss and gradient norm and every final
+parameter. Exits 1 if any layout does not. --device cuda runs every rank's tensors on the one GPU
+(gloo ranks sharing it: NCCL refuses two ranks per device).
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
-from common import tiny_cfg  # noqa: E402
+from common import TOLERANCES, tiny_cfg  # noqa: E402
 
 from plait import parity as P  # noqa: E402
 
 CLIP = 0.05  # as tests/test_hybrid.py: below every step's gradient norm
-RTOL = 1e-5
 
 
 def corpus(folder: Path) -> str:
@@ -47,18 +49,22 @@ def main(argv=None) -> int:
     ap.add_argument("--zero", default="0,1,2,3", help="ZeRO stages, comma-separated (default 0,1,2,3)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "parity_matrix.md"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per world size's spawn")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every rank's tensors live")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(TOLERANCES), help="training dtype of both sides")
     args = ap.parse_args(argv)
+    tol = TOLERANCES[args.dtype]
     zeros = tuple(int(z) for z in args.zero.split(","))
     layouts = P.matrix(zeros=zeros)
     with tempfile.TemporaryDirectory() as tmp:
-        base = tiny_cfg(corpus(Path(tmp)), model={"n_layers": 2}, optim={"grad_clip": CLIP})
+        base = tiny_cfg(corpus(Path(tmp)), model={"n_layers": 2}, optim={"grad_clip": CLIP},
+                         train={"dtype": args.dtype})
         t0 = time.perf_counter()
-        ref = P.reference(base)
+        ref = P.reference(base, args.device)
         rows, ok = [], True
         for world in sorted({lay.world for lay in layouts}):
             mine = [lay for lay in layouts if lay.world == world]
             t = time.perf_counter()
-            got = P.run_layouts(base, mine, timeout=args.timeout)
+            got = P.run_layouts(base, mine, timeout=args.timeout, device=args.device)
             print(f"world {world}: {len(mine)} layouts in {time.perf_counter() - t:.0f} s", flush=True)
             for lay in mine:
                 res = got[lay.name]
@@ -68,27 +74,32 @@ def main(argv=None) -> int:
                     continue
                 errs = [P.errors(ref, r) for r in res]
                 worst = {k: max(e[k] for e in errs) for k in ("loss", "norm", "param")}
-                passed = all(v <= RTOL for v in worst.values())
+                passed = all(v <= tol[k] for k, v in worst.items())
                 ok &= passed
                 rows.append((lay, worst, "pass" if passed else "FAIL"))
         wall = time.perf_counter() - t0
     clipped = all(n > CLIP for n in ref["norms"])
     ok &= clipped
+    if args.device == "cuda":
+        machine = (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores (gloo, CUDA tensors, "
+                   "every rank on the one GPU)")
+    else:
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (gloo, CPU tensors)"
     lines = [
         "# Parity matrix",
         "",
         "Every dp × tp × pp × ZeRO layout against the single-process run (DESIGN.md §3): the tiny GPT "
-        "(2 blocks, d_model 32), 5 fp32 AdamW steps, global batch 8 sequences of 32 tokens in micro-batches of 2 "
+        f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 tokens in micro-batches of 2 "
         f"(gradient accumulation: 4 micro-batches per step at dp = 1, 2 at dp = 2), optim.grad_clip = {CLIP} "
         f"(active on every step: reference gradient norms {', '.join(f'{n:.3f}' for n in ref['norms'])}). "
         "Errors are the largest relative error over steps and ranks: loss |Δ|/|ref|, gradient norm (before "
         "clipping, the clip factor's input), and ‖Δ‖/‖ref‖ per parameter tensor after the last step. "
-        f"Tolerance {RTOL:g}. ZeRO > 0 appears with dp = 2 only (at dp = 1 it is the plain path).",
+        f"Tolerance {', '.join(f'{k} {v:g}' for k, v in tol.items())}. ZeRO > 0 appears with dp = 2 only (at dp = 1 it is the plain path).",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (gloo, CPU tensors)",
+        f"- machine: {machine}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `.venv/bin/python scripts/parity_matrix.py --zero {args.zero}` ({wall:.0f} s)",
+        f"- command: `python scripts/parity_matrix.py --zero {args.zero} --device {args.device} --dtype {args.dtype}` ({wall:.0f} s)",
         f"- result: {'all layouts pass' if ok else 'FAILURES'}",
         "",
         "| layout | ranks | loss | grad norm | parameters | result |",

@@ -6,6 +6,12 @@ corpus, loss normalization, gradient clipping, LR schedule, metrics); the plain 
 forward, backward, clip, step on a fixed batch. Repetitions alternate; each is timed with CUDA
 synchronization around `--steps` steps after warm-up. Reported: tokens/s, MFU against the
 device's bf16 peak, peak allocated memory, ratio plait / plain (above 1: plait is faster).
+
+Two diagnostics per side explain a ratio below 1 without a profiler: `host_s`, the time the CPU
+takes to enqueue one step when the device queue is empty (a step whose host time approaches its
+device time is launch-bound, and every extra Python operation shows), and `syncs`, the
+synchronizing CUDA calls one step makes (torch.cuda.set_sync_debug_mode), with where they come
+from. A step that synchronizes lets the GPU idle while the CPU launches the next kernels.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -76,6 +83,33 @@ def _time(fn, steps, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def _host_time(fn, device) -> float:
+    """Seconds the CPU spends enqueueing one step that starts on an idle device."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize(device)
+    return dt
+
+
+def _syncs(fn, device) -> list[str]:
+    """The synchronizing CUDA calls of one step, as 'file:line: message' (empty: none)."""
+    if device.type != "cuda":
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
+            if "synchroniz" in str(w.message)]
+
+
 def bench_preset(preset: str, args, device: torch.device) -> dict:
     from plait.flops import peak_flops
     from plait.models import build_config, flops_per_token
@@ -91,6 +125,8 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
     for fn in runs.values():  # warm-up: compilation, allocator, autotuning
         for _ in range(args.warmup):
             fn()
+    diag = {name: {"host_s": statistics.median(_host_time(fn, device) for _ in range(3)),
+                   "syncs": _syncs(fn, device)} for name, fn in runs.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = {k: [] for k in runs}
@@ -109,6 +145,8 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
         row[f"{name}_tokens_per_s"] = tokens / med
         row[f"{name}_mfu"] = fpt * tokens / med / peak
         row[f"{name}_times"] = times[name]
+        row[f"{name}_host_s"] = diag[name]["host_s"]
+        row[f"{name}_syncs"] = diag[name]["syncs"]
     row["ratio"] = row["plait_tokens_per_s"] / row["plain_tokens_per_s"]
     row["peak_memory_bytes_both_models"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
     del plain_model, trainer
@@ -130,6 +168,10 @@ def main(args) -> int:
         print(f"  plain {row['plain_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plain_mfu']:.1f}%)   "
               f"plait {row['plait_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plait_mfu']:.1f}%)   "
               f"ratio {row['ratio']:.3f}", flush=True)
+        for name in ("plain", "plait"):
+            print(f"  {name}: device step {1e3 * row[f'{name}_step_s']:.1f} ms, host enqueue "
+                  f"{1e3 * row[f'{name}_host_s']:.1f} ms, {len(row[f'{name}_syncs'])} synchronizing calls"
+                  + "".join(f"\n    {w}" for w in row[f"{name}_syncs"][:8]), flush=True)
         if args.json:  # write as we go: a later preset may not fit the time or memory
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

@@ -79,7 +79,7 @@ class GradReducer:
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         cur: list[nn.Parameter] = []
-        cur_bytes, cap = 0, first_bucket_bytes
+        cur_bytes, cap = 0, min(first_bucket_bytes, bucket_bytes)  # buckets asked smaller than 1 MiB: all of them
         for p in reversed(params):
             # a bucket holds one dtype and device
             if cur and (cur_bytes + p.numel() * p.element_size() > cap or p.dtype != cur[0].dtype

@@ -84,8 +84,7 @@ def build_reducer(params: list[nn.Parameter], mesh: Mesh, stage: int, bucket_byt
     reduce-scattered (ZeRO-2 also frees the full buckets after each exchange)."""
     from plait.data_parallel.reducer import GradReducer
 
-    return GradReducer(params, mesh.dp, mesh.comm, bucket_bytes=bucket_bytes,
-                       first_bucket_bytes=min(2**20, bucket_bytes), pad_to=mesh.dp_size,
+    return GradReducer(params, mesh.dp, mesh.comm, bucket_bytes=bucket_bytes, pad_to=mesh.dp_size,
                        compressor=ShardExchange(keep_shards=stage == 2), release_after_reduce=stage == 2)
 
 
