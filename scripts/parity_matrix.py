@@ -5,7 +5,8 @@
     python scripts/parity_matrix.py --device cuda --dtype bf16 --out $OUT/m.md   # on a GPU machine
 
 The same runs as tests/test_hybrid.py (which samples the 8-rank layouts in CI): the tiny model,
-5 steps (fp32, or bf16 autocast with --dtype bf16), global batch 8 in micro-batches of 2 (gradient accumulation), gradient clipping active
+5 steps (fp32, or bf16 autocast with --dtype bf16), global batch 8 in micro-batches of 2
+(gradient accumulation), gradient clipping active
 on every step, against the single-process run; each layout must agree within 1e-5 relative (fp32;
 bf16: tests/common.py's TOLERANCES) in every step's loss and gradient norm and every final
 parameter. Exits 1 if any layout does not. --device cuda runs every rank's tensors on the one GPU
@@ -89,17 +90,20 @@ def main(argv=None) -> int:
         "# Parity matrix",
         "",
         "Every dp × tp × pp × ZeRO layout against the single-process run (DESIGN.md §3): the tiny GPT "
-        f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 tokens in micro-batches of 2 "
+        f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 tokens in "
+        "micro-batches of 2 "
         f"(gradient accumulation: 4 micro-batches per step at dp = 1, 2 at dp = 2), optim.grad_clip = {CLIP} "
         f"(active on every step: reference gradient norms {', '.join(f'{n:.3f}' for n in ref['norms'])}). "
         "Errors are the largest relative error over steps and ranks: loss |Δ|/|ref|, gradient norm (before "
         "clipping, the clip factor's input), and ‖Δ‖/‖ref‖ per parameter tensor after the last step. "
-        f"Tolerance {', '.join(f'{k} {v:g}' for k, v in tol.items())}. ZeRO > 0 appears with dp = 2 only (at dp = 1 it is the plain path).",
+        f"Tolerance {', '.join(f'{k} {v:g}' for k, v in tol.items())}. "
+        "ZeRO > 0 appears with dp = 2 only (at dp = 1 it is the plain path).",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- machine: {machine}",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
-        f"- command: `python scripts/parity_matrix.py --zero {args.zero} --device {args.device} --dtype {args.dtype}` ({wall:.0f} s)",
+        f"- command: `python scripts/parity_matrix.py --zero {args.zero} --device {args.device} "
+        f"--dtype {args.dtype}` ({wall:.0f} s)",
         f"- result: {'all layouts pass' if ok else 'FAILURES'}",
         "",
         "| layout | ranks | loss | grad norm | parameters | result |",
