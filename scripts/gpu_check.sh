@@ -34,19 +34,19 @@ tests="tests/test_dp.py tests/test_tensor_parallel.py tests/test_pipeline.py tes
 LIM=${PARALLEL_TIMEOUT:-200}
 train_args="model.preset=10m train.steps=30 train.compile=true train.dtype=bf16 train.val_every=0 log.plots=false log.progress=false"
 stamp "train, parity fp32 / bf16, matrices"
-( timeout "$LIM" $PY -m plait train --nproc 1 --run-dir "$OUT/train_1rank" $train_args > "$OUT/train_1rank.txt" 2>&1
-  echo "exit $?" >> "$OUT/train_1rank.txt"
-  timeout "$LIM" $PY -m plait train --nproc 2 --run-dir "$OUT/train_2ranks" $train_args > "$OUT/train_2ranks.txt" 2>&1
-  echo "exit $?" >> "$OUT/train_2ranks.txt" ) &
-PLAIT_TEST_DEVICE=cuda timeout "$LIM" $PY -m pytest -q -p no:cacheprovider -k parity $tests > "$OUT/parity_fp32.txt" 2>&1 &
-PLAIT_TEST_DEVICE=cuda PLAIT_TEST_DTYPE=bf16 timeout "$LIM" $PY -m pytest -q -p no:cacheprovider -k parity $tests \
+for n in 1 2; do
+  ( timeout "$LIM" $PY -m plait train --nproc $n --run-dir "$OUT/train_${n}rank" $train_args > "$OUT/train_${n}rank.txt" 2>&1
+    echo "exit $?" >> "$OUT/train_${n}rank.txt" ) &
+done
+PLAIT_TEST_DEVICE=cuda timeout "$LIM" $PY -m pytest -q -p no:cacheprovider --basetemp=/tmp/plait_fp32 -k parity $tests > "$OUT/parity_fp32.txt" 2>&1 &
+PLAIT_TEST_DEVICE=cuda PLAIT_TEST_DTYPE=bf16 timeout "$LIM" $PY -m pytest -q -p no:cacheprovider --basetemp=/tmp/plait_bf16 -k parity $tests \
   > "$OUT/parity_bf16.txt" 2>&1 &
-( for dt in fp32 bf16; do
-    timeout "$LIM" $PY scripts/parity_matrix.py --device cuda --dtype $dt --out "$OUT/parity_matrix_cuda_$dt.md" \
-      > "$OUT/parity_matrix_cuda_$dt.txt" 2>&1
-  done ) &
+for dt in fp32 bf16; do
+  timeout "$LIM" $PY scripts/parity_matrix.py --device cuda --dtype $dt --out "$OUT/parity_matrix_cuda_$dt.md" \
+    > "$OUT/parity_matrix_cuda_$dt.txt" 2>&1 &
+done
 wait
 stamp "done"
 for f in parity_fp32 parity_bf16; do echo "== $f"; tail -4 "$OUT/$f.txt"; done
-for f in train_1rank train_2ranks; do echo "== $f"; grep -E "^plait:|exit|Error" "$OUT/$f.txt" | tail -4; done
+for f in train_1rank train_2rank; do echo "== $f"; grep -E "^plait:|exit|Error" "$OUT/$f.txt" | tail -4; done
 for dt in fp32 bf16; do echo "== matrix $dt"; grep -E "result:" "$OUT/parity_matrix_cuda_$dt.md" 2>/dev/null; done
