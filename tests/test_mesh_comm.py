@@ -72,6 +72,28 @@ def _bytes_worker():
             "rs": float(rs[0]), "x": float(x[0])}
 
 
+def _staged_p2p_worker():
+    # the host-staged path of gloo with CUDA tensors, forced on CPU tensors: receives land in host
+    # buffers and reach the caller's tensors only through wait()
+    from plait.comm import Comm
+
+    Comm._host_staged = staticmethod(lambda group, tensors: True)
+    mesh = Mesh.build(dp=2)
+    g, peer = mesh.dp, 1 - mesh.dp.rank
+    recv = torch.zeros(3)
+    h = mesh.comm.p2p([(torch.full((3,), 10.0 + mesh.rank), peer)], [(recv, peer)], g, async_op=True)
+    before = recv.tolist()  # nothing written into the caller's tensor yet
+    h.wait()
+    return {"before": before, "after": recv.tolist(), "by_op": mesh.comm.stats.reset_step()["by_op"]}
+
+
+def test_host_staged_p2p_delivers_on_wait():
+    for rank, r in enumerate(run_ranks(_staged_p2p_worker, 2, timeout=60)):
+        assert r["before"] == [0.0, 0.0, 0.0]
+        assert r["after"] == [10.0 + (1 - rank)] * 3
+        assert r["by_op"] == {"send/dp": 12.0}
+
+
 def test_comm_bytes_match_ring_formulas():
     res = run_ranks(_bytes_worker, 4, timeout=120)
     n = 4

@@ -151,7 +151,18 @@ class Comm:
 
         All operations are posted together (batch_isend_irecv), so a pair of ranks that both send
         and receive cannot deadlock on ordering. Bytes recorded: the sum of sent sizes.
+
+        gloo's send and receive read and write the tensor's memory as host memory (a CUDA tensor
+        fails with "writev: Bad address"), so over a gloo group CUDA tensors travel through host
+        copies: sends are copied to the host first, receives land in host buffers that `wait()`
+        copies to the device. This is the one-GPU test mode (several gloo ranks sharing one GPU);
+        with NCCL, tensors are sent from device memory as they are.
         """
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, host buffer) per receive
+        if self._host_staged(group, [t for t, _ in (*sends, *recvs)]):
+            sends = [(t.cpu(), p) for t, p in sends]
+            staged = [(t, torch.empty(t.shape, dtype=t.dtype, device="cpu")) for t, _ in recvs]
+            recvs = [(host, p) for (_, host), (_, p) in zip(staged, recvs)]
         ops = [dist.P2POp(dist.isend, t, group.global_rank(p), group=group.pg) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, group.global_rank(p), group=group.pg) for t, p in recvs]
         if not ops:
@@ -164,10 +175,22 @@ class Comm:
             raise self._error("p2p", group.name, e) from e
         rec = self.stats.record("send" if sends else "recv", group.name, nbytes,
                                 float(nbytes), time.perf_counter() - t0)
-        h = Handle(self, list(works), rec)
+        held = [t for t, _ in sends]  # host copies must outlive the operation: the closure keeps them
+
+        def unstage():
+            for dev, host in staged:
+                dev.copy_(host)
+            held.clear()
+
+        h = Handle(self, list(works), rec, unstage if staged or held else None)
         if not async_op:
             h.wait()
         return h
+
+    @staticmethod
+    def _host_staged(group: Group, tensors: list[torch.Tensor]) -> bool:
+        """True when point-to-point over `group` must go through host memory (gloo with CUDA tensors)."""
+        return any(t.is_cuda for t in tensors) and dist.get_backend(group.pg) == "gloo"
 
     def barrier(self, group: Group) -> None:
         if group.size == 1:
