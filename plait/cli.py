@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from plait.bench import BENCHMARKS
 from plait.errors import ConfigError
 
 
@@ -125,15 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run")
-    be.add_argument("what", choices=["dp", "gpu", "tp", "compression", "sync", "pp", "zero"])
+    be.add_argument("what", choices=list(BENCHMARKS))
     be.add_argument("--json", default=None, help="write results as JSON here")
     be.add_argument("--bandwidth", default="100mbit", help="compression, sync: emulated network rate (tc rate, e.g. "
                     "100mbit, 1gbit; needs root), or none for the plain loopback")
-    be.add_argument("--ranks", default="2,4", help="comma-separated world sizes (tp: tp sizes)")
-    be.add_argument("--reps", type=int, default=5, help="alternating repetitions per configuration")
-    be.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
-    be.add_argument("--preset", default="10m")
-    be.add_argument("--batch", type=int, default=0, help="sequences per rank per step (dp: 8; gpu: per preset)")
+    # shared flags default to None: plait.bench.resolve_defaults fills in the benchmark's own defaults
+    be.add_argument("--ranks", default=None, help="comma-separated world sizes (tp: tp sizes; default 2,4; sync: 4)")
+    be.add_argument("--reps", type=int, default=None, help="alternating repetitions per configuration (5; sync: 1)")
+    be.add_argument("--steps", type=int, default=None, help="timed steps per repetition (6; sync: 300)")
+    be.add_argument("--preset", default=None, help="model preset (10m; sync: tiny)")
+    be.add_argument("--batch", type=int, default=None,
+                    help="sequences per rank per step (dp, tp, zero: 8; gpu: per preset; sync: 4)")
     be.add_argument("--seq-len", type=int, default=128, help="dp: 128; gpu: pass 1024")
     be.add_argument("--bucket-mb", type=float, default=25.0)
     be.add_argument("--presets", default="124m,350m,1.3b", help="gpu: model presets to run")

@@ -67,3 +67,20 @@ def test_tiny_run_writes_run_folder_and_refuses_to_overwrite(tmp_path, corpus_pa
     assert (run / "metrics.jsonl").read_text() == before
     r3 = plait("report", str(run))
     assert r3.returncode == 0 and "final_train_loss" in r3.stdout
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "dp"], {"ranks": "2,4", "steps": 6, "preset": "10m", "reps": 5, "batch": 0}),
+    (["bench", "sync"], {"ranks": "4", "steps": 300, "preset": "tiny", "reps": 1, "batch": 4}),
+    # typed values are kept, also when they equal another benchmark's default
+    (["bench", "sync", "--steps", "6", "--ranks", "2,4", "--reps", "5"],
+     {"ranks": "2,4", "steps": 6, "preset": "tiny", "reps": 5, "batch": 4}),
+    (["bench", "dp", "--steps", "300", "--preset", "tiny"], {"steps": 300, "preset": "tiny", "ranks": "2,4"}),
+])
+def test_bench_flags_keep_typed_values_and_fill_own_defaults(argv, expected):
+    from plait.bench import resolve_defaults
+    from plait.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    resolve_defaults(args.what, args)
+    assert {k: getattr(args, k) for k in expected} == expected

@@ -430,13 +430,14 @@ def test_compression_none_keeps_dp_parity(corpus_path):
 # -- the slow-network benchmark's refusals -----------------------------------------------------------
 def test_bench_compression_refuses_clearly_without_root(monkeypatch, capsys):
     from plait.bench import compression as bench
+    from plait.bench import run_bench
     from plait.cli import build_parser
 
     monkeypatch.delenv("PLAIT_BENCH_NETNS", raising=False)
     monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
     args = build_parser().parse_args(["bench", "compression", "--bandwidth", "100mbit", "--reps", "1"])
-    assert bench.main(args) == 2
+    assert run_bench("compression", args) == 2
     assert "needs root" in capsys.readouterr().err
     args = build_parser().parse_args(["bench", "compression", "--bandwidth", "fast"])
-    assert bench.main(args) == 2
+    assert run_bench("compression", args) == 2
     assert "100mbit" in capsys.readouterr().err

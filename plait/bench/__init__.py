@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+
+# Flags shared by every `plait bench` (parsed as None when not given) take the benchmark's own default
+# here, so a value the user types is always kept, even when it equals another benchmark's default.
+SHARED = {"ranks": "2,4", "steps": 6, "preset": "10m", "reps": 5, "batch": 0}
+OWN = {"sync": {"ranks": "4", "steps": 300, "preset": "tiny", "reps": 1, "batch": 4}}
+BENCHMARKS = ("dp", "gpu", "tp", "compression", "sync", "pp", "zero")
+
+
+def resolve_defaults(what: str, args) -> None:
+    for key, value in {**SHARED, **OWN.get(what, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
 
 def run_bench(what: str, args) -> int:
-    if what == "dp":
-        from plait.bench.dp import main
-
-        return main(args)
-    if what == "gpu":
-        from plait.bench.gpu import main
-
-        return main(args)
-    if what == "tp":
-        from plait.bench.tp import main
-
-        return main(args)
-    if what == "compression":
-        from plait.bench.compression import main
-
-        return main(args)
-    if what == "sync":
-        from plait.bench.sync import main
-
-        return main(args)
-    if what == "pp":
-        from plait.bench.pp import main
-
-        return main(args)
-    if what == "zero":
-        from plait.bench.zero import main
-
-        return main(args)
-    raise SystemExit(f"unknown benchmark {what!r}")
+    if what not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
+    resolve_defaults(what, args)
+    return importlib.import_module(f"plait.bench.{what}").main(args)

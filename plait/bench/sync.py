@@ -25,9 +25,8 @@ loss first reaches every_step's final validation loss, the fraction of training 
 waited on the network (plait: its Comm's blocked time; torch: time in the averager), and the
 straggler run's throughput in samples per second.
 
-Shared `plait bench` flags left at their generic defaults take this benchmark's: --ranks 4,
---steps 300, --preset tiny, --reps 1, --batch 4 (sequences per rank per step); --every (H)
-defaults to steps / 10.
+Defaults (plait.bench.OWN): --ranks 4, --steps 300, --preset tiny, --reps 1, --batch 4
+(sequences per rank per step); --every (H) defaults to steps / 10.
 """
 
 from __future__ import annotations
@@ -46,8 +45,6 @@ SYNC = {  # config -> SyncConfig fields beyond strategy / every
     "streaming_diloco": {"strategy": "streaming_diloco", "fragments": 4, "delay": 1},  # fragments: at most H
 }
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
-GENERIC = {"ranks": "2,4", "steps": 6, "preset": "10m", "reps": 5, "batch": 0}  # plait bench's shared defaults
-OURS = {"ranks": "4", "steps": 300, "preset": "tiny", "reps": 1, "batch": 4}
 
 
 # -- one run (every rank) ----------------------------------------------------------------------
@@ -162,10 +159,6 @@ def _run(spec: dict) -> dict:
 
 
 def _resolve(args) -> None:
-    """Shared flags still at plait bench's generic defaults take this benchmark's defaults."""
-    for k, generic in GENERIC.items():
-        if getattr(args, k, generic) == generic:
-            setattr(args, k, OURS[k])
     args.every = getattr(args, "every", 0) or max(1, args.steps // 10)
 
 
