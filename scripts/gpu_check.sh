@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check in one call (about 7 minutes on one H200: bench ~2, the rest side by side <= 4.5): environment report; `plait bench gpu`
-# (plait at world size 1 beside a plain PyTorch loop) alone on the device; then, side by side,
+# The GPU check in one call (about 7 minutes on one H200: the bench ~2, the rest side by side at most
+# 4.5): environment report; `plait bench gpu` (plait at world size 1 beside a plain PyTorch loop)
+# alone on the device; then, side by side,
 # `plait train` end to end on the GPU, the parity tests with CUDA tensors in fp32 and in bf16
 # (several gloo ranks sharing the one GPU, since NCCL refuses two ranks per device) and the parity
 # matrix tables. Everything is written under $OUT as it finishes, so a cut-off run keeps what ran.
