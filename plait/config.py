@@ -84,6 +84,9 @@ class TrainConfig:
     # steps after which it doubles (an overflow on any rank skips the step everywhere and halves it)
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
+    # the floor: an overflow at this scale stops the run (gradients that are inf / nan at every scale are not
+    # an overflow, and skipping would go on for ever)
+    loss_scale_min: float = 1.0
     activation_checkpointing: str = "none"  # none | full (each block) | selective (attention core only)
     compile: bool = False
     peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
@@ -179,6 +182,7 @@ POSITIVE = {
     "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
     "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s", "parallel.bucket_mb",
     "compression.rank", "train.max_bad_steps", "train.loss_scale_init", "train.loss_scale_growth_interval",
+    "train.loss_scale_min",
 }
 NON_NEGATIVE = {
     "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",

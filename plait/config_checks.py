@@ -45,6 +45,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
                           "batch (in samples) at which optim.lr was tuned")
     t = cfg.train
+    if t.loss_scale_min > t.loss_scale_init:
+        raise ConfigError(f"train.loss_scale_min = {t.loss_scale_min:g} is above train.loss_scale_init = "
+                          f"{t.loss_scale_init:g}: the floor must be at most the starting scale")
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
                           f"{t.micro_batch}: make the global batch a multiple of the micro-batch")

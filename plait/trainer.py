@@ -62,7 +62,8 @@ class Trainer:
         self.n_params = count_params(model)
         # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
         build_optimizer = optimizer_factory(cfg.optim, mesh.device, tensor_parallel_norm_reducer(mesh))
-        scaler = (LossScaler(t.loss_scale_init, growth_interval=t.loss_scale_growth_interval)
+        scaler = (LossScaler(t.loss_scale_init, growth_interval=t.loss_scale_growth_interval,
+                             min_scale=t.loss_scale_min)
                   if t.dtype == "fp16" else None)
         self.model, self.optimizer = parallelize(model, build_optimizer, mesh, cfg.parallel,
                                                  grad_clip=cfg.optim.grad_clip, compression=cfg.compression,

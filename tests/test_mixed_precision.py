@@ -15,6 +15,7 @@ from common import tiny_cfg
 
 from plait import config as C
 from plait import parity as P
+from plait.errors import ConfigError, NonFiniteError
 from plait.mesh import Mesh
 from plait.optim.loss_scale import LossScaler, any_rank, any_rank_nonfinite
 from plait.testing import run_ranks
@@ -157,3 +158,39 @@ def test_loss_scaler_schedule_and_state():
     assert t.state_dict() == s.state_dict() == {"scale": 8.0, "good_steps": 0, "skipped": 1}
     with pytest.raises(ValueError, match="backoff_factor"):
         LossScaler(backoff_factor=1.0)
+
+
+def test_overflow_at_the_floor_stops_the_run():
+    # halving stops at min_scale; an overflow there is inf / nan at every scale: a clear error, not endless skips
+    s = LossScaler(init_scale=4.0, min_scale=1.0)
+    s.update(True)
+    s.update(False)
+    s.update(True)
+    assert s.scale == 1.0 and s.skipped == 2 and s.in_a_row == 1
+    with pytest.raises(NonFiniteError, match="train.loss_scale_min = 1 .*2 overflow steps in a row, 3 in all"):
+        s.update(True)
+    with pytest.raises(ConfigError, match="train.loss_scale_min"):
+        LossScaler(init_scale=4.0, min_scale=8.0)
+
+
+def test_fp16_run_with_gradients_nan_at_every_scale_stops(corpus_path):
+    from plait.trainer import Trainer
+
+    cfg = C.from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 6, "loss_scale_init": 4.0}))
+    tr = Trainer(cfg, Mesh.single())
+    fb = tr.forward_backward
+
+    def forward_backward(batches, tokens):  # a diverged model: a nan gradient whatever the scale
+        loss = fb(batches, tokens)
+        next(p for p in tr.model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+        return loss
+
+    tr.forward_backward = forward_backward
+    assert [tr.train_step()["applied"] for _ in range(2)] == [False, False]  # 4 -> 2 -> 1
+    with pytest.raises(NonFiniteError, match="train.loss_scale_min"):
+        tr.train_step()
+
+
+def test_loss_scale_floor_above_start_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.loss_scale_min = 8 is above train.loss_scale_init = 4"):
+        C.from_dict({"train": {"dtype": "fp16", "loss_scale_init": 4.0, "loss_scale_min": 8.0}})

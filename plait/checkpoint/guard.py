@@ -20,11 +20,7 @@ import signal
 
 import torch
 
-from plait.errors import PlaitError
-
-
-class NonFiniteError(PlaitError, RuntimeError):
-    """Too many consecutive steps with a NaN / Inf loss or gradient norm."""
+from plait.errors import NonFiniteError  # noqa: F401 - raised here, re-exported by plait.checkpoint
 
 
 class StepGuard:

@@ -5,7 +5,10 @@ before backward, so every activation gradient is S times larger; the parameters'
 are divided by S again before anything reads them (clipping, the optimizer). When S is too large
 some fp16 gradient overflows to inf (or an inf − inf gives nan): that step is skipped and S halved.
 After `growth_interval` steps in a row without overflow S doubles, to use the range again
-(Micikevicius et al. 2018; torch's GradScaler follows the same rule).
+(Micikevicius et al. 2018; torch's GradScaler follows the same rule). S never goes below a floor
+(`min_scale`, train.loss_scale_min, 1 by default): gradients that still overflow there are inf / nan
+at any scale (a diverged run, not a range problem), and the run stops with NonFiniteError instead
+of skipping every step from then on.
 
 Every rank must take the same decision, or replicas and pipeline stages diverge: an overflow in one
 tensor-parallel shard or one pipeline stage is invisible to the other ranks. So the local found-inf
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from plait.errors import ConfigError, NonFiniteError
 from plait.mesh import Mesh
 
 
@@ -52,12 +56,17 @@ class LossScaler:
     """
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000):
+                 growth_interval: int = 2000, min_scale: float = 1.0):
         if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
             raise ValueError(f"LossScaler: init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and "
                              f"growth_interval >= 1 are needed (got {init_scale}, {growth_factor}, "
                              f"{backoff_factor}, {growth_interval})")
+        if not 0 < min_scale <= init_scale:
+            raise ConfigError(f"train.loss_scale_min = {min_scale} must be > 0 and at most train.loss_scale_init = "
+                              f"{init_scale}")
         self.scale = float(init_scale)
+        self.min_scale = float(min_scale)
+        self.in_a_row = 0  # overflow skips since the last applied step
         self.growth_factor = growth_factor
         self.backoff_factor = backoff_factor
         self.growth_interval = growth_interval
@@ -84,10 +93,18 @@ class LossScaler:
         """Halve S after an overflow; double it after `growth_interval` good steps in a row."""
         self.last_overflow = overflow
         if overflow:
-            self.scale *= self.backoff_factor
+            if self.scale <= self.min_scale:
+                raise NonFiniteError(
+                    f"fp16 loss scaling: the gradients overflowed at the minimum scale train.loss_scale_min = "
+                    f"{self.min_scale:g} ({self.in_a_row + 1} overflow steps in a row, {self.skipped + 1} in all): "
+                    f"they are inf / nan at every scale, which lowering it further does not cure. Lower optim.lr, "
+                    f"set optim.grad_clip, or train with train.dtype = bf16")
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
             self.good_steps = 0
             self.skipped += 1
+            self.in_a_row += 1
             return
+        self.in_a_row = 0
         self.good_steps += 1
         if self.good_steps >= self.growth_interval:
             self.scale *= self.growth_factor
@@ -100,7 +117,7 @@ class LossScaler:
         return not overflow
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}  # in_a_row: per session
 
     def load_state_dict(self, sd: dict) -> None:
         self.scale = float(sd["scale"])
