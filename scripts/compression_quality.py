@@ -73,6 +73,8 @@ def base_config(args) -> dict:
                   "val_samples": args.val_samples, "threads": max(1, (os.cpu_count() or 1) // args.ranks)},
         "compression": {"warmup_steps": max(1, args.steps // 10)},
         "log": {"progress": False, "plots": False},
+        # the 1-bit Adam configurations set optim.name themselves
+        "optim": {"name": args.optim, **({"lr": args.lr} if args.lr else {})},
     }
 
 
@@ -143,6 +145,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--val-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "lamb", "lars"],
+                    help="the optimizer of every configuration but 1-bit Adam's (sgd: momentum 0.9)")
+    ap.add_argument("--lr", type=float, default=0.0, help="optim.lr (default: the config default)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--out-dir", default="docs")
     args = ap.parse_args()
