@@ -20,7 +20,7 @@ import signal
 
 import torch
 
-from plait.errors import NonFiniteError  # noqa: F401 - raised here, re-exported by plait.checkpoint
+from plait.errors import NonFiniteError  # raised here; plait.checkpoint re-exports it
 
 
 class StepGuard:

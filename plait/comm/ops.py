@@ -159,7 +159,8 @@ class Comm:
         with NCCL, tensors are sent from device memory as they are.
         """
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, host buffer) per receive
-        if self._host_staged(group, [t for t, _ in (*sends, *recvs)]):
+        staging = self._host_staged(group, [t for t, _ in (*sends, *recvs)])
+        if staging:
             sends = [(t.cpu(), p) for t, p in sends]
             staged = [(t, torch.empty(t.shape, dtype=t.dtype, device="cpu")) for t, _ in recvs]
             recvs = [(host, p) for (_, host), (_, p) in zip(staged, recvs)]
@@ -175,14 +176,14 @@ class Comm:
             raise self._error("p2p", group.name, e) from e
         rec = self.stats.record("send" if sends else "recv", group.name, nbytes,
                                 float(nbytes), time.perf_counter() - t0)
-        held = [t for t, _ in sends]  # host copies must outlive the operation: the closure keeps them
+        held = [t for t, _ in sends] if staging else []  # host copies outlive the operation in the closure
 
         def unstage():
             for dev, host in staged:
                 dev.copy_(host)
             held.clear()
 
-        h = Handle(self, list(works), rec, unstage if staged or held else None)
+        h = Handle(self, list(works), rec, unstage if staging else None)
         if not async_op:
             h.wait()
         return h
