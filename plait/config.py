@@ -112,6 +112,7 @@ class CompressionConfig:
     name: str = "none"  # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only)
     rank: int = 4  # powersgd
     topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
+    sign_chunk: int = 256  # sign: elements per fp32 scale, a multiple of 8 (0: one scale per rank's shard)
     error_feedback: bool = True  # residuals of the biased compressors (int8, topk, sign, powersgd, onebit_adam)
     warmup_steps: int = 10  # dense all-reduce steps before powersgd / optim.name=onebit_adam compress
 
@@ -192,6 +193,7 @@ NON_NEGATIVE = {
     "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops", "train.threads",
     "optim.eps",
     "optim.min_lr_ratio", "optim.reference_batch", "train.batch_rampup_samples", "compression.warmup_steps",
+    "compression.sign_chunk",
 }
 
 

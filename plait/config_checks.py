@@ -33,6 +33,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.zero = {cfg.parallel.zero}: choose 0, 1, 2 or 3")
     check_sync(cfg)
     c = cfg.compression
+    if c.sign_chunk % 8:
+        raise ConfigError(f"compression.sign_chunk = {c.sign_chunk}: must be a multiple of 8 (the bit packing's "
+                          f"unit), e.g. 256, or 0 for one scale per rank's shard")
     if not 0.0 < c.topk_fraction <= 1.0:
         raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
     if cfg.optim.name == "onebit_adam" and c.name != "none":

@@ -67,6 +67,19 @@ def test_sign_round_trip_is_scaled_sign():
         assert (x - y).pow(2).sum() < (x - a * y).pow(2).sum()
 
 
+def test_sign_chunked_scales_one_per_chunk():
+    x = _rand(2, 512, seed=3) * torch.cat([torch.full((256,), 100.0), torch.full((256,), 0.01)])
+    payload = codecs.encode_sign(x, 256)
+    assert payload.shape == (2, codecs.sign_row_bytes(512, 256)) == (2, 8 + 64)
+    y = codecs.decode_sign(payload, 512, 256)
+    scale = x.view(2, 2, 256).abs().mean(-1, keepdim=True)  # each chunk its own mean |x|
+    torch.testing.assert_close(y.view(2, 2, 256), torch.where(x.view(2, 2, 256) >= 0, scale, -scale), rtol=0, atol=0)
+    # the small chunk keeps its own magnitude instead of the row's mean (dominated by the large one)
+    assert y[:, 256:].abs().max() < 0.1 < codecs.decode_sign(codecs.encode_sign(x), 512)[:, 256:].abs().min()
+    with pytest.raises(ValueError, match="chunk"):
+        codecs.encode_sign(x, 96)
+
+
 def test_int8_round_trip_error_bound():
     x = _rand(2, 1024, seed=2) * torch.linspace(0.01, 10, 1024)  # chunks of very different ranges
     payload = codecs.encode_int8(x, 512)
@@ -301,9 +314,9 @@ def _expected_bytes(name: str, layout: list[list[tuple]]) -> float:
         elif name == "int8":
             dp = math.ceil(d / (512 * N)) * 512 * N
             total += _ring(dp + 4 * dp // 512)
-        elif name == "sign":
-            dp = math.ceil(d / (8 * N)) * 8 * N
-            total += _ring(dp / 8 + 4 * N)
+        elif name == "sign":  # compression.sign_chunk = 256: one fp32 scale per 256 elements
+            dp = math.ceil(d / (256 * N)) * 256 * N
+            total += _ring(dp / 8 + 4 * dp / 256)
         elif name == "topk":
             k = sum(max(1, math.ceil(0.1 * n)) for n in numels)
             total += (N - 1) / N * N * 8 * k

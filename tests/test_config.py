@@ -43,6 +43,9 @@ def test_round_trip_toml(tmp_path):
     ("optim.name=adamw2", "did you mean 'adamw'"),
     ("data.path=/no/such/file", "data.path = '/no/such/file' does not exist"),
     ("parallel.zero=4", "choose 0, 1, 2 or 3"),
+    ("compression.sign_chunk=100", "compression.sign_chunk = 100: must be a multiple of 8"),
+    ("compression.sign_chunk=-8", "compression.sign_chunk = -8: must not be negative"),
+    ("train.loss_scale_min=0", "train.loss_scale_min = 0.0: must be positive"),
     ("steps=3", "keys are section.name"),
     ("train.steps", "not key=value"),
 ])

@@ -27,7 +27,7 @@ NAMES = ("none", "fp16", "bf16", "int8", "topk", "sign", "powersgd")
 
 
 def make_compressor(name: str, rank: int = 4, topk_fraction: float = 0.01, error_feedback: bool = True,
-                    warmup_steps: int = 0) -> Compressor:
+                    warmup_steps: int = 0, sign_chunk: int = 256) -> Compressor:
     if name == "none":
         return NoCompression()
     if name == "fp16":
@@ -37,7 +37,7 @@ def make_compressor(name: str, rank: int = 4, topk_fraction: float = 0.01, error
     if name == "int8":
         return Int8Compressor(error_feedback)
     if name == "sign":
-        return SignCompressor(error_feedback)
+        return SignCompressor(error_feedback, sign_chunk)
     if name == "topk":
         return TopKCompressor(topk_fraction, error_feedback)
     if name == "powersgd":
@@ -66,7 +66,8 @@ def build_compressor(cfg=None, owner: OneBitExchange | None = None) -> Compresso
     if cfg is None:
         return None
     try:
-        return make_compressor(cfg.name, cfg.rank, cfg.topk_fraction, cfg.error_feedback, cfg.warmup_steps)
+        return make_compressor(cfg.name, cfg.rank, cfg.topk_fraction, cfg.error_feedback, cfg.warmup_steps,
+                               cfg.sign_chunk)
     except ValueError as e:
         raise ConfigError(str(e)) from e
 

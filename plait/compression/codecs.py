@@ -4,8 +4,9 @@ Every encoding turns rows of fp32 values into rows of bytes (uint8) and back, so
 collective moves a whole payload, scales included, and all ranks decode the same bytes to the
 same numbers. Layout of one encoded row: [scales as fp32 bytes | data].
 
-- sign: 1 bit per element (bit 1 = non-negative), bit-packed 8 to a byte, and one scale per row,
-  the mean absolute value (the α minimising ‖x − α·sign(x)‖²). Row length must divide by 8.
+- sign: 1 bit per element (bit 1 = non-negative), bit-packed 8 to a byte, and one scale per chunk
+  of `chunk` elements (0: one per row), the mean absolute value (the α minimising ‖x − α·sign(x)‖²
+  over the chunk). Row length must divide by 8 and by the chunk.
 - int8: round-to-nearest of x / s into [-127, 127], one scale s = max|x| / 127 per chunk of
   `chunk` elements. Row length must divide by `chunk`.
 - top-k: k int32 indices followed by the k fp32 values' bits, in one int32 tensor.
@@ -29,8 +30,8 @@ def _bytes_scale(raw: torch.Tensor, count: int) -> torch.Tensor:
 
 
 # -- sign --------------------------------------------------------------------------------------
-def sign_row_bytes(length: int) -> int:
-    return 4 + length // 8
+def sign_row_bytes(length: int, chunk: int = 0) -> int:
+    return 4 * (length // chunk if chunk else 1) + length // 8
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -46,20 +47,24 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1).view(rows, nbytes * 8).bool()
 
 
-def encode_sign(x: torch.Tensor) -> torch.Tensor:
-    """(rows, L) float -> (rows, 4 + L/8) uint8: scale = mean|x| per row, then the sign bits."""
+def encode_sign(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """(rows, L) float -> (rows, 4·s + L/8) uint8: s scales (mean|x| per chunk; s = 1 when chunk = 0), then
+    the sign bits."""
     rows, length = x.shape
-    if length % 8:
-        raise ValueError(f"sign encoding needs a row length divisible by 8, got {length}")
-    scale = x.abs().float().mean(dim=1, keepdim=True)  # (rows, 1)
+    c = chunk or length
+    if length % 8 or length % c:
+        raise ValueError(f"sign encoding needs a row length divisible by 8 and by the chunk {chunk}, got {length}")
+    scale = x.abs().float().view(rows, length // c, c).mean(dim=-1)  # (rows, s)
     return torch.cat([_scale_bytes(scale), pack_bits(x >= 0)], dim=1)
 
 
-def decode_sign(payload: torch.Tensor, length: int) -> torch.Tensor:
-    """(rows, 4 + L/8) uint8 -> (rows, L) fp32 of ±scale."""
-    scale = _bytes_scale(payload[:, :4], 1)
-    signs = unpack_bits(payload[:, 4:]).float().mul_(2).sub_(1)
-    return signs.mul_(scale)[:, :length]
+def decode_sign(payload: torch.Tensor, length: int, chunk: int = 0) -> torch.Tensor:
+    """(rows, 4·s + L/8) uint8 -> (rows, L) fp32 of ±scale of each element's chunk."""
+    c = chunk or length
+    s = length // c
+    scale = _bytes_scale(payload[:, : 4 * s], s)
+    signs = unpack_bits(payload[:, 4 * s:]).float().mul_(2).sub_(1)[:, :length]
+    return signs.view(-1, s, c).mul_(scale.unsqueeze(-1)).view(-1, length)
 
 
 # -- int8 --------------------------------------------------------------------------------------

@@ -28,18 +28,22 @@ from plait.compression.base import Compressor, Pending
 
 
 class SignCodec:
-    """1 bit per element plus one fp32 scale per shard."""
+    """1 bit per element plus one fp32 scale per chunk of `chunk` elements (0: one per shard)."""
 
-    align = 8
+    def __init__(self, chunk: int = 0):
+        if chunk < 0 or chunk % 8:
+            raise ValueError(f"a sign chunk must be a multiple of 8 (or 0: one scale per shard), got {chunk}")
+        self.chunk = chunk
+        self.align = chunk or 8
 
     def row_bytes(self, length: int) -> int:
-        return codecs.sign_row_bytes(length)
+        return codecs.sign_row_bytes(length, self.chunk)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        return codecs.encode_sign(rows)
+        return codecs.encode_sign(rows, self.chunk)
 
     def decode(self, payload: torch.Tensor, length: int) -> torch.Tensor:
-        return codecs.decode_sign(payload, length)
+        return codecs.decode_sign(payload, length, self.chunk)
 
 
 class Int8Codec:
@@ -130,13 +134,20 @@ class TwoPhaseCompressor(Compressor):
 
 
 class SignCompressor(TwoPhaseCompressor):
-    """Scaled sign (1 bit per element, scale = mean |x| per shard), bit-packed.
+    """Scaled sign (1 bit per element, scale = mean |x| per chunk of `chunk` elements), bit-packed.
 
-    Bytes per rank per bucket of d elements: 2(n−1)/n · (d'/8 + 4n), d' = d rounded up to 8n.
+    Bytes per rank per bucket of d elements: 2(n−1)/n · (d'/8 + 4d'/chunk), d' = d rounded up to
+    chunk·n. chunk = 0: one scale per rank's shard (2(n−1)/n · (d'/8 + 4n), d' = d rounded up to
+    8n), the scheme of 1-bit Adam's momentum exchange. A bucket mixes tensors whose gradients differ
+    by orders of magnitude, and one mean over a whole shard inflates the small ones: with error
+    feedback the tiny GPT ended at validation loss 3.16 with one scale per shard, 2.75 with 256.
     """
 
     name = "sign"
-    codec = SignCodec()
+
+    def __init__(self, error_feedback: bool = True, chunk: int = 0):
+        super().__init__(error_feedback)
+        self.codec = SignCodec(chunk)
 
 
 class Int8Compressor(TwoPhaseCompressor):
