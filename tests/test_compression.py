@@ -80,6 +80,15 @@ def test_sign_chunked_scales_one_per_chunk():
         codecs.encode_sign(x, 96)
 
 
+def test_residual_of_other_settings_is_a_clear_error():
+    from plait.compression.quantized import SignCompressor
+
+    c = SignCompressor(chunk=256)
+    c.load_state_dict({"name": "sign", "steps": 3, "errors": {"0": torch.zeros(1024)}, "server_errors": {}})
+    with pytest.raises(ValueError, match="residual has 1024 elements, this run's bucket needs 2048"):
+        c.with_error(0, torch.ones(1500), 2048)
+
+
 def test_int8_round_trip_error_bound():
     x = _rand(2, 1024, seed=2) * torch.linspace(0.01, 10, 1024)  # chunks of very different ranges
     payload = codecs.encode_int8(x, 512)

@@ -83,6 +83,11 @@ class Compressor:
         if self.error_feedback:
             e = self.errors.get(str(key))
             if e is not None:
+                if e.numel() != length:  # a residual restored from a checkpoint of other settings
+                    raise ValueError(
+                        f"{self.name} compression: bucket {key}'s error-feedback residual has {e.numel()} elements, "
+                        f"this run's bucket needs {length}: resume with the compression.*, parallel.bucket_mb and "
+                        f"parallel.dp settings the checkpoint was saved with")
                 x.add_(e)
         return x
 
