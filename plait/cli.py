@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"plait: error: {e}", file=sys.stderr, flush=True)
+        else:  # local rank 0 prints the same message: exiting first would let the launcher stop it before it does
+            time.sleep(5)
         return 2
 
 
