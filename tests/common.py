@@ -27,7 +27,6 @@ TOLERANCES = {"fp32": {"loss": 1e-5, "norm": 1e-5, "param": 1e-5},
 if DTYPE not in TOLERANCES:
     raise ValueError(f"PLAIT_TEST_DTYPE = {DTYPE!r}: choose one of {sorted(TOLERANCES)}")
 TOL = TOLERANCES[DTYPE]
-RTOL = TOL["param"]
 
 
 def tiny_cfg(corpus_path: str, **sections) -> dict:
