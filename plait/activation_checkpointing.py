@@ -3,15 +3,16 @@
 Modes (`train.activation_checkpointing`):
 
 - `none`: autograd keeps every activation a backward needs.
-- `full`: each transformer block (`plait.models.gpt.Block`) keeps only its inputs; its forward runs
-  again, block by block, when backward reaches it. Per block and micro-batch the memory drops from
-  all of the block's activations (sbh(34 + 5as/h) bytes at 16 bits, Korthikanti et al. 2022) to
-  its input, at the price of one more forward of every block (≈ +33% of the step's FLOPs).
-- `selective`: only the attention core (`Attention.core`: grouped-query head expansion and
-  softmax(QKᵀ/√E)V) is recomputed; its inputs q, k, v are kept. That is the part whose memory
-  grows with the sequence (the a·s² term) and costs few FLOPs to redo. With a fused (flash) kernel
-  the s² matrix is never stored, so on such kernels the saving is the core's output, the softmax
-  statistics and the expanded key/value heads.
+- `full`: each transformer block (the model's ParallelSpec `block_types`, plait.parallel_spec)
+  keeps only its inputs; its forward runs again, block by block, when backward reaches it. Per
+  block and micro-batch the memory drops from all of the block's activations (sbh(34 + 5as/h)
+  bytes at 16 bits, Korthikanti et al. 2022) to its input, at the price of one more forward of
+  every block (≈ +33% of the step's FLOPs).
+- `selective`: only the attention core (the spec's `attention_core`; for plait's GPT
+  `Attention.core`: grouped-query head expansion and softmax(QKᵀ/√E)V) is recomputed; its inputs
+  q, k, v are kept. That is the part whose memory grows with the sequence (the a·s² term) and
+  costs few FLOPs to redo. With a fused (flash) kernel the s² matrix is never stored, so on such
+  kernels the saving is the core's output, the softmax statistics and the expanded key/value heads.
 
 Both use `torch.utils.checkpoint` with `use_reentrant=False`: the graph is built through the
 parameters as usual, so each parameter's gradient is accumulated by its own AccumulateGrad node and
@@ -43,7 +44,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from plait.errors import ConfigError
-from plait.models.gpt import Attention, Block
+from plait.parallel_spec import blocks_of, spec_of
 
 MODES = ("none", "full", "selective")
 
@@ -62,8 +63,9 @@ def _recomputed(fn):
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
-    """Wrap, in place, every Block's forward (`full`) or every Attention's `core` (`selective`).
+    """Wrap, in place, each block's forward (`full`) or each attention core (`selective`).
 
+    Blocks and attention core are those of the model's ParallelSpec (plait.parallel_spec.spec_of).
     Returns how many were wrapped (idempotent: an already wrapped one is left alone). The model
     may be whole, tensor-parallel or one pipeline stage: the blocks keep their modules, names and
     parameters. ConfigError when the mode is unknown or the model has nothing to wrap.
@@ -72,12 +74,16 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         raise ConfigError(f"train.activation_checkpointing = {mode!r}: choose one of {', '.join(MODES)}")
     if mode == "none":
         return 0
-    kind, attr = (Block, "forward") if mode == "full" else (Attention, "core")
-    targets = [m for m in model.modules() if isinstance(m, kind)]
+    if mode == "full":
+        targets, attr, what = blocks_of(model), "forward", "blocks (ParallelSpec.block_types)"
+    else:
+        kind, attr = spec_of(model).attention_core or (None, "")
+        targets = [m for m in model.modules() if kind is not None and isinstance(m, kind)]
+        what = "attention core (ParallelSpec.attention_core)"
     if not targets:
-        raise ConfigError(f"train.activation_checkpointing = {mode}: {type(model).__name__} has no "
-                          f"{kind.__module__}.{kind.__name__} modules to wrap; set it to none, or wrap your own "
-                          f"blocks with torch.utils.checkpoint")
+        raise ConfigError(f"train.activation_checkpointing = {mode}: {type(model).__name__} describes no "
+                          f"{what} to wrap; set it to none, give the model a parallel_spec(), or wrap "
+                          f"your own blocks with torch.utils.checkpoint")
     n = 0
     for m in targets:
         fn = getattr(m, attr)

@@ -46,24 +46,27 @@ def default_nproc(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from plait import config as C
+    from plait.config import load, validate_layout
 
     config_path, overrides = _split_overrides(args.rest)
-    cfg = C.load(config_path, overrides)
+    cfg = load(config_path, overrides)
     if _is_worker():
-        from plait.trainer import train
+        from plait.train import train
 
         train(cfg, args.run_dir)
         return 0
     nproc = args.nproc or default_nproc(cfg)
     world = nproc * (args.nnodes if isinstance(args.nnodes, int) else 1)
-    C.validate_layout(cfg, world)
+    validate_layout(cfg, world)
+    from plait.train.loop import preflight
+
+    preflight(cfg)  # the model-dependent checks, before the launcher starts anyone
     run_dir = args.run_dir or cfg.log.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
-    from plait.metrics import prepare_run_dir
+    from plait.train.metrics import prepare_run_dir
 
     prepare_run_dir(Path(run_dir), create=False, checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     if nproc == 1 and args.nnodes == 1 and not args.max_restarts:  # restarts need the elastic agent
-        from plait.trainer import train
+        from plait.train import train
 
         train(cfg, run_dir)
         return 0
@@ -87,7 +90,7 @@ def cmd_export(args) -> int:
 def cmd_report(args) -> int:
     import json
 
-    from plait.metrics import plot_run
+    from plait.train.metrics import human, plot_run
 
     run = Path(args.run_dir)
     outs = plot_run(run)
@@ -96,7 +99,7 @@ def cmd_report(args) -> int:
         s = json.loads(summ.read_text())
         for k in ("final_train_loss", "final_val_loss", "steps", "tokens", "tokens_per_s", "mfu",
                   "comm_bytes_per_step", "peak_memory_bytes", "wall_s", "layout"):
-            print(f"{k:>22}: {s.get(k)}")
+            print(f"{k:>22}: {human(k, s.get(k))}")
     for o in outs:
         print(f"wrote {o}")
     return 0
@@ -105,7 +108,7 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from plait.bench import run_bench
 
-    return run_bench(args.what, args)
+    return run_bench(args.what, args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,26 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-restarts", type=int, default=0)
     tr.set_defaults(fn=cmd_train)
 
-    be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run")
+    be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run",
+                        description="plait bench NAME [flags]; `plait bench NAME --help` lists NAME's own flags")
     be.add_argument("what", choices=list(BENCHMARKS))
-    be.add_argument("--json", default=None, help="write results as JSON here")
-    be.add_argument("--bandwidth", default="100mbit", help="compression, sync: emulated network rate (tc rate, e.g. "
-                    "100mbit, 1gbit; needs root), or none for the plain loopback")
-    # shared flags default to None: plait.bench.resolve_defaults fills in the benchmark's own defaults
-    be.add_argument("--ranks", default=None, help="comma-separated world sizes (tp: tp sizes; default 2,4; sync: 4)")
-    be.add_argument("--reps", type=int, default=None, help="alternating repetitions per configuration (5; sync: 1)")
-    be.add_argument("--steps", type=int, default=None, help="timed steps per repetition (6; sync: 300)")
-    be.add_argument("--preset", default=None, help="model preset (10m; sync: tiny)")
-    be.add_argument("--batch", type=int, default=None,
-                    help="sequences per rank per step (dp, tp, zero: 8; gpu: per preset; sync: 4)")
-    be.add_argument("--seq-len", type=int, default=128, help="dp: 128; gpu: pass 1024")
-    be.add_argument("--bucket-mb", type=float, default=25.0)
-    be.add_argument("--presets", default="124m,350m,1.3b", help="gpu: model presets to run")
-    be.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps before timing")
-    be.add_argument("--no-compile", action="store_true", help="gpu: eager mode")
-    be.add_argument("--data", default="", help="gpu: data.path for plait's trainer (default corpus if empty)")
-    be.add_argument("--every", type=int, default=0, help="sync: H, steps between syncs (default steps / 10)")
-    be.add_argument("--mem-cap-gb", type=float, default=80.0, help="zero: memory per rank for the what-fits table")
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     be.set_defaults(fn=cmd_bench)
 
     ex = sub.add_parser("export", help="a checkpoint (any layout) as one safetensors file plus a config JSON")
@@ -159,8 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; `plait train` takes its options and overrides in any order."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if args.cmd == "train":  # argparse ends a positional list at the first option: the rest lands here
+        args.rest += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.fn(args) or 0
     except ConfigError as e:

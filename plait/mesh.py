@@ -17,32 +17,7 @@ import torch
 import torch.distributed as dist
 
 from plait.comm import Comm, Group, single
-from plait.errors import ConfigError
-
-
-def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
-    """Raise ConfigError unless dp·tp·pp == world_size with every size positive."""
-    for name, v in (("parallel.dp", dp), ("parallel.tp", tp), ("parallel.pp", pp)):
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{name} = {v!r}: must be a positive integer")
-    if dp * tp * pp != world_size:
-        raise ConfigError(
-            f"layout dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} ranks, but the world has {world_size} "
-            f"processes: set parallel.dp/tp/pp so that their product is {world_size}, "
-            f"or launch {dp * tp * pp} processes (--nproc {dp * tp * pp})"
-        )
-
-
-def resolve_dp(world_size: int, dp: int, tp: int, pp: int) -> int:
-    """dp = 0 means 'whatever is left': world_size / (tp·pp), which must divide."""
-    if dp == 0:
-        if tp < 1 or pp < 1 or world_size % (tp * pp):
-            raise ConfigError(
-                f"parallel.dp = 0 (auto) needs tp·pp = {tp}·{pp} to divide the world size {world_size}: "
-                f"change parallel.tp / parallel.pp or the number of processes"
-            )
-        return world_size // (tp * pp)
-    return dp
+from plait.config.checks import check_layout, resolve_dp
 
 
 def rank_of(dp_index: int, tp_index: int, pp_index: int, dp: int, tp: int) -> int:
@@ -154,6 +129,11 @@ class Mesh:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         return Mesh.build(dp, tp, pp, device)
 
+    def destroy(self) -> None:
+        """Destroy the process groups (every rank, at the end of a run; a one-rank mesh has none)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def to_device_mesh(self):
         """The equivalent torch DeviceMesh with dims ('pp', 'dp', 'tp') (for FSDP2, DTensor, DCP)."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -177,4 +157,7 @@ def default_backend(device: torch.device) -> str:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if local_world <= torch.cuda.device_count():
             return "nccl"
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"plait: {local_world} local ranks share {torch.cuda.device_count()} GPU(s): NCCL refuses that, so "
+                  f"the ranks talk over gloo (CUDA tensors stay on the GPU)", flush=True)
     return "gloo"

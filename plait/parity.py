@@ -1,12 +1,12 @@
 """The parity matrix: every dp × tp × pp (× ZeRO) layout against the single-process run.
 
-DESIGN.md §3: same seed, same global batch, fp32 → each step's loss, each step's global gradient
+docs/architecture.md, "Contracts": same seed, same global batch, fp32 → each step's loss, each step's global gradient
 norm (before clipping) and, after the last step, every parameter gathered back to full shape equal
 the single-process run's within 1e-5 relative. The layouts of one world size run in one spawn of
 that many ranks (each case builds its own mesh and trainer), so the matrix pays for process start
 and imports once per world size, not once per layout.
 
-    ref = reference(cfg)                              # this process, dp = tp = pp = 1
+    ref = reference(cfg)                              # this process, plain PyTorch (no plait loop)
     got = run_layouts(cfg, matrix(zeros=(0, 1)))     # {layout name: result, or a traceback string}
     errors(ref, got["dp2-tp2-pp1-zero1"])            # {"loss": ..., "norm": ..., "param": ...}
 
@@ -17,12 +17,20 @@ tests/test_hybrid.py runs it (or a sample of its 8-rank layouts) as parameterize
 from __future__ import annotations
 
 import itertools
+import math
 import traceback
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from plait import config as C
+from plait.config import Config, from_dict
+from plait.data import ChunkSampler, load_corpus
+from plait.mesh import Mesh
+from plait.models import GPT
+from plait.testing import RankFailure, run_ranks
+from plait.train import Trainer, model_config
 
 
 class Layout(NamedTuple):
@@ -58,22 +66,27 @@ def layout_config(base: dict, layout: Layout, **train) -> dict:
     return d
 
 
-def train_case(cfg_dict: dict, device: str = "cpu") -> dict:
-    """Train `cfg_dict` on this process's world: per-step losses and gradient norms, full parameters."""
-    from plait.mesh import Mesh
-    from plait.trainer import Trainer
-
-    cfg = C.from_dict(cfg_dict)
+def train_case(cfg_dict: dict, device: str = "cpu", steps: int | None = None) -> dict:
+    """Train `cfg_dict` with plait on this process's world: per-step losses and gradient norms, full
+    parameters, the validation loss."""
+    cfg = from_dict(cfg_dict)
     mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device=device)
     tr = Trainer(cfg, mesh)
     losses, norms = [], []
-    for _ in range(cfg.train.steps):
+    for _ in range(steps or cfg.train.steps):
         out = tr.train_step()
-        losses.append(float(out["loss"]))
+        losses.append(tr.loss_value(out))
         norms.append(None if out["grad_norm"] is None else float(out["grad_norm"]))
     state = {k: v.detach().cpu() for k, v in tr.full_state().items()}
-    return {"losses": losses, "norms": norms, "state": state, "rank": mesh.rank,
-            "comm": mesh.comm.stats.total_bytes}
+    return {"losses": losses, "norms": norms, "state": state, "rank": mesh.rank, "dp_index": mesh.dp_index,
+            "comm": mesh.comm.stats.total_bytes, "val": tr.evaluate()}
+
+
+def single_process(base: dict, device: str = "cpu", steps: int | None = None) -> dict:
+    """plait's own loop on one process: the reference for what plain_reference does not cover (a
+    sync strategy, compression, LAMB, a batch ramp-up), which then needs a test of its own."""
+    torch.set_num_threads(1)
+    return train_case(layout_config(base, Layout(1, 1, 1, 0)), device, steps)
 
 
 def run_cases(cases: list[tuple[str, dict]], device: str = "cpu") -> dict:
@@ -87,16 +100,88 @@ def run_cases(cases: list[tuple[str, dict]], device: str = "cpu") -> dict:
     return out
 
 
-def reference(base: dict, device: str = "cpu") -> dict:
-    """The single-process run of `base` (in this process)."""
+PLAIN = {"optim.name": ("adamw", "sgd"), "compression.name": ("none",), "sync.strategy": ("every_step",),
+         "train.dtype": ("fp32", "bf16"), "train.batch_rampup_samples": (0,), "optim.scale_lr_with_batch": (False,)}
+
+
+def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) -> dict:
+    """The single-process run of `cfg` in plain PyTorch: plait's GPT class and its data order, but
+    `torch.optim.AdamW` / `SGD`, `torch.nn.utils.clip_grad_norm_`, gradient accumulation and the
+    learning-rate schedule written out here. No plait loop, parallelize, optimizer wrapper,
+    clipping or schedule code, so a fault in those cannot hide in both sides of a comparison.
+
+    Returns per-step losses (the global batch's mean token loss) and gradient norms (before
+    clipping; None without clipping), every parameter after the last step, and the validation
+    loss over the first train.val_samples validation sequences.
+    """
+    for key, ok in PLAIN.items():
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) not in ok:
+            raise ValueError(f"plain_reference covers {key} in {ok}, not {getattr(getattr(cfg, sec), name)!r}: "
+                             f"compare such runs with single_process()")
+    t, o = cfg.train, cfg.optim
+    corpus = load_corpus(cfg.data, cfg.model.vocab_size)
+    torch.manual_seed(t.seed)
+    model = GPT(model_config(cfg.model, corpus.vocab_size, t.seq_len)).to(device)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if o.name == "adamw":
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    else:
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if t.dtype == "bf16" \
+        else nullcontext
+    data = ChunkSampler(corpus.train, t.seq_len, t.seed)
+    G, m, n = t.global_batch, t.micro_batch, steps or t.steps
+    losses, norms = [], []
+    for step in range(n):
+        if o.warmup_steps and step < o.warmup_steps:  # linear warm-up, then the decay, by hand
+            f = (step + 1) / o.warmup_steps
+        elif o.schedule == "constant" or t.steps <= o.warmup_steps:
+            f = 1.0
+        else:
+            prog = min(1.0, (step - o.warmup_steps) / max(1, t.steps - o.warmup_steps))
+            shape = 0.5 * (1 + math.cos(math.pi * prog)) if o.schedule == "cosine" else 1 - prog
+            f = o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+        for g in opt.param_groups:
+            g["lr"] = o.lr * f
+        total = 0.0
+        for k in range(G // m):  # the global batch: samples [step·G, (step + 1)·G), in micro-batches
+            x, y = (v.to(device) for v in data.batch(step * G + k * m, m))
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / (G * t.seq_len)
+            loss.backward()
+            total += float(loss)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)) if o.grad_clip > 0 else None)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    val = None
+    if t.val_samples and len(corpus.val) > t.seq_len:
+        vdata = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation")
+        s = c = 0.0
+        with torch.no_grad():
+            for lo in range(0, t.val_samples, m):
+                x, y = (v.to(device) for v in vdata.batch(lo, min(m, t.val_samples - lo)))
+                with autocast():
+                    logits = model(x)
+                s += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                c += y.numel()
+        val = s / c
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "norms": norms, "state": state, "val": val}
+
+
+def reference(base: dict, device: str = "cpu", steps: int | None = None) -> dict:
+    """The independent single-process reference of `base` (plain PyTorch, in this process)."""
     torch.set_num_threads(1)
-    return train_case(layout_config(base, Layout(1, 1, 1, 0)), device)
+    return plain_reference(from_dict(layout_config(base, Layout(1, 1, 1, 0))), device, steps)
 
 
 def run_layouts(base: dict, layouts: list[Layout], timeout: float = 600.0, device: str = "cpu") -> dict:
     """Run `layouts` grouped by world size, one spawn per size; {name: [result per rank] or traceback}."""
-    from plait.testing import RankFailure, run_ranks
-
     results: dict = {}
     for world in sorted({lay.world for lay in layouts}):
         cases = [(lay.name, layout_config(base, lay)) for lay in layouts if lay.world == world]
@@ -115,16 +200,30 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
+def worst(errors) -> float:
+    """The largest error, NaN-aware: any NaN (a NaN loss, norm or parameter) is an infinite error
+    (Python's max would skip it or not, depending on where it stands)."""
+    errors = list(errors)
+    if any(math.isnan(e) for e in errors):
+        return math.inf
+    return max(errors, default=0.0)
+
+
 def errors(ref: dict, got: dict) -> dict:
     """Largest relative errors of one rank's result: per-step loss, per-step gradient norm, parameter."""
-    loss = max(_rel(a, b) for a, b in zip(got["losses"], ref["losses"]))
-    pairs = [(a, b) for a, b in zip(got["norms"], ref["norms"]) if a is not None and b is not None]
-    norm = max((_rel(a, b) for a, b in pairs), default=float("nan"))
-    param = 0.0
+    if len(got["losses"]) != len(ref["losses"]):
+        return {"loss": math.inf, "norm": math.inf, "param": math.inf}
+    loss = worst(_rel(a, b) for a, b in zip(got["losses"], ref["losses"]))
+    if [a is None for a in got["norms"]] != [b is None for b in ref["norms"]]:
+        norm = math.inf  # one side clipped (measured a norm) and the other did not
+    else:
+        norm = worst(_rel(a, b) for a, b in zip(got["norms"], ref["norms"]) if b is not None)
+    params = []
     for k, b in ref["state"].items():
         a = got["state"].get(k)
         if a is None or a.shape != b.shape:
-            return {"loss": loss, "norm": norm, "param": float("inf"), "bad_key": k}
-        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)
-        param = max(param, float(err))
-    return {"loss": loss, "norm": norm, "param": param}
+            return {"loss": loss, "norm": norm, "param": math.inf, "bad_key": k}
+        params.append(float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)))
+    if set(got["state"]) != set(ref["state"]):
+        params.append(math.inf)
+    return {"loss": loss, "norm": norm, "param": worst(params)}

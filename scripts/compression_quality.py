@@ -46,19 +46,19 @@ CONFIGS: dict[str, tuple[dict, float | None, str | None]] = {
 
 def _train(cfg_dict: dict) -> dict:
     """One rank's run: training loss every step, validation loss every val_every steps."""
-    from plait import config as C
+    from plait.config import from_dict
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict)
     tr = Trainer(cfg, Mesh.build(dp=cfg.parallel.dp, device="cpu"))
     train, val, bytes_ = [], [], []
     t0 = time.perf_counter()
     for _ in range(cfg.train.steps):
         train.append(float(tr.train_step()["loss"]))
         bytes_.append(tr.mesh.comm.stats.reset_step()["comm_bytes"])
-        if tr.step % cfg.train.val_every == 0 or tr.step == cfg.train.steps:
-            val.append((tr.step, tr.evaluate()))
+        if tr.state.step % cfg.train.val_every == 0 or tr.state.step == cfg.train.steps:
+            val.append((tr.state.step, tr.evaluate()))
             tr.mesh.comm.stats.reset_step()
     return {"train": train, "val": val, "final_val": val[-1][1], "wall_s": time.perf_counter() - t0,
             "comm_bytes_per_step": sum(bytes_) / len(bytes_)}

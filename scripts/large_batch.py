@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 
-from plait import config as C
+from plait.config import DataConfig, from_dict
 from plait.data import load_corpus
+from plait.data.batching import samples_after
 from plait.mesh import Mesh
-from plait.optim import metric_value, samples_after
-from plait.trainer import Trainer
+from plait.optim import metric_value
+from plait.train import Trainer
 
 
 def plan(args) -> list[dict]:
@@ -66,7 +67,7 @@ def one_run(spec: dict, args, corpus, device: str) -> dict:
              "weight_decay": 0.1, "grad_clip": 1.0}
     if spec.get("scale"):
         optim.update(scale_lr_with_batch=True, reference_batch=args.base_batch)
-    cfg = C.from_dict({
+    cfg = from_dict({
         "model": {"preset": args.preset, "n_layers": args.n_layers, "d_model": args.d_model,
                   "n_heads": args.n_heads},
         "train": {"steps": steps, "global_batch": batch, "micro_batch": micro, "batch_rampup_samples": ramp,
@@ -82,18 +83,18 @@ def one_run(spec: dict, args, corpus, device: str) -> dict:
     t0 = time.perf_counter()
     for _ in range(steps):
         out = tr.train_step()
-        recs.append({"step": tr.step, "samples": tr.samples, "loss": float(out["loss"]), "lr": out["lr"],
+        recs.append({"step": tr.state.step, "samples": tr.state.samples, "loss": float(out["loss"]), "lr": out["lr"],
                      "critical_batch": metric_value(out.get("critical_batch"))})
         if not math.isfinite(recs[-1]["loss"]):
             break
-        if eval_at and tr.samples >= eval_at[0]:
+        if eval_at and tr.state.samples >= eval_at[0]:
             del eval_at[0]
-            vals.append({"step": tr.step, "samples": tr.samples, "val_loss": tr.evaluate()})
+            vals.append({"step": tr.state.step, "samples": tr.state.samples, "val_loss": tr.evaluate()})
     wall = time.perf_counter() - t0
     res = {**spec, "batch": batch, "steps": steps, "warmup_steps": warmup, "micro_batch": cfg.train.micro_batch,
            "peak_lr": spec["lr"] * (spec["k"] if spec.get("scale") else 1), "records": recs, "evals": vals,
            "final_val_loss": vals[-1]["val_loss"] if recs and math.isfinite(recs[-1]["loss"]) else float("nan"),
-           "wall_s": wall, "params": tr.n_params, "samples": tr.samples, "rampup_samples": ramp}
+           "wall_s": wall, "params": tr.n_params, "samples": tr.state.samples, "rampup_samples": ramp}
     print(f"{spec['name']}: batch {batch}, {steps} steps, final val {res['final_val_loss']:.4f}, "
           f"{wall:.1f} s", flush=True)
     return res
@@ -107,7 +108,7 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
-    corpus = load_corpus(C.DataConfig(path=args.data))
+    corpus = load_corpus(DataConfig(path=args.data))
     call = {"command": "python " + " ".join(sys.argv), "args": vars(args)}
     if (out / "meta.json").exists():  # more runs into the same folder (e.g. --only ...): keep every command
         meta = json.loads((out / "meta.json").read_text())

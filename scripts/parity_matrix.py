@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from common import TOLERANCES, tiny_cfg  # noqa: E402
 
-from plait import parity as P  # noqa: E402
+from plait import parity  # noqa: E402
 
 CLIP = 0.05  # as tests/test_hybrid.py: below every step's gradient norm
 
@@ -55,17 +55,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tol = TOLERANCES[args.dtype]
     zeros = tuple(int(z) for z in args.zero.split(","))
-    layouts = P.matrix(zeros=zeros)
+    layouts = parity.matrix(zeros=zeros)
     with tempfile.TemporaryDirectory() as tmp:
         base = tiny_cfg(corpus(Path(tmp)), model={"n_layers": 2}, optim={"grad_clip": CLIP},
                          train={"dtype": args.dtype})
         t0 = time.perf_counter()
-        ref = P.reference(base, args.device)
+        ref = parity.reference(base, args.device)
         rows, ok = [], True
         for world in sorted({lay.world for lay in layouts}):
             mine = [lay for lay in layouts if lay.world == world]
             t = time.perf_counter()
-            got = P.run_layouts(base, mine, timeout=args.timeout, device=args.device)
+            got = parity.run_layouts(base, mine, timeout=args.timeout, device=args.device)
             print(f"world {world}: {len(mine)} layouts in {time.perf_counter() - t:.0f} s", flush=True)
             for lay in mine:
                 res = got[lay.name]
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                     ok = False
                     rows.append((lay, None, res.strip().splitlines()[-1][:120]))
                     continue
-                errs = [P.errors(ref, r) for r in res]
+                errs = [parity.errors(ref, r) for r in res]
                 worst = {k: max(e[k] for e in errs) for k in ("loss", "norm", "param")}
                 passed = all(v <= tol[k] for k, v in worst.items())
                 ok &= passed
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     lines = [
         "# Parity matrix",
         "",
-        "Every dp × tp × pp × ZeRO layout against the single-process run (DESIGN.md §3): the tiny GPT "
+        "Every dp × tp × pp × ZeRO layout against the single-process run (docs/architecture.md, "
+        "'Contracts'): the tiny GPT "
         f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 tokens in "
         "micro-batches of 2 "
         f"(gradient accumulation: 4 micro-batches per step at dp = 1, 2 at dp = 2), optim.grad_clip = {CLIP} "

@@ -17,9 +17,9 @@ import pytest
 import torch
 from common import tiny_cfg
 
-from plait import config as C
 from plait.checkpoint import CheckpointError, export_safetensors, latest, load_safetensors, read_manifest
 from plait.checkpoint.store import check_file
+from plait.config import from_dict
 from plait.errors import ConfigError
 from plait.testing import run_ranks
 
@@ -59,9 +59,9 @@ def tree_digest(root: Path) -> dict[str, str]:
 def _train(d, run_dir):
     """train() as a worker runs it, keeping the Trainer (its parameters are checked)."""
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(d)
+    cfg = from_dict(d)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp))
     return tr, tr.run(Path(run_dir))
@@ -75,14 +75,14 @@ def _checksum(tr) -> float:
 def _two_rank_worker(resume_cases, root):
     import torch.distributed as dist
 
-    from plait.trainer import train
+    from plait.train import train
 
     out = {}
     for name, d in resume_cases.items():
         try:
-            train(C.from_dict(d), f"{root}/{name}/whole")
-            first = train(C.from_dict(with_(d, train={"exit_after_steps": 3})), f"{root}/{name}/split")
-            second = train(C.from_dict(d), f"{root}/{name}/split")
+            train(from_dict(d), f"{root}/{name}/whole")
+            first = train(from_dict(with_(d, train={"exit_after_steps": 3})), f"{root}/{name}/split")
+            second = train(from_dict(d), f"{root}/{name}/split")
             dist.barrier()
             out[name] = {"whole": losses(f"{root}/{name}/whole"), "split": metrics(f"{root}/{name}/split"),
                          "first": first, "second": second}
@@ -158,14 +158,14 @@ def _four_rank_worker(save, targets, export_to, import_cfg, root):
     import torch.distributed as dist
 
     from plait.mesh import Mesh
-    from plait.trainer import Trainer, train
+    from plait.train import Trainer, train
 
     out = {}
-    train(C.from_dict(save), f"{root}/save")
+    train(from_dict(save), f"{root}/save")
     dist.barrier()
     for name, d in targets.items():
         try:
-            train(C.from_dict(d), f"{root}/{name}")
+            train(from_dict(d), f"{root}/{name}")
             dist.barrier()
             out[name] = losses(f"{root}/{name}")
         except Exception:  # noqa: BLE001
@@ -174,7 +174,7 @@ def _four_rank_worker(save, targets, export_to, import_cfg, root):
         if dist.get_rank() == 0:
             export_safetensors(save["checkpoint"]["dir"], export_to)
         dist.barrier()
-        cfg = C.from_dict(import_cfg)
+        cfg = from_dict(import_cfg)
         tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp))
         load_safetensors(tr.model, export_to, tr.mesh, tr.model_cfg)
         out["imported"] = tr.full_state()
@@ -187,10 +187,10 @@ def _reference(d, steps_before: int, run_steps: int | None = None):
     """Single process: the losses of the first `run_steps` steps (default all), the parameters after
     `steps_before` steps, and the trainer."""
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
     torch.set_num_threads(1)
-    cfg = C.from_dict(with_(d, parallel={"dp": 1, "tp": 1, "pp": 1}))
+    cfg = from_dict(with_(d, parallel={"dp": 1, "tp": 1, "pp": 1}))
     tr = Trainer(cfg, Mesh.single())
     out, state = [], None
     for i in range(run_steps or cfg.train.steps):
@@ -219,9 +219,9 @@ def four_rank(corpus_path, tmp_path_factory):
 def test_resharding_continues_the_reference_run(four_rank, tmp_path):
     ref, _, _ = _reference(four_rank["cfg"], 3)
     got = dict(four_rank["ranks"][0])
-    from plait.trainer import train  # dp = 1: this process
+    from plait.train import train  # dp = 1: this process
 
-    train(C.from_dict(four_rank["cfg"]), str(tmp_path / "dp1"))
+    train(from_dict(four_rank["cfg"]), str(tmp_path / "dp1"))
     got["dp1"] = losses(tmp_path / "dp1")
     for name in ("tp4", "dp4_zero3", "tp2_pp2", "dp2_pp2_zero2", "dp1"):
         assert isinstance(got[name], list), got[name]
@@ -251,13 +251,13 @@ def test_export_loads_into_another_layout(four_rank):
 
 def test_init_from_export_starts_from_its_weights(four_rank, tmp_path):
     from plait.data import micro_batches
-    from plait.trainer import train
+    from plait.train import train
 
     _, _, tr = _reference(four_rank["cfg"], 3, run_steps=3)  # the exported weights: step 3 of 5
-    tr.samples = 0  # the loss of the exported weights on the first batch
-    expect = float(tr.forward_backward(micro_batches(tr.train_data, 0, 8, 2), 8 * 32))
+    # the loss of the exported weights on the first batch
+    expect = float(tr.model.train_step(micro_batches(tr.train_data, 0, 8, 2), 8 * 32))
     d = with_(four_rank["cfg"], checkpoint={"dir": "", "init_from": str(four_rank["export"])}, train={"steps": 1})
-    summary = train(C.from_dict(d), str(tmp_path / "init"))
+    summary = train(from_dict(d), str(tmp_path / "init"))
     assert summary["resumed_from_step"] is None and summary["steps"] == 1
     assert abs(losses(tmp_path / "init")[0] - expect) / expect <= RTOL
 
@@ -265,11 +265,11 @@ def test_init_from_export_starts_from_its_weights(four_rank, tmp_path):
 # -- one process: bad input ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_run(corpus_path, tmp_path_factory):
-    from plait.trainer import train
+    from plait.train import train
 
     d = ckpt_cfg(corpus_path, checkpoint={"every": 2})
     run = tmp_path_factory.mktemp("saved") / "run"
-    summary = train(C.from_dict(d), str(run))
+    summary = train(from_dict(d), str(run))
     return {"cfg": d, "run": run, "summary": summary}
 
 
@@ -297,44 +297,63 @@ def _damage(kind: str, ckpt: Path) -> str:
 
 @pytest.mark.parametrize("kind,fragment", [("corrupted", "corrupted"), ("truncated", "truncated"),
                                            ("missing", "is missing")])
-def test_damaged_checkpoint_is_a_clear_error_and_nothing_changes(saved_run, tmp_path, kind, fragment):
-    from plait.trainer import train
+def test_damaged_newest_checkpoint_falls_back_to_one_that_verifies(saved_run, tmp_path, kind, fragment, capsys):
+    from plait.train import train
 
     run = tmp_path / "run"
     shutil.copytree(saved_run["run"], run)
-    name = _damage(kind, run / "checkpoints" / "step-00000006")
+    ck = run / "checkpoints"
+    name = _damage(kind, ck / "step-00000006")
+    damaged = tree_digest(ck / "step-00000006")
+    summary = train(from_dict(with_(saved_run["cfg"], train={"steps": 6})), str(run))
+    out = capsys.readouterr().out
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+    assert fragment in out and name in out and "Falling back to step-00000004" in out
+    assert tree_digest(ck / "step-00000006.damaged") == damaged  # kept as it was, beside the new step 6
+    assert read_manifest(ck / "step-00000006")["step"] == 6
+
+
+@pytest.mark.parametrize("kind,fragment", [("corrupted", "corrupted"), ("missing", "is missing")])
+def test_damage_with_nothing_to_fall_back_to_is_a_clear_error_and_nothing_changes(saved_run, tmp_path, kind,
+                                                                                   fragment):
+    from plait.train import train
+
+    run = tmp_path / "run"
+    shutil.copytree(saved_run["run"], run)
+    _damage(kind, run / "checkpoints" / "step-00000006")
+    name = _damage(kind, run / "checkpoints" / "step-00000004")
     before = tree_digest(run)
     with pytest.raises(CheckpointError, match=fragment) as e:
-        train(C.from_dict(with_(saved_run["cfg"], train={"steps": 8})), str(run))
-    assert name in str(e.value) and "step-00000006" in str(e.value)
+        train(from_dict(with_(saved_run["cfg"], train={"steps": 8})), str(run))
+    assert name in str(e.value) and "step-00000004" in str(e.value)
     assert tree_digest(run) == before  # nothing written, nothing deleted
 
 
 def test_other_model_shape_is_a_clear_error(saved_run, tmp_path):
-    from plait.trainer import train
+    from plait.train import train
 
     run = tmp_path / "run"
     shutil.copytree(saved_run["run"], run)
     before = tree_digest(run)
     d = with_(saved_run["cfg"], model={"d_model": 64}, train={"steps": 8})
     with pytest.raises(CheckpointError, match=r"d_model = 32 there, 64 here") as e:
-        train(C.from_dict(d), str(run))
+        train(from_dict(d), str(run))
     assert "manifest.json" in str(e.value) and "model.d_model=32" in str(e.value)
     assert tree_digest(run) == before
 
 
 def test_other_optimizer_resumes_with_fresh_optimizer_state(saved_run, tmp_path, capsys):
-    from plait.trainer import train
+    from plait.train import train
 
     run = tmp_path / "run"
     shutil.copytree(saved_run["run"], run)
-    summary = train(C.from_dict(with_(saved_run["cfg"], optim={"name": "sgd"}, train={"steps": 7})), str(run))
+    summary = train(from_dict(with_(saved_run["cfg"], optim={"name": "sgd"}, train={"steps": 7})), str(run))
     assert summary["resumed_from_step"] == 6 and summary["steps"] == 7 and summary["tokens"] == 7 * 8 * 32
     assert "optim.name changed (adamw -> sgd): the optimizer state starts fresh" in capsys.readouterr().out
 
 
 def test_run_folder_without_checkpoint_is_refused(saved_run, tmp_path):
-    from plait.metrics import prepare_run_dir
+    from plait.train.metrics import prepare_run_dir
 
     run = tmp_path / "run"
     shutil.copytree(saved_run["run"], run)
@@ -345,10 +364,10 @@ def test_run_folder_without_checkpoint_is_refused(saved_run, tmp_path):
 
 
 def test_finished_run_resumes_to_nothing(saved_run, capsys):
-    from plait.trainer import train
+    from plait.train import train
 
     before = tree_digest(saved_run["run"])
-    summary = train(C.from_dict(saved_run["cfg"]), str(saved_run["run"]))
+    summary = train(from_dict(saved_run["cfg"]), str(saved_run["run"]))
     assert summary["final_train_loss"] == saved_run["summary"]["final_train_loss"]
     assert "nothing to do" in capsys.readouterr().out
     after = tree_digest(saved_run["run"])
@@ -366,26 +385,26 @@ def test_export_of_an_incomplete_checkpoint_is_refused(saved_run, tmp_path):
 
 
 def test_fp16_loss_scale_continues_after_resume(corpus_path, tmp_path):
-    from plait.trainer import train
+    from plait.train import train
 
     # a scale far too large: every step overflows and halves it, so a restarted scale would show
     d = tiny_cfg(corpus_path, train={"steps": 5, "dtype": "fp16", "loss_scale_init": 2.0**30})
-    train(C.from_dict(d), str(tmp_path / "whole"))
-    train(C.from_dict(with_(d, train={"exit_after_steps": 2})), str(tmp_path / "split"))
-    summary = train(C.from_dict(d), str(tmp_path / "split"))
+    train(from_dict(d), str(tmp_path / "whole"))
+    train(from_dict(with_(d, train={"exit_after_steps": 2})), str(tmp_path / "split"))
+    summary = train(from_dict(d), str(tmp_path / "split"))
     scales = [(r["loss"], r["loss_scale"]) for r in metrics(tmp_path / "split")]
     assert scales == [(r["loss"], r["loss_scale"]) for r in metrics(tmp_path / "whole")]
     assert summary["overflow_steps"] == 5
 
 
 def test_time_based_saves_and_stop(corpus_path, tmp_path):
-    from plait.trainer import train
+    from plait.train import train
 
     # every_minutes tiny: a save after every step; exit_after_minutes tiny: stop (and save) after the first
     d = tiny_cfg(corpus_path, train={"steps": 3}, checkpoint={"every_minutes": 1e-6, "keep": 0, "async_save": True})
-    train(C.from_dict(d), str(tmp_path / "often"))
+    train(from_dict(d), str(tmp_path / "often"))
     assert sorted(p.name for p in (tmp_path / "often" / "checkpoints").iterdir()) == \
            ["step-00000001", "step-00000002", "step-00000003"]
-    summary = train(C.from_dict(with_(d, train={"exit_after_minutes": 1e-6})), str(tmp_path / "stop"))
+    summary = train(from_dict(with_(d, train={"exit_after_minutes": 1e-6})), str(tmp_path / "stop"))
     assert summary["stopped"] == "train.exit_after_minutes" and summary["steps"] == 1
     assert latest(tmp_path / "stop" / "checkpoints").name == "step-00000001"

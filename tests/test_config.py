@@ -2,14 +2,14 @@
 
 import pytest
 
-from plait import config as C
+from plait.config import Config, load, to_toml, validate_layout
 from plait.errors import ConfigError
 
 
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[train]\nsteps = 7\n[model]\npreset = "tiny"\n')
-    cfg = C.load(f, ["parallel.dp=2", "optim.lr=0.5", "parallel.sequence_parallel=true", "model.preset=124m"])
+    cfg = load(f, ["parallel.dp=2", "optim.lr=0.5", "parallel.sequence_parallel=true", "model.preset=124m"])
     assert cfg.train.steps == 7 and cfg.parallel.dp == 2 and cfg.optim.lr == 0.5
     assert cfg.parallel.sequence_parallel is True
     assert cfg.model.preset == "124m"  # overrides win over the file
@@ -17,7 +17,7 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_frozen():
-    cfg = C.Config()
+    cfg = Config()
     import dataclasses
 
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -25,10 +25,10 @@ def test_frozen():
 
 
 def test_round_trip_toml(tmp_path):
-    cfg = C.load(None, ["train.steps=3", "data.cache_dir=/x y", "parallel.bucket_mb=0.5"])
+    cfg = load(None, ["train.steps=3", "data.cache_dir=/x y", "parallel.bucket_mb=0.5"])
     f = tmp_path / "r.toml"
-    f.write_text(C.to_toml(cfg))
-    assert C.load(f) == cfg
+    f.write_text(to_toml(cfg))
+    assert load(f) == cfg
 
 
 @pytest.mark.parametrize("override,fragment", [
@@ -51,29 +51,29 @@ def test_round_trip_toml(tmp_path):
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=None) as e:
-        C.load(None, [override])
+        load(None, [override])
     assert fragment in str(e.value), str(e.value)
 
 
 def test_layout_errors():
-    cfg = C.load(None, ["parallel.dp=2", "parallel.tp=2"])
+    cfg = load(None, ["parallel.dp=2", "parallel.tp=2"])
     with pytest.raises(ConfigError, match="= 4 ranks, but the world has 2 processes"):
-        C.validate_layout(cfg, 2)
-    cfg = C.load(None, ["train.global_batch=16", "train.micro_batch=8"])
+        validate_layout(cfg, 2)
+    cfg = load(None, ["train.global_batch=16", "train.micro_batch=8"])
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch × dp"):
-        C.validate_layout(cfg, 4)
-    assert C.validate_layout(cfg, 2) == 2
+        validate_layout(cfg, 4)
+    assert validate_layout(cfg, 2) == 2
     with pytest.raises(ConfigError, match="parallel.dp = 0"):
-        C.validate_layout(C.load(None, ["parallel.tp=2"]), 3)
+        validate_layout(load(None, ["parallel.tp=2"]), 3)
 
 
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
-        C.load("/nope.toml")
+        load("/nope.toml")
 
 
 def test_unknown_section_in_file(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("[trian]\nsteps = 3\n")
     with pytest.raises(ConfigError, match="did you mean 'train'"):
-        C.load(f)
+        load(f)

@@ -21,6 +21,41 @@ def test_dp_parity(corpus_path, dp, micro):
     assert abs(got[0]["val"] - ref["val"]) / ref["val"] <= TOL["loss"]
 
 
+def _doubled_run(cfg: dict) -> dict:
+    """plait at dp = 2 with a broken reducer that doubles every reduced gradient."""
+    from plait.data_parallel.reducer import GradReducer as Reducer
+
+    finish = Reducer.finish
+
+    def doubled(self):
+        finish(self)
+        for b in self.buckets:
+            b.buffer.mul_(2.0)
+
+    Reducer.finish = doubled
+    return train_run(cfg)
+
+
+def test_parity_catches_gradients_off_by_a_constant_factor(corpus_path):
+    """AdamW's update is nearly scale-free and clipping normalizes the gradient, so doubled gradients
+    barely move losses and parameters; the gradient norms expose them, and assert_parity compares them."""
+    cfg = tiny_cfg(corpus_path, parallel={"dp": 2})
+    ref = reference(cfg)
+    got = run_ranks(_doubled_run, 2, args=(cfg,), timeout=120)
+    with pytest.raises(AssertionError, match="norm"):
+        assert_parity(ref, got[0])
+
+
+def test_parity_treats_nan_as_an_error():
+    from plait.parity import errors
+
+    ref = {"losses": [2.0, 1.0], "norms": [1.0, 1.0], "state": {"w": torch.ones(3)}}
+    for bad in ({"losses": [float("nan"), 1.0]}, {"norms": [1.0, float("nan")]},
+                {"state": {"w": torch.tensor([1.0, float("nan"), 1.0])}}):
+        got = {**ref, **bad}
+        assert max(errors(ref, got).values()) == float("inf"), bad
+
+
 def _uneven_worker():
     import torch.distributed as dist
 

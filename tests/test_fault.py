@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from common import tiny_cfg
 
-from plait import config as C
 from plait.checkpoint import export_safetensors, latest, read_manifest
 from plait.checkpoint.store import check_file
+from plait.config import ConfigError, from_dict, to_toml
 from plait.testing import run_ranks
 
 # one-rank saves and loads are single-process on purpose (DCP says so in a warning each time)
@@ -38,7 +38,7 @@ def config_file(tmp_path, corpus, name="cfg.toml", **sections) -> tuple[str, dic
     train = {"steps": 6, **sections.pop("train", {})}
     d = tiny_cfg(corpus, model={"vocab_size": 257, "n_kv_heads": 4}, train=train, **sections)
     path = tmp_path / name
-    path.write_text(C.to_toml(C.from_dict(d)))
+    path.write_text(to_toml(from_dict(d)))
     return str(path), d
 
 
@@ -47,9 +47,9 @@ def final_loss(run) -> float:
 
 
 def _whole_run(d, run):
-    from plait.trainer import train
+    from plait.train import train
 
-    return train(C.from_dict(d), run)["final_train_loss"]
+    return train(from_dict(d), run)["final_train_loss"]
 
 
 def test_worker_killed_mid_run_restarts_and_matches_uninterrupted(tmp_path, corpus_path):
@@ -79,10 +79,10 @@ def test_rank_skipping_a_collective_is_a_named_error(tmp_path, corpus_path):
 
 
 def test_kill_inside_a_save_keeps_the_previous_checkpoint(tmp_path, corpus_path):
-    from plait.trainer import train
+    from plait.train import train
 
     cfg, d = config_file(tmp_path, corpus_path)
-    want = train(C.from_dict(d), str(tmp_path / "whole"))["final_train_loss"]
+    want = train(from_dict(d), str(tmp_path / "whole"))["final_train_loss"]
     run = tmp_path / "run"
     args = ["train", "--nproc", "1", "--run-dir", str(run), cfg, "checkpoint.every=2", "train.fault=kill_in_save",
             "train.fault_step=4"]
@@ -124,10 +124,10 @@ def test_kill_at_a_random_moment_leaves_complete_checkpoints(tmp_path, corpus_pa
 
 
 def test_export_command(tmp_path, corpus_path):
-    from plait.trainer import train
+    from plait.train import train
 
     _, d = config_file(tmp_path, corpus_path, checkpoint={"every": 3}, train={"steps": 3})
-    train(C.from_dict(d), str(tmp_path / "run"))
+    train(from_dict(d), str(tmp_path / "run"))
     out = tmp_path / "model.safetensors"
     r = plait("export", str(tmp_path / "run"), "--format", "safetensors", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -144,8 +144,8 @@ def test_export_command(tmp_path, corpus_path):
 
 def test_saving_without_a_folder_is_a_clear_error(corpus_path):
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(tiny_cfg(corpus_path, checkpoint={"every": 2}))
-    with pytest.raises(C.ConfigError, match="checkpoint.every saves checkpoints, but this run has no folder"):
+    cfg = from_dict(tiny_cfg(corpus_path, checkpoint={"every": 2}))
+    with pytest.raises(ConfigError, match="checkpoint.every saves checkpoints, but this run has no folder"):
         Trainer(cfg, Mesh.single()).run(None)

@@ -3,11 +3,11 @@
 import torch
 from common import DEVICE, assert_parity, reference, tiny_cfg
 
-from plait import config as C
+from plait.config import from_dict
 from plait.flops import peak_flops
 from plait.mesh import Mesh, default_backend
 from plait.testing import run_ranks
-from plait.trainer import Trainer
+from plait.train import Trainer
 
 
 def test_backend_nccl_one_rank_per_gpu_else_gloo(monkeypatch):
@@ -41,7 +41,7 @@ def test_bf16_autocast_stays_near_fp32(corpus_path):
 
 
 def test_compile_option_compiles_every_block(corpus_path):
-    cfg = C.from_dict({**tiny_cfg(corpus_path), "train": {**tiny_cfg(corpus_path)["train"], "compile": True}})
+    cfg = from_dict({**tiny_cfg(corpus_path), "train": {**tiny_cfg(corpus_path)["train"], "compile": True}})
     tr = Trainer(cfg, Mesh.single())
     blocks = tr.model.module.blocks
     assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
@@ -50,7 +50,7 @@ def test_compile_option_compiles_every_block(corpus_path):
 def _compiled_dp(cfg_dict):
     """dp = 2 with compiled blocks: losses, full parameters, and for each bucket exchange whether it
     was issued inside backward (from the reducer's gradient hooks) or only at the step (finish())."""
-    cfg = C.from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict)
     tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, device=DEVICE))
     red = tr.model.reducer
     issue, during_backward = red._issue, []
@@ -60,8 +60,10 @@ def _compiled_dp(cfg_dict):
         return issue(bucket)
 
     red._issue = recorded_issue
-    losses = [float(tr.train_step()["loss"]) for _ in range(cfg.train.steps)]
-    return {"losses": losses, "state": {k: v.cpu() for k, v in tr.full_state().items()},
+    outs = [tr.train_step() for _ in range(cfg.train.steps)]
+    losses = [float(o["loss"]) for o in outs]
+    norms = [None if o["grad_norm"] is None else float(o["grad_norm"]) for o in outs]
+    return {"losses": losses, "norms": norms, "state": {k: v.cpu() for k, v in tr.full_state().items()},
             "during_backward": during_backward, "buckets": len(red.buckets)}
 
 

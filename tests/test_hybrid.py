@@ -19,13 +19,13 @@ import os
 import pytest
 from common import DEVICE, TOL, tiny_cfg
 
-from plait import parity as P
+from plait import parity
 
 ZERO = (0, 1, 2, 3)  # ZeRO stage: one parameter of the matrix (plait.parity.matrix drops ZeRO at dp = 1)
 CLIP = 0.05  # below every step's gradient norm (~1-2.5) of this run: clipping is active on every step
 SAMPLE = os.environ.get("PLAIT_PARITY_SAMPLE", "") not in ("", "0")
-SAMPLE_8 = {P.Layout(2, 2, 2, 1), P.Layout(2, 2, 2, 3)}  # ZeRO-1 (the 3-D example) and ZeRO-3 (FSDP2)
-LAYOUTS = [lay for lay in P.matrix(zeros=ZERO) if not SAMPLE or lay.world < 8 or lay in SAMPLE_8]
+SAMPLE_8 = {parity.Layout(2, 2, 2, 1), parity.Layout(2, 2, 2, 3)}  # ZeRO-1 (the 3-D example) and ZeRO-3 (FSDP2)
+LAYOUTS = [lay for lay in parity.matrix(zeros=ZERO) if not SAMPLE or lay.world < 8 or lay in SAMPLE_8]
 
 
 def base_cfg(corpus_path: str) -> dict:
@@ -34,7 +34,7 @@ def base_cfg(corpus_path: str) -> dict:
 
 @pytest.fixture(scope="module")
 def ref(corpus_path):
-    return P.reference(base_cfg(corpus_path), DEVICE)
+    return parity.reference(base_cfg(corpus_path), DEVICE)
 
 
 class _Spawns:
@@ -44,10 +44,10 @@ class _Spawns:
         self.base = base
         self.results: dict = {}
 
-    def get(self, layout: P.Layout):
+    def get(self, layout: parity.Layout):
         if layout.name not in self.results:
             same = [lay for lay in LAYOUTS if lay.world == layout.world]
-            self.results.update(P.run_layouts(self.base, same, timeout=600, device=DEVICE))
+            self.results.update(parity.run_layouts(self.base, same, timeout=600, device=DEVICE))
         return self.results[layout.name]
 
 
@@ -61,7 +61,7 @@ def _check(ref, got, what="parity"):
     assert all(n > CLIP for n in ref["norms"]), f"clipping must be active on every step: norms {ref['norms']}"
     assert ref["losses"][-1] < ref["losses"][0]  # the run trains: the comparison means something
     for rank, res in enumerate(got):
-        e = P.errors(ref, res)
+        e = parity.errors(ref, res)
         assert e["loss"] <= TOL["loss"], f"rank {rank}: losses {res['losses']} vs reference {ref['losses']}"
         assert e["norm"] <= TOL["norm"], f"rank {rank}: gradient norms {res['norms']} vs reference {ref['norms']}"
         assert e["param"] <= TOL["param"], f"rank {rank}: parameters differ by {e}"
@@ -72,7 +72,8 @@ def test_parity_matrix(spawns, ref, layout):
     _check(ref, spawns.get(layout))
 
 
-@pytest.mark.parametrize("layout", [P.Layout(1, 2, 1), P.Layout(1, 1, 2), P.Layout(1, 2, 2)], ids=lambda x: x.name)
+@pytest.mark.parametrize("layout", [parity.Layout(1, 2, 1), parity.Layout(1, 1, 2), parity.Layout(1, 2, 2)],
+                         ids=lambda x: x.name)
 def test_global_grad_norm_across_tp_and_pp(spawns, ref, layout):
     # the norm that sets the clip factor: squares summed over mesh.mp, tp-replicated parameters once
     got = spawns.get(layout)
@@ -83,7 +84,7 @@ def test_global_grad_norm_across_tp_and_pp(spawns, ref, layout):
 
 
 def test_matrix_covers_every_combination():
-    full = P.matrix(zeros=ZERO)
+    full = parity.matrix(zeros=ZERO)
     assert len(full) == 7 + 4 * len(ZERO[1:])  # 7 layouts besides the single process; ZeRO > 0 on the 4 with dp 2
     assert {(lay.dp, lay.tp, lay.pp) for lay in full} == {(d, t, p) for d in (1, 2) for t in (1, 2) for p in (1, 2)
                                                           if d * t * p > 1}

@@ -3,9 +3,9 @@ the scaling rule, and `critical_batch` in every step's output of a multi-micro-b
 
 import pytest
 import torch
-from common import assert_parity, reference, tiny_cfg
+from common import assert_parity, single_process, tiny_cfg
 
-from plait import config as C
+from plait.config import from_dict
 from plait.optim import metric_value
 from plait.testing import run_ranks
 
@@ -18,15 +18,17 @@ RAMP_BATCHES = [2, 2, 2, 4, 4, 6, 8]
 def _steps(cfg_dict: dict) -> dict:
     """Run on this process's mesh; every step's output plus the final full parameters."""
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict)
     tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, device="cpu"))
     outs = []
     for _ in range(cfg.train.steps):
         o = tr.train_step()
         outs.append({**o, "loss": float(o["loss"]), "critical_batch": metric_value(o.get("critical_batch", -1.0))})
-    return {"outs": outs, "losses": [o["loss"] for o in outs], "state": tr.full_state(), "samples": tr.samples}
+    norms = [None if o["grad_norm"] is None else float(o["grad_norm"]) for o in outs]
+    return {"outs": outs, "losses": [o["loss"] for o in outs], "norms": norms, "state": tr.full_state(),
+            "samples": tr.state.samples}
 
 
 def _many(cfgs: list[dict]) -> list[dict]:
@@ -61,11 +63,11 @@ def test_rampup_critical_batch_and_lamb_zero_match_across_layouts(corpus_path):
     ramp = _merge(tiny_cfg(corpus_path), RAMP)
     # no accumulation at all on dp=2 (one micro-batch of 4 per rank) against 2 micro-batches on one rank
     wide = tiny_cfg(corpus_path, train={"micro_batch": 4}, optim={"grad_clip": 0.0})
-    ref_ramp = reference(ramp)
+    ref_ramp = single_process(ramp)  # a ramp-up is plait's own: its one-process run is the reference
     ref_ramp_outs = _steps(_merge(ramp, {"parallel": {"dp": 1}}))["outs"]
     ref_wide = _steps(wide)
     lamb = tiny_cfg(corpus_path, optim={"name": "lamb", "lr": 2e-2})
-    ref_lamb = reference(lamb)
+    ref_lamb = single_process(lamb)  # LAMB is plait's (tests/test_optim.py checks it against its paper)
     got = run_ranks(_many, 2, args=([_merge(ramp, {"parallel": {"dp": 2}}),
                                      _merge(wide, {"parallel": {"dp": 2}}),
                                      _merge(wide, {"parallel": {"dp": 2, "zero": 2}}),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from plait.comm import wire_bytes
+from plait.comm.accounting import formula_bytes
 from plait.errors import ConfigError
 from plait.mesh import Mesh, check_layout, rank_of
 from plait.testing import RankFailure, run_ranks
@@ -69,7 +70,8 @@ def _bytes_worker():
     h.wait()
     step = c.stats.reset_step()
     return {"bytes": step["comm_bytes"], "by_op": step["by_op"], "gathered": out.tolist()[::250],
-            "rs": float(rs[0]), "x": float(x[0])}
+            "rs": float(rs[0]), "x": float(x[0]), "formula": step["formula_bytes"],
+            "formula_by_op": step["formula_by_op"]}
 
 
 def _staged_p2p_worker():
@@ -91,7 +93,7 @@ def test_host_staged_p2p_delivers_on_wait():
     for rank, r in enumerate(run_ranks(_staged_p2p_worker, 2, timeout=60)):
         assert r["before"] == [0.0, 0.0, 0.0]
         assert r["after"] == [10.0 + (1 - rank)] * 3
-        assert r["by_op"] == {"send/dp": 12.0}
+        assert r["by_op"] == {"send/dp": 12.0 + 144}  # one message: its bytes, 144 B of framing
 
 
 def test_comm_bytes_match_ring_formulas():
@@ -104,9 +106,22 @@ def test_comm_bytes_match_ring_formulas():
         "all_to_all/dp": (n - 1) / n * 4000,
         "send/dp": 400.0,
     }
+    # on the wire (measured with loopback counters, scripts/wire_bytes.py): gloo's reduce-scatter
+    # is an all-reduce of the whole input, and each message costs 144 B of framing; its ring
+    # all-reduce sends 2(n-1)/n of 2n segments per rank, all-gather 2(n-1) messages, all-to-all n-1
+    f = 144
+    wire = {
+        "all_reduce/dp": 2 * (n - 1) / n * 4040 + 2 * f * 2 * (n - 1) / n * 2 * n,
+        "all_gather/dp": (n - 1) / n * 4000 + f * 2 * (n - 1),
+        "reduce_scatter/dp": 2 * (n - 1) / n * 4000 + f * 2 * (n - 1) / n * 2 * n,
+        "all_to_all/dp": (n - 1) / n * 4000 + f * (n - 1),
+        "send/dp": 400.0 + f,
+    }
     for r in res:
-        assert r["by_op"] == pytest.approx(expect)
-        assert r["bytes"] == pytest.approx(sum(expect.values()))
+        assert r["formula_by_op"] == pytest.approx(expect)
+        assert r["formula"] == pytest.approx(sum(expect.values()))
+        assert r["by_op"] == pytest.approx(wire)
+        assert r["bytes"] == pytest.approx(sum(wire.values()))
         assert r["gathered"] == [0.0, 1.0, 2.0, 3.0]
         assert r["rs"] == 4.0 and r["x"] == 4.0
 
@@ -114,6 +129,21 @@ def test_comm_bytes_match_ring_formulas():
 def test_wire_bytes_single_member_sends_nothing():
     assert wire_bytes("all_reduce", 1000, 1) == 0.0
     assert wire_bytes("all_reduce", 1000, 2) == 1000.0
+
+
+def test_wire_bytes_by_backend():
+    # no process group here: "default" is the formula
+    assert wire_bytes("reduce_scatter", 1000, 4) == 750.0
+    assert formula_bytes("reduce_scatter", 1000, 4) == 750.0
+    assert wire_bytes("reduce_scatter", 1000, 4, "nccl") == 750.0
+    # gloo: an all-reduce of the whole input, 12 messages of 144 B framing (4(n-1) at n = 4)
+    rs = wire_bytes("reduce_scatter", 1000, 4, "gloo")
+    assert rs == 1500.0 + 12 * 144 and rs.formula == 750.0
+    # 2 elements: 2 of the ring's 4 segments hold data, 2 messages
+    assert wire_bytes("all_reduce", 8, 2, "gloo", count=2) == 8.0 + 2 * 144
+    # the source records the group's total; the members that only receive, nothing
+    assert wire_bytes("broadcast", 1000, 4, "gloo") == 3000.0 + 3 * 144
+    assert wire_bytes("broadcast", 0, 4, "gloo", count=0) == 0.0
 
 
 def _skip_collective_worker():

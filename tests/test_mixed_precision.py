@@ -13,8 +13,8 @@ import pytest
 import torch
 from common import tiny_cfg
 
-from plait import config as C
-from plait import parity as P
+from plait import parity
+from plait.config import from_dict
 from plait.errors import ConfigError, NonFiniteError
 from plait.mesh import Mesh
 from plait.optim.loss_scale import LossScaler, any_rank, any_rank_nonfinite
@@ -30,7 +30,7 @@ def _cfg(corpus, dtype, **parallel):
 
 @pytest.fixture(scope="module")
 def fp32_ref(corpus_path):
-    return P.train_case(_cfg(corpus_path, "fp32"))
+    return parity.train_case(_cfg(corpus_path, "fp32"))
 
 
 def _close_to_fp32(ref, got, dtype):
@@ -41,7 +41,7 @@ def _close_to_fp32(ref, got, dtype):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_single_process_within_tolerance_of_fp32(corpus_path, fp32_ref, dtype):
-    got = P.train_case(_cfg(corpus_path, dtype))
+    got = parity.train_case(_cfg(corpus_path, dtype))
     _close_to_fp32(fp32_ref, got, dtype)
     assert all(v.dtype == torch.float32 for v in got["state"].values())  # fp32 master weights
 
@@ -49,20 +49,20 @@ def test_single_process_within_tolerance_of_fp32(corpus_path, fp32_ref, dtype):
 # -- two ranks ---------------------------------------------------------------------------------------
 def _overflow_run(cfg_dict, bad_rank, bad_step):
     """fp16 training where `bad_rank` gets an inf in one local gradient at step `bad_step` (1-based)."""
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict)
     mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu")
     tr = Trainer(cfg, mesh)
-    fb = tr.forward_backward
+    fb = tr.model.train_step
 
-    def forward_backward(batches, tokens):
+    def train_step(batches, tokens):
         loss = fb(batches, tokens)
-        if mesh.rank == bad_rank and tr.step + 1 == bad_step:
+        if mesh.rank == bad_rank and tr.state.step + 1 == bad_step:
             next(p for p in tr.model.parameters() if p.grad is not None).grad.view(-1)[0] = math.inf
         return loss
 
-    tr.forward_backward = forward_backward
+    tr.model.train_step = train_step
     applied, scales, changed = [], [], []
     for _ in range(cfg.train.steps):
         before = [p.detach().clone() for p in tr.model.parameters()]
@@ -80,7 +80,7 @@ def _agreement():
     mesh.comm.stats.reset_step()
     out = [any_rank_nonfinite(nan_on_1, mesh), any_rank_nonfinite(torch.ones(3), mesh),
            any_rank(torch.tensor(float(mesh.rank == 0)), mesh)]
-    return out, mesh.comm.stats.reset_step()["by_op"]
+    return out, mesh.comm.stats.reset_step()["formula_by_op"]  # the wire adds gloo's framing
 
 
 def _worker(cases):
@@ -99,8 +99,8 @@ def two_ranks(corpus_path):
                         train={"dtype": "fp16", "steps": 5, "loss_scale_init": 1024.0, "loss_scale_growth_interval": 2})
     cases = [("overflow", _overflow_run, (overflow, 1, 2)),
              ("agreement", _agreement, ()),
-             ("bf16-tp2", P.train_case, (_cfg(corpus_path, "bf16", tp=2),)),
-             ("fp16-tp2", P.train_case, (_cfg(corpus_path, "fp16", tp=2),))]
+             ("bf16-tp2", parity.train_case, (_cfg(corpus_path, "bf16", tp=2),)),
+             ("fp16-tp2", parity.train_case, (_cfg(corpus_path, "fp16", tp=2),))]
     return run_ranks(_worker, 2, args=(cases,), timeout=300)
 
 
@@ -134,10 +134,10 @@ def test_tensor_parallel_within_tolerance_of_fp32(two_ranks, fp32_ref, dtype):
 
 # -- one process -------------------------------------------------------------------------------------
 def test_fp16_overflow_lowers_scale_until_steps_apply(corpus_path):
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
     # 2^19: the logits' gradient overflows fp16 in backward; 2^18 does not (measured)
-    cfg = C.from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 3, "loss_scale_init": 2.0**19}))
+    cfg = from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 3, "loss_scale_init": 2.0**19}))
     tr = Trainer(cfg, Mesh.single())
     outs = [tr.train_step() for _ in range(3)]
     assert [o["applied"] for o in outs] == [False, True, True]
@@ -174,18 +174,18 @@ def test_overflow_at_the_floor_stops_the_run():
 
 
 def test_fp16_run_with_gradients_nan_at_every_scale_stops(corpus_path):
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 6, "loss_scale_init": 4.0}))
+    cfg = from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 6, "loss_scale_init": 4.0}))
     tr = Trainer(cfg, Mesh.single())
-    fb = tr.forward_backward
+    fb = tr.model.train_step
 
-    def forward_backward(batches, tokens):  # a diverged model: a nan gradient whatever the scale
+    def train_step(batches, tokens):  # a diverged model: a nan gradient whatever the scale
         loss = fb(batches, tokens)
         next(p for p in tr.model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
         return loss
 
-    tr.forward_backward = forward_backward
+    tr.model.train_step = train_step
     assert [tr.train_step()["applied"] for _ in range(2)] == [False, False]  # 4 -> 2 -> 1
     with pytest.raises(NonFiniteError, match="train.loss_scale_min"):
         tr.train_step()
@@ -193,4 +193,4 @@ def test_fp16_run_with_gradients_nan_at_every_scale_stops(corpus_path):
 
 def test_loss_scale_floor_above_start_is_a_config_error():
     with pytest.raises(ConfigError, match="train.loss_scale_min = 8 is above train.loss_scale_init = 4"):
-        C.from_dict({"train": {"dtype": "fp16", "loss_scale_init": 4.0, "loss_scale_min": 8.0}})
+        from_dict({"train": {"dtype": "fp16", "loss_scale_init": 4.0, "loss_scale_min": 8.0}})

@@ -119,11 +119,11 @@ def test_monitor_warns_once_per_direction(capsys):
 
 
 def test_supported_only_with_the_exact_global_gradient():
-    from plait import config as C
+    from plait.config import from_dict
     from plait.optim.noise_scale import supported
 
-    assert supported(C.from_dict({})) is None
-    assert supported(C.from_dict({"compression": {"name": "bf16"}})) is None
-    assert "sync.strategy" in supported(C.from_dict({"sync": {"strategy": "local_sgd"}}))
-    assert "compressed" in supported(C.from_dict({"compression": {"name": "topk"}}))
-    assert "ZeRO-3" in supported(C.from_dict({"parallel": {"zero": 3}}))
+    assert supported(from_dict({})) is None
+    assert supported(from_dict({"compression": {"name": "bf16"}})) is None
+    assert "sync.strategy" in supported(from_dict({"sync": {"strategy": "local_sgd"}}))
+    assert "compressed" in supported(from_dict({"compression": {"name": "topk"}}))
+    assert "ZeRO-3" in supported(from_dict({"parallel": {"zero": 3}}))

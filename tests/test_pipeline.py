@@ -14,12 +14,20 @@ import torch
 import torch.nn as nn
 from common import DEVICE, TOL, assert_parity, reference, tiny_cfg
 
-from plait import config as C
+from plait.config import from_dict, validate_layout
 from plait.errors import ConfigError
 from plait.mesh import Mesh
 from plait.models.gpt import GPT, build_config, lm_loss
-from plait.pipeline import PipelineRunner, PipelineStage, param_costs, partition, pipeline_spec
-from plait.pipeline.partition import balanced_split, measured_costs, stage_keys
+from plait.pipeline.partition import (
+    PipelineStage,
+    balanced_split,
+    measured_costs,
+    param_costs,
+    partition,
+    pipeline_spec,
+    stage_keys,
+)
+from plait.pipeline.runtime import PipelineRunner
 from plait.pipeline.split_backward import backward_input, backward_weight
 from plait.testing import run_ranks
 
@@ -31,16 +39,19 @@ def _case_cfg(corpus, layers, **parallel):
 
 
 def _train(cfg_dict, run_dir=None):
-    from plait.trainer import Trainer
+    from plait.train import Trainer
 
-    cfg = C.from_dict(cfg_dict)
+    cfg = from_dict(cfg_dict)
     mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device=DEVICE)
     tr = Trainer(cfg, mesh)
     if run_dir is not None:
         return tr.run(run_dir if mesh.rank == 0 else None)
-    losses = [float(tr.train_step()["loss"]) for _ in range(cfg.train.steps)]
+    outs = [tr.train_step() for _ in range(cfg.train.steps)]
+    losses = [float(o["loss"]) for o in outs]
+    norms = [None if o["grad_norm"] is None else float(o["grad_norm"]) for o in outs]
     state = {k: v.cpu() for k, v in tr.full_state().items()}
-    return {"losses": losses, "state": state, "val": tr.evaluate(), "pipeline": tr.model.pipeline.summary()}
+    return {"losses": losses, "norms": norms, "state": state, "val": tr.evaluate(),
+            "pipeline": tr.model.pipeline.summary()}
 
 
 def _cases_worker(cases):
@@ -178,18 +189,18 @@ def test_partition_errors_are_clear():
 
 def test_config_micro_batch_rule():
     def cfg(**parallel):
-        return C.from_dict({"parallel": parallel, "train": {"global_batch": 8, "micro_batch": 2}})
+        return from_dict({"parallel": parallel, "train": {"global_batch": 8, "micro_batch": 2}})
 
-    assert C.validate_layout(cfg(pp=2), 2) == 1  # m = 4
+    assert validate_layout(cfg(pp=2), 2) == 1  # m = 4
     with pytest.raises(ConfigError, match="parallel.microbatches = 3"):
-        C.validate_layout(cfg(pp=2, microbatches=3), 2)
-    C.validate_layout(cfg(pp=2, microbatches=4), 2)
-    with pytest.raises(ConfigError, match="at least as many micro-batches"):
-        C.validate_layout(cfg(pp=4, dp=2), 8)  # m = 2 < 4
+        validate_layout(cfg(pp=2, microbatches=3), 2)
+    validate_layout(cfg(pp=2, microbatches=4), 2)
+    with pytest.raises(ConfigError, match="needs m >= p"):
+        validate_layout(cfg(pp=4, dp=2), 8)  # m = 2 < 4
     with pytest.raises(ConfigError, match="interleaved_1f1b"):
-        C.validate_layout(cfg(pp=2, virtual_stages=2), 2)
-    with pytest.raises(ConfigError, match="multiple of parallel.pp"):
-        C.validate_layout(cfg(pp=3, schedule="interleaved_1f1b", virtual_stages=2), 3)  # m = 4
+        validate_layout(cfg(pp=2, virtual_stages=2), 2)
+    with pytest.raises(ConfigError, match="to be a multiple of p = 3"):
+        validate_layout(cfg(pp=3, schedule="interleaved_1f1b", virtual_stages=2), 3)  # m = 4
 
 
 def test_split_backward_matches_full_backward():
@@ -225,7 +236,7 @@ def test_split_backward_matches_full_backward():
 def test_runner_single_rank_equals_plain_backward(schedule):
     """p = 1: the runner's loss and gradients equal a plain loop's; memory counters work."""
     from plait.config import ParallelConfig
-    from plait.pipeline import build_pipeline
+    from plait.pipeline.build import build_pipeline
 
     model = _gpt(2)
     batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(3)]

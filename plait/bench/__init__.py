@@ -1,24 +1,22 @@
-"""Benchmarks: plait beside its torch peer, alternating, in one run. Results as medians and ratios."""
+"""Benchmarks: plait beside its torch peer, alternating, in one run. Results as medians and ratios.
+
+Each benchmark is a module here with `add_arguments(parser)` (its own flags and defaults) and
+`main(args) -> int`; `plait bench NAME ...` hands the rest of its command line to that module.
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
-# Flags shared by every `plait bench` (parsed as None when not given) take the benchmark's own default
-# here, so a value the user types is always kept, even when it equals another benchmark's default.
-SHARED = {"ranks": "2,4", "steps": 6, "preset": "10m", "reps": 5, "batch": 0}
-OWN = {"sync": {"ranks": "4", "steps": 300, "preset": "tiny", "reps": 1, "batch": 4}}
-BENCHMARKS = ("dp", "gpu", "tp", "compression", "sync", "pp", "zero")
+BENCHMARKS = ("dp", "tp", "pp", "zero", "compression", "sync", "gpu")
 
 
-def resolve_defaults(what: str, args) -> None:
-    for key, value in {**SHARED, **OWN.get(what, {})}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-
-
-def run_bench(what: str, args) -> int:
+def run_bench(what: str, argv: list[str]) -> int:
+    """`plait bench WHAT ARGV...`: parse ARGV with the benchmark's own flags and run it."""
     if what not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
-    resolve_defaults(what, args)
-    return importlib.import_module(f"plait.bench.{what}").main(args)
+        raise SystemExit(f"plait bench: unknown benchmark {what!r}; choose one of {', '.join(BENCHMARKS)}")
+    module = importlib.import_module(f"plait.bench.{what}")
+    ap = argparse.ArgumentParser(prog=f"plait bench {what}", description=(module.add_arguments.__doc__ or "").strip())
+    module.add_arguments(ap)
+    return module.main(ap.parse_args(argv))

@@ -3,7 +3,7 @@
     plait bench compression --bandwidth 100mbit --ranks 4 --steps 200 --reps 3 --json out.json
 
 As root, the ranks run inside a private network namespace whose loopback is rate-limited
-(DESIGN.md §5: `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
+(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
 latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C. Without root (or
 without `ip` / `tc`) it says so and exits with status 2. `--bandwidth none` runs on the
 machine's unthrottled loopback instead.
@@ -87,13 +87,13 @@ def _run(spec: dict) -> dict:
         def barrier():
             dist.barrier()
     else:
-        from plait.parallelize import parallelize
+        from plait.parallelize import ParallelOptions, parallelize
 
         mesh = Mesh.build(dp=world, device="cpu")
         comp = CompressionConfig(name=name, rank=RANK, topk_fraction=TOPK, warmup_steps=WARMUP)
+        par = ParallelConfig(dp=world, bucket_mb=spec["bucket_mb"])
         net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh,
-                               ParallelConfig(dp=world, bucket_mb=spec["bucket_mb"]), grad_clip=ocfg.grad_clip,
-                               compression=comp)
+                               ParallelOptions(parallel=par, grad_clip=ocfg.grad_clip, compression=comp))
         module = net.module
 
         def step(x, y):
@@ -191,6 +191,19 @@ def _print_table(world: int, rows: dict, bandwidth: str) -> None:
               f"{_fmt(t, 1, '.2f'):>12} {speed:>9}")
 
 
+def add_arguments(ap) -> None:
+    """plait bench compression: each compressor beside DDP's hooks, over an emulated network."""
+    ap.add_argument("--bandwidth", default="100mbit", help="emulated network rate (tc rate, e.g. 100mbit, 1gbit; "
+                    "needs root), or none for the plain loopback")
+    ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--preset", default="10m", help="model preset")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
-    args.bandwidth = getattr(args, "bandwidth", "none") or "none"
     return drive("compression", args, _argv(args), run_all)

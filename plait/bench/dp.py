@@ -97,12 +97,23 @@ def _worker(opts: dict) -> dict:
     }
 
 
+def add_arguments(ap) -> None:
+    """plait bench dp: plait's reducer beside DDP."""
+    ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions per world size")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--preset", default="10m", help="model preset")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
-    from plait.metrics import human_bytes
     from plait.testing import run_ranks
+    from plait.train.metrics import human_bytes
 
     world_sizes = [int(r) for r in str(args.ranks).split(",") if r]
-    args.batch = args.batch or 8
     threads = lambda n: max(1, (os.cpu_count() or 1) // n)
     rows = []
     for n in world_sizes:

@@ -59,11 +59,12 @@ def _plain(cfg, batch, seq_len, compile_blocks, device):
 
 
 def _plait(preset, vocab, batch, seq_len, compile_blocks, device, data_path):
-    from plait import config as C
+    from plait.config import from_dict
     from plait.mesh import Mesh
-    from plait.trainer import Trainer
+    from plait.train import Trainer
+    from plait.train.metrics import Metrics
 
-    cfg = C.from_dict({
+    cfg = from_dict({
         "model": {"preset": preset, "vocab_size": vocab},
         "data": {"path": data_path},
         "train": {"global_batch": batch, "micro_batch": batch, "seq_len": seq_len, "dtype": "bf16",
@@ -71,7 +72,11 @@ def _plait(preset, vocab, batch, seq_len, compile_blocks, device, data_path):
         "optim": {"lr": 3e-4, "warmup_steps": 0, "schedule": "constant"},
     })
     tr = Trainer(cfg, Mesh.single(device))
-    return tr.train_step, tr
+    # `plait train`'s own loop body: the step guard's agreement, logging every train.log_every steps
+    # (the host reads of loss, gradient norm and critical batch happen there), metrics, no files
+    metrics = Metrics(None, total_steps=cfg.train.steps, log_every=cfg.train.log_every, seq_len=seq_len, world=1,
+                      flops_per_token=tr.flops_per_token, peak_flops=1.0, progress=False, tensorboard=False)
+    return lambda: tr.step(metrics), tr
 
 
 def _time(fn, steps, device) -> float:
@@ -159,8 +164,25 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
     return row
 
 
+def add_arguments(ap) -> None:
+    """plait bench gpu: plait's training loop beside a plain PyTorch loop on one GPU."""
+    ap.add_argument("--presets", default="124m,350m,1.3b", help="model presets to run (tiny runs in seconds on CPU)")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--batch", type=int, default=0, help="sequences per step (0: per preset)")
+    ap.add_argument("--seq-len", type=int, default=128, help="pass 1024 for the GPT-2 setting")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    ap.add_argument("--no-compile", action="store_true", help="eager mode")
+    ap.add_argument("--data", default="", help="data.path for plait's trainer (default corpus if empty)")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print(f"plait bench gpu: no CUDA device here, so the presets {args.presets} run on the CPU"
+              f"{'' if args.no_compile else ', compiled'} (minutes to hours for 124m and up); "
+              f"`--presets tiny --no-compile` runs in seconds", flush=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     rows = []

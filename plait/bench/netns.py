@@ -1,9 +1,9 @@
 """Shared pieces of the slow-network benchmarks (compression, sync).
 
-A slow network is emulated as DESIGN.md §5 says: a private network namespace whose loopback has
-MTU 1500 and a token-bucket rate limit (the burst above the MTU matters: with lo's 64 KiB MTU tbf
-drops packets and gloo times out). The benchmark re-executes itself inside the namespace, which is
-deleted on every way out.
+A slow network is emulated as docs/architecture.md, "Slow networks" says: a private network
+namespace whose loopback has MTU 1500 and a token-bucket rate limit (the burst above the MTU
+matters: with lo's 64 KiB MTU tbf drops packets and gloo times out), plait.netem.Namespace. The
+benchmark re-executes itself inside the namespace, which is deleted on every way out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,38 +33,27 @@ def cannot(bench: str, bandwidth: str) -> str | None:
     return None
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-
-
 def run_in_namespace(bench: str, bandwidth: str, argv: list[str]) -> int:
-    """Run `python -m plait *argv` inside a fresh namespace whose loopback is limited to `bandwidth`."""
-    ns = f"plait-{bench}-{os.getpid()}"
+    """Run `python -m plait *argv` inside a fresh namespace whose loopback is limited to
+    `bandwidth` (plait.netem.Namespace: deleted on every way out, success, failure, Ctrl-C)."""
+    from plait.netem import Namespace
+
     try:
-        _sh("ip", "netns", "add", ns)
-    except subprocess.CalledProcessError as e:
-        print(f"plait bench {bench}: cannot create a network namespace ({e.stderr.strip()}); "
+        with Namespace(mtu=1500, rate=bandwidth, tag=f"{os.getpid()}-{bench}") as ns:
+            env = dict(os.environ, PLAIT_BENCH_NETNS=ns.name)
+            env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d: the namespace has no hostname
+            return ns.run([sys.executable, "-m", "plait", *argv], env=env).returncode
+    except RuntimeError as e:  # the namespace or its qdisc could not be made
+        print(f"plait bench {bench}: cannot create a network namespace ({e}); "
               f"pass --bandwidth none for the unthrottled loopback", file=sys.stderr)
         return 2
-    try:  # deleted on every way out: success, failure, Ctrl-C
-        _sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up", "mtu", "1500")
-        _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", bandwidth,
-            "burst", "256kb", "latency", "50ms")
-        env = dict(os.environ, PLAIT_BENCH_NETNS=ns)
-        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns that the namespace has no hostname
-        return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "plait", *argv], env=env).returncode
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def loopback_tx_bytes() -> int:
     """Bytes sent on `lo` in this process's network namespace."""
-    with open("/proc/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                return int(rest.split()[8])
-    return 0
+    from plait.netem import loopback_counters
+
+    return loopback_counters()[0]
 
 
 def setup(spec: dict):
@@ -73,7 +61,7 @@ def setup(spec: dict):
     from plait.config import DataConfig, ModelConfig
     from plait.data import ChunkSampler, load_corpus
     from plait.models import GPT
-    from plait.trainer import model_config
+    from plait.train import model_config
 
     torch.set_num_threads(spec["threads"])
     corpus = load_corpus(DataConfig(), 0)

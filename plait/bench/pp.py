@@ -56,7 +56,8 @@ def _worker(opts: dict) -> dict:
 
     from plait.config import ParallelConfig
     from plait.mesh import Mesh
-    from plait.pipeline import build_pipeline, theoretical_bubble
+    from plait.pipeline.build import build_pipeline
+    from plait.pipeline.schedules import theoretical_bubble
 
     p, m, T = opts["pp"], opts["m"], opts["seq_len"]
     mesh = Mesh.build(dp=1, tp=1, pp=p, device="cpu")
@@ -135,6 +136,17 @@ def _worker(opts: dict) -> dict:
                        peak_saved_bytes_per_stage=[int(s["peak_saved_bytes"]) for s in r.stats])
         out["runs"][name] = row
     return out
+
+
+def add_arguments(ap) -> None:
+    """plait bench pp: plait's pipeline schedules beside torch.distributed.pipelining."""
+    ap.add_argument("--ranks", default="2,4", help="comma-separated pipeline sizes")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--preset", default="10m", help="model preset of the blocks")
+    ap.add_argument("--batch", type=int, default=0, help="micro-batches per step (0: the benchmark's choice)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
 
 
 def main(args) -> int:

@@ -3,7 +3,7 @@
     plait bench sync --bandwidth 10mbit --json runs/bench_sync.json
 
 As root, the ranks run inside a private network namespace whose loopback is rate-limited
-(DESIGN.md §5: `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
+(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
 latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C. Without root (or
 without `ip` / `tc`) it says so and exits with status 2; `--bandwidth none` runs on the
 unthrottled loopback.
@@ -101,15 +101,16 @@ def _run(spec: dict) -> dict:
         def allreduce(t):
             dist.all_reduce(t)
     else:
-        from plait.parallelize import parallelize
+        from plait.parallelize import ParallelOptions, parallelize
 
         mesh = Mesh.build(dp=world, device="cpu")
         fields = {"strategy": name, **SYNC.get(name, {}), "every": H,
                   "slow_rank": SLOW_RANK if spec["slow"] else -1, "slow_factor": SLOW_FACTOR}
         fields["fragments"] = min(fields.get("fragments", 1), H)
         sync = SyncConfig(**fields)
-        net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh, ParallelConfig(dp=world),
-                               grad_clip=ocfg.grad_clip, sync=sync, total_steps=steps)
+        net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh,
+                               ParallelOptions(parallel=ParallelConfig(dp=world), grad_clip=ocfg.grad_clip, sync=sync,
+                                               total_steps=steps))
         module = net.module
 
         def step(x, y):
@@ -229,7 +230,20 @@ def _print_table(rows: dict, bandwidth: str, world: int) -> None:
               f"{_fmt(r['samples_per_s']):>9} {_fmt(r['straggler_samples_per_s']):>9}")
 
 
+def add_arguments(ap) -> None:
+    """plait bench sync: each sync strategy beside post-local SGD, over an emulated network."""
+    ap.add_argument("--bandwidth", default="100mbit", help="emulated network rate (tc rate, e.g. 10mbit; needs "
+                    "root), or none for the plain loopback")
+    ap.add_argument("--ranks", default="4", help="world size")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions")
+    ap.add_argument("--steps", type=int, default=300, help="training steps per run")
+    ap.add_argument("--preset", default="tiny", help="model preset")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--every", type=int, default=0, help="H, steps between syncs (0: steps / 10)")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
-    args.bandwidth = getattr(args, "bandwidth", "none") or "none"
     _resolve(args)
     return drive("sync", args, _argv(args), run_all)

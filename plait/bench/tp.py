@@ -84,7 +84,7 @@ def _worker(opts: dict) -> dict:
     from plait.config import ParallelConfig
     from plait.mesh import Mesh
     from plait.models import GPT, build_config
-    from plait.parallelize import parallelize
+    from plait.parallelize import ParallelOptions, parallelize
 
     tp = opts["tp"]
     mesh = Mesh.build(dp=1, tp=tp, device="cpu")
@@ -96,7 +96,7 @@ def _worker(opts: dict) -> dict:
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     adamw = lambda params: torch.optim.AdamW(params, lr=1e-3)
 
-    pm, popt = parallelize(copy.deepcopy(ref), adamw, mesh, ParallelConfig(dp=1, tp=tp))
+    pm, popt = parallelize(copy.deepcopy(ref), adamw, mesh, ParallelOptions(parallel=ParallelConfig(dp=1, tp=tp)))
     tm = parallelize_module(copy.deepcopy(ref), mesh.to_device_mesh()["tp"], torch_tp_plan())
     topt = adamw(tm.parameters())
 
@@ -168,9 +168,20 @@ def _model_overrides(preset: str, sizes: list[int], seq_len: int) -> dict:
     return over
 
 
+def add_arguments(ap) -> None:
+    """plait bench tp: plait's tensor parallelism beside DTensor's."""
+    ap.add_argument("--ranks", default="2,4", help="comma-separated tp sizes")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions per tp size")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--preset", default="10m", help="model preset")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
-    from plait.metrics import human_bytes
     from plait.testing import run_ranks
+    from plait.train.metrics import human_bytes
 
     sizes = [int(r) for r in str(args.ranks).split(",") if r]
     batch = args.batch or 8

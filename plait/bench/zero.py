@@ -50,7 +50,7 @@ def _contestant(name: str, opts: dict, mesh, dev_mesh):
     from plait.config import ParallelConfig
     from plait.data_parallel.zero_memory import memory_breakdown, optimizer_bytes, storage_bytes
     from plait.models import GPT, build_config, lm_loss
-    from plait.parallelize import parallelize
+    from plait.parallelize import ParallelOptions, parallelize
 
     cfg = build_config(opts["preset"], max_seq_len=max(opts["seq_len"], 256))
     torch.manual_seed(0)
@@ -61,7 +61,8 @@ def _contestant(name: str, opts: dict, mesh, dev_mesh):
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
     if name.startswith("plait"):
-        pm, po = parallelize(model, adamw, mesh, ParallelConfig(dp=n, zero=int(name[-1]), bucket_mb=opts["bucket_mb"]))
+        par = ParallelConfig(dp=n, zero=int(name[-1]), bucket_mb=opts["bucket_mb"])
+        pm, po = parallelize(model, adamw, mesh, ParallelOptions(parallel=par))
         tokens = x.numel() * n  # plait's contract: each rank divides its summed loss by the global count
 
         def step():
@@ -200,9 +201,22 @@ def fits(state_per_param: dict[str, float], cap: float, seq_len: int) -> dict:
     return {"presets": rows, "largest_preset": largest, "max_params_no_activations": bound}
 
 
+def add_arguments(ap) -> None:
+    """plait bench zero: ZeRO-1/2/3 beside ZeroRedundancyOptimizer and FSDP2."""
+    ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+    ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
+    ap.add_argument("--preset", default="10m", help="model preset")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--mem-cap-gb", type=float, default=80.0, help="memory per rank for the what-fits table")
+    ap.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def main(args) -> int:
-    from plait.metrics import human_bytes
     from plait.testing import run_ranks
+    from plait.train.metrics import human_bytes
 
     world_sizes = [int(r) for r in str(args.ranks).split(",") if r]
     batch = args.batch or 8

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from plait.checkpoint import store
-from plait.checkpoint.state import DIVERGENT, Entry, _scatter_dp, raise_agreed
+from plait.checkpoint.snapshot import read_index
+from plait.checkpoint.state import DIVERGENT, Entry, Shards, _scatter_dp, raise_agreed
 from plait.checkpoint.store import CheckpointError
 
 FORMAT = "plait-safetensors/1"
@@ -40,8 +41,6 @@ def read_checkpoint_model(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Every model tensor of a checkpoint folder at full shape, in one process; and its manifest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from plait.checkpoint.snapshot import read_index
 
     manifest = store.read_manifest(path)
     for entry in manifest.get("files", []):
@@ -84,9 +83,6 @@ def load_safetensors(model, path: str | Path, mesh, model_cfg=None) -> None:
     """
     from safetensors import safe_open
 
-    from plait.checkpoint.manager import check_model
-    from plait.checkpoint.state import Shards
-
     tensor_file, config_file = _paths(path)
     if not tensor_file.is_file():
         raise CheckpointError(f"safetensors file {str(tensor_file)!r} does not exist: give the output of "
@@ -96,7 +92,7 @@ def load_safetensors(model, path: str | Path, mesh, model_cfg=None) -> None:
             saved = json.loads(config_file.read_text())["model"]
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"config file {str(config_file)!r} is not a plait export config ({e})") from e
-        check_model(saved, model_cfg, config_file)
+        store.check_model(saved, model_cfg, config_file)
     entries: list[Entry] = Shards.local_entries(model.module, mesh)
     problems = []
     try:

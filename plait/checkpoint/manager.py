@@ -1,4 +1,4 @@
-"""`Checkpointer`: when to save, saving (atomic, optionally asynchronous), and resuming a Trainer.
+"""`Checkpointer`: when to save, saving (atomic, optionally asynchronous), and resuming a run's state objects.
 
 Communication contract (every rank creates one Checkpointer and calls the same methods in the
 same order, from the training thread):
@@ -17,40 +17,20 @@ import datetime
 import os
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from plait import config as C
 from plait.checkpoint import store
-from plait.checkpoint.snapshot import collect, load_model, restore, single_process
+from plait.checkpoint.export import is_safetensors, load_safetensors
+from plait.checkpoint.snapshot import Parts, collect, load_model, restore, single_process
 from plait.checkpoint.state import DIVERGENT, Shards, layout_of
 from plait.checkpoint.store import CheckpointError
+from plait.config import Config, to_dict
 from plait.errors import ConfigError
 
-# model fields that decide tensor shapes -> the config key that sets them
-SHAPE_FIELDS = {"vocab_size": "model.vocab_size", "n_layers": "model.n_layers", "d_model": "model.d_model",
-                "n_heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "ffn": "model.ffn_hidden",
-                "tie_embeddings": "model.tie_embeddings"}
 
-
-def model_record(model_cfg) -> dict:
-    return {**asdict(model_cfg), "kv_heads": model_cfg.kv_heads, "ffn": model_cfg.ffn}
-
-
-def check_model(saved: dict, model_cfg, source: Path) -> None:
-    """CheckpointError naming `source` and every shape-deciding field that differs from this run's model."""
-    diffs = [(f, key, saved.get(f), getattr(model_cfg, f)) for f, key in SHAPE_FIELDS.items()
-             if saved.get(f) != getattr(model_cfg, f)]
-    if diffs:
-        what = ", ".join(f"{f} = {a} there, {b} here" for f, _, a, b in diffs)
-        fix = " ".join(f"{key}={str(a).lower() if isinstance(a, bool) else a}" for _, key, a, _ in diffs)
-        raise CheckpointError(f"checkpoint {str(source)!r} holds another model shape ({what}): run with the saved "
-                              f"model's settings ({fix}), or use another run folder / checkpoint.dir")
-
-
-def root_of(cfg: C.Config, run_dir: Path | None) -> Path | None:
+def root_of(cfg: Config, run_dir: Path | None) -> Path | None:
     """Where a run's checkpoints live: checkpoint.dir, else RUN_DIR/checkpoints."""
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir)
@@ -58,9 +38,13 @@ def root_of(cfg: C.Config, run_dir: Path | None) -> Path | None:
 
 
 class Checkpointer:
-    def __init__(self, trainer, run_dir: Path | None):
-        self.tr = trainer
-        self.cfg, self.mesh = trainer.cfg, trainer.mesh
+    """Saves and restores `parts` (plait.checkpoint.snapshot.Parts); `model_cfg` is recorded in the
+    manifest and checked on resume (its shape-deciding fields must match)."""
+
+    def __init__(self, cfg: Config, run_dir: Path | None, parts: Parts, model_cfg):
+        self.tr = parts
+        self.model_cfg = model_cfg
+        self.cfg, self.mesh = cfg, parts.mesh
         c, t = self.cfg.checkpoint, self.cfg.train
         self.root = root_of(self.cfg, run_dir)
         self.periodic = c.every > 0 or c.every_minutes > 0
@@ -84,19 +68,49 @@ class Checkpointer:
         self.last_step: int | None = None
         self.last_time = self.started = time.monotonic()
         self.start_step = 0
-        self.skipped = 0  # restored count of skipped steps (the guard adds this session's)
+        self.owed = False  # a save fell due on a skipped step: made on the next good one
 
     # -- resuming ------------------------------------------------------------------------------
-    def _agree_latest(self) -> Path | None:
-        found = store.latest(self.root) if self.root is not None else None
-        step = int(found.name.split("-")[1]) if found is not None else -1
+    def _agree(self, path: Path | None) -> Path | None:
+        """The same checkpoint on every rank (one all-reduce), or CheckpointError."""
+        step = int(path.name.split("-")[1]) if path is not None else -1
         both = torch.tensor([step, -step], dtype=torch.float64, device=self.mesh.device)
         self.mesh.comm.all_reduce(both, self.mesh.world, op="max")
         if int(both[0]) != -int(both[1]):
             raise CheckpointError(f"ranks see different latest checkpoints in {str(self.root)!r} (steps "
                                   f"{-int(both[1])} to {int(both[0])}): checkpoint.dir must be one folder every rank "
                                   f"reads (a shared filesystem)")
-        return found
+        return path
+
+    def _newest_good(self) -> tuple[Path, dict] | None:
+        """The newest complete checkpoint whose files verify. Damaged newer ones are then moved aside
+        to `<name>.damaged` (kept, never deleted; their steps will be saved again), saying so. When
+        none verifies, the newest one's damage is the error and nothing changes."""
+        candidates = store.complete(self.root) if self.root is not None else []
+        damaged: list[tuple[Path, CheckpointError]] = []
+        while True:
+            path = self._agree(candidates.pop() if candidates else None)
+            if path is None:
+                if len(damaged) > 1:
+                    older = ", ".join(d.name for d, _ in damaged[1:])
+                    raise CheckpointError(f"{damaged[0][1]}; no older checkpoint verifies either ({older})")
+                if damaged:
+                    raise damaged[0][1]
+                return None
+            manifest = store.read_manifest(path)
+            try:
+                self.verify(path, manifest)
+            except CheckpointError as e:
+                damaged.append((path, e))
+                continue
+            for bad, e in damaged:
+                aside = bad.with_name(bad.name + ".damaged")
+                if self.lead:
+                    print(f"plait: warning: {e}. Falling back to {path.name}; the damaged checkpoint is kept as "
+                          f"{aside}", flush=True)
+                    bad.rename(aside)
+            self.mesh.comm.barrier(self.mesh.world)
+            return path, manifest
 
     def verify(self, path: Path, manifest: dict) -> None:
         """Check every file's size and sha256 against the manifest (spread over ranks; all agree)."""
@@ -127,14 +141,13 @@ class Checkpointer:
         Else, with checkpoint.init_from, take the initial weights from there. Returns what was loaded.
         """
         tr, mesh = self.tr, self.mesh
-        path = self._agree_latest()
-        if path is None:
+        found = self._newest_good()
+        if found is None:
             if self.cfg.checkpoint.init_from:
                 self.init_weights(self.cfg.checkpoint.init_from)
             return None
-        manifest = store.read_manifest(path)
-        check_model(manifest.get("model", {}), tr.model_cfg, path / store.MANIFEST)
-        self.verify(path, manifest)
+        path, manifest = found
+        store.check_model(manifest.get("model", {}), self.model_cfg, path / store.MANIFEST)
         here = layout_of(self.cfg, mesh)
         saved = manifest["layout"]
         same = saved == here
@@ -148,8 +161,8 @@ class Checkpointer:
                                   f"parallel.bucket_mb={saved['bucket_mb']}, the same world size)")
         same_optim = manifest.get("config", {}).get("optim", {}).get("name") == self.cfg.optim.name
         info = restore(tr, self.shards, path, manifest, same, with_optimizer=same_optim)
-        self.skipped = info.get("skipped_steps", 0)
-        self.last_path, self.last_step, self.start_step = path, tr.step, tr.step
+        step = tr.state.step
+        self.last_path, self.last_step, self.start_step = path, step, step
         if self.lead:
             notes = []
             if not same:
@@ -159,52 +172,51 @@ class Checkpointer:
             if not same_optim:
                 notes.append(f"optim.name changed ({manifest['config']['optim']['name']} -> {self.cfg.optim.name}): "
                              f"the optimizer state starts fresh")
-            print(f"plait: resuming from {path} (step {tr.step}, {tr.samples} samples, saved under dp={saved['dp']} "
+            print(f"plait: resuming from {path} (step {step}, {tr.state.samples} samples, saved under dp={saved['dp']} "
                   f"tp={saved['tp']} pp={saved['pp']})" + "".join(f"; {n}" for n in notes), flush=True)
-        mesh.comm.stats.reset_step(tr.step)  # the loading traffic is no training step's
-        return {"path": path, "step": tr.step, "same_layout": same, **info}
+        mesh.comm.stats.reset_step(step)  # the loading traffic is no training step's
+        return {"path": path, "step": step, "same_layout": same, **info}
 
     def init_weights(self, source: str) -> None:
         """Initial weights from a plait checkpoint or a safetensors export (no optimizer state, step 0)."""
-        from plait.checkpoint.export import is_safetensors, load_safetensors
-
         if is_safetensors(source):
-            load_safetensors(self.tr.model, source, self.mesh, self.tr.model_cfg)
+            load_safetensors(self.tr.model, source, self.mesh, self.model_cfg)
         else:
             path = store.find(source)
             manifest = store.read_manifest(path)
-            check_model(manifest.get("model", {}), self.tr.model_cfg, path / store.MANIFEST)
+            store.check_model(manifest.get("model", {}), self.model_cfg, path / store.MANIFEST)
             self.verify(path, manifest)
             prefix = "replica0/" if manifest["layout"]["sync"] in DIVERGENT else ""
             load_model(self.tr, self.shards, path, prefix)
         if self.lead:
             print(f"plait: initial weights from {source} (checkpoint.init_from)", flush=True)
-        self.mesh.comm.stats.reset_step(self.tr.step)
+        self.mesh.comm.stats.reset_step(self.tr.state.step)
 
     # -- saving --------------------------------------------------------------------------------
-    def manifest(self, reason: str, skipped: int) -> dict:
-        tr = self.tr
-        return {"step": tr.step, "samples": tr.samples, "skipped_steps": skipped, "reason": reason,
+    def manifest(self, reason: str) -> dict:
+        st = self.tr.state
+        return {"step": st.step, "samples": st.samples, "skipped_steps": st.skipped_steps, "reason": reason,
                 "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                "layout": layout_of(self.cfg, self.mesh), "model": model_record(tr.model_cfg),
-                "config": C.to_dict(self.cfg), "torch": torch.__version__}
+                "layout": layout_of(self.cfg, self.mesh), "model": store.model_record(self.model_cfg),
+                "config": to_dict(self.cfg), "torch": torch.__version__}
 
-    def save(self, reason: str, skipped: int = 0) -> Path:
+    def save(self, reason: str) -> Path:
         """Write a checkpoint of the current step (collective); returns its final folder."""
         import torch.distributed.checkpoint as dcp
 
         tr, mesh = self.tr, self.mesh
+        step = tr.state.step
         self.wait()
-        final, tmp = store.step_dir(self.root, tr.step), store.tmp_dir(self.root, tr.step)
+        final, tmp = store.step_dir(self.root, step), store.tmp_dir(self.root, step)
         if final.exists():  # this very step is saved already (resumed and stopped again at once)
-            self.last_path, self.last_step = final, tr.step
+            self.last_path, self.last_step = final, step
             return final
         if self.lead:
             self.root.mkdir(parents=True, exist_ok=True)
             store.remove_stale(self.root)
         mesh.comm.barrier(mesh.world)  # nobody writes before the stale folders are gone
-        sd = collect(tr, self.shards, copy=self.asynchronous, skipped=skipped)
-        manifest = self.manifest(reason, skipped)
+        sd = collect(tr, self.shards, copy=self.asynchronous)
+        manifest = self.manifest(reason)
         if self.asynchronous:
             alone = {"no_dist": True} if single_process() else {}  # (torch 2.11's async_save may lack no_dist)
             fut = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group, **alone)
@@ -216,8 +228,8 @@ class Checkpointer:
             if self.lead:
                 self._commit(tmp, final, manifest)
             mesh.comm.barrier(mesh.world)
-        self.last_path, self.last_step, self.last_time = final, tr.step, time.monotonic()
-        mesh.comm.stats.reset_step(tr.step)  # the save's traffic is no training step's
+        self.last_path, self.last_step, self.last_time = final, step, time.monotonic()
+        mesh.comm.stats.reset_step(step)  # the save's traffic is no training step's
         return final
 
     def _commit(self, tmp: Path, final: Path, manifest: dict) -> None:
@@ -226,8 +238,8 @@ class Checkpointer:
 
     def _fault_in_save(self) -> None:
         t = self.cfg.train
-        if t.fault == "kill_in_save" and t.fault_rank == self.mesh.rank and t.fault_step == self.tr.step:
-            if fault_once(self.root, "kill_in_save"):
+        if t.fault == "kill_in_save" and t.fault_rank == self.mesh.rank and t.fault_step == self.tr.state.step:
+            if store.fault_once(self.root, "kill_in_save"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def poll(self) -> None:
@@ -254,39 +266,30 @@ class Checkpointer:
         stop = t.exit_after_minutes > 0 and now - self.started >= 60 * t.exit_after_minutes
         return save, stop
 
-    def after_step(self, guard) -> str | None:
-        """Save when due; returns the reason to stop now (a planned stop, after saving), or None."""
+    def after_step(self, *, save_due: bool = False, stop_due: bool = False, skipped: bool = False) -> str | None:
+        """Save when due; returns the reason to stop now (a planned stop, after saving), or None.
+
+        `save_due` / `stop_due`: the step's agreed clock decisions; `skipped`: the step's update was
+        skipped (its compression residuals may not be good: a save due now waits for the next good step).
+        """
         self.poll()
         t, c = self.cfg.train, self.cfg.checkpoint
-        step = self.tr.step
+        step = self.tr.state.step
         stop = None
         if t.exit_after_steps and step - self.start_step >= t.exit_after_steps and step < t.steps:
             stop = "train.exit_after_steps"
-        elif guard.stop_due and step < t.steps:
+        elif stop_due and step < t.steps:
             stop = "train.exit_after_minutes"
-        due = self.root is not None and ((c.every and step % c.every == 0) or guard.save_due)
-        # a skipped step leaves the parameters good, but its compression residuals may not be: wait a step
-        if stop or (due and not guard.last_skipped):
-            self.save(stop or "periodic", guard.skipped_total)
+        self.owed |= self.root is not None and ((c.every and step % c.every == 0) or save_due)
+        if stop or (self.owed and not skipped):
+            self.save(stop or "periodic")
+            self.owed = False
         if stop:
             self.wait()
         return stop
 
-    def finish(self, guard) -> None:
+    def finish(self) -> None:
         """End of the run: a last checkpoint when checkpointing is on, and every save committed."""
-        if self.periodic and self.root is not None and self.last_step != self.tr.step:
-            self.save("end", guard.skipped_total)
+        if self.periodic and self.root is not None and self.last_step != self.tr.state.step:
+            self.save("end")
         self.wait()
-
-
-def fault_once(root: Path, kind: str) -> bool:
-    """True the first time a debug fault fires for this checkpoint folder (a marker file makes it once)."""
-    marker = Path(root) / f".fault-{kind}-done"
-    if marker.exists():
-        return False
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write("fired\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return True

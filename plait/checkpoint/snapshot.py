@@ -1,8 +1,14 @@
-"""A Trainer's state as one DCP state dict (`collect`), and back (`restore`). Key layout: plait.checkpoint.state."""
+"""A run's state objects as one DCP state dict (`collect`), and back (`restore`). Key layout: plait.checkpoint.state.
+
+The state objects (`Parts`): the parallel model and optimizer, the loop's TrainState (step,
+samples, skipped steps) and any extras with `state_dict()` / `load_state_dict()` (the gradient
+noise scale's running estimate). Nothing here knows the training loop.
+"""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +46,18 @@ def single_process() -> bool:
 
 
 
+@dataclass
+class Parts:
+    """What a checkpoint holds, as objects: saved by `collect`, loaded in place by `restore`."""
+
+    model: object  # a ParallelModel
+    optimizer: object  # a ParallelOptimizer
+    state: object  # a TrainState
+    mesh: object
+    strategy: str = "every_step"  # sync.strategy: diverging replicas save per replica
+    extras: dict = field(default_factory=dict)  # name -> object with state_dict / load_state_dict
+
+
 def replica_prefix(strategy: str, mesh) -> str:
     return f"replica{mesh.dp_index}/" if strategy in DIVERGENT else ""
 
@@ -48,15 +66,15 @@ def _names(module: torch.nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in module.named_parameters()}  # each parameter once, under its first name
 
 
-def collect(tr, shards: Shards, copy: bool = False, skipped: int = 0) -> dict:
+def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
     """Everything needed to continue `tr` exactly, as a flat state dict for dcp.save (every rank calls it).
 
     `copy`: clone tensors (an asynchronous save writes while training goes on). ZeRO optimizers
     gather their state over mesh.dp here (a collective); nothing else communicates.
     """
-    mesh, cfg = tr.mesh, tr.cfg
+    mesh = tr.mesh
     keep = (lambda t: t.detach().clone()) if copy else (lambda t: t)
-    pre = replica_prefix(cfg.sync.strategy, mesh)
+    pre = replica_prefix(tr.strategy, mesh)
     sd: dict = {}
     entries = shards.entries(tr.model.module)
     for e in entries:
@@ -74,13 +92,10 @@ def collect(tr, shards: Shards, copy: bool = False, skipped: int = 0) -> dict:
                 sd[key] = shards.wrap(keep(v), split[name])
             else:
                 sd[key] = keep(v) if torch.is_tensor(v) else v
-    sd["trainer/step"] = tr.step
-    sd["trainer/samples"] = tr.samples
-    sd["trainer/skipped_steps"] = skipped
-    noise = getattr(tr, "noise", None)
-    est = getattr(noise, "estimate", None)
-    if est is not None:  # the gradient noise scale's running estimate (a metric)
-        flatten("trainer/noise", {"g2": est.g2, "trace": est.trace, "updates": est.updates}, sd)
+    for k, v in tr.state.state_dict().items():
+        sd[f"trainer/{k}"] = v
+    for name, obj in tr.extras.items():  # e.g. the gradient noise scale's running estimate (a metric)
+        flatten(f"trainer/{name}", obj.state_dict(), sd)
     scaler = getattr(tr.optimizer, "scaler", None)
     if scaler is not None:  # fp16: the loss scale and its schedule
         flatten("trainer/loss_scale", scaler.state_dict(), sd)
@@ -105,7 +120,7 @@ def read_index(path: Path):
                               f" {e}): the checkpoint is damaged") from e
 
 
-def load_model(tr, shards: Shards, path: Path, prefix: str = "") -> None:
+def load_model(tr: Parts, shards: Shards, path: Path, prefix: str = "") -> None:
     """Load only the model's tensors from a checkpoint folder into `tr`, in place, in any layout (collective)."""
     import torch.distributed.checkpoint as dcp
 
@@ -120,7 +135,7 @@ def load_model(tr, shards: Shards, path: Path, prefix: str = "") -> None:
             _scatter_dp(params[e.name], e.tensor, tr.mesh)
 
 
-def restore(tr, shards: Shards, path: Path, manifest: dict, same_layout: bool, with_optimizer: bool) -> dict:
+def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: bool, with_optimizer: bool) -> dict:
     """Load a checkpoint into `tr` (collective over every rank). Returns what was restored.
 
     Model and optimizer state load under any layout; per-rank state (RNG, compression residuals,
@@ -179,12 +194,12 @@ def restore(tr, shards: Shards, path: Path, manifest: dict, same_layout: bool, w
         state = {slot: {k: (tmpl[v] if isinstance(v, str) else v) for k, v in st.items()}
                  for slot, st in pending.items()}
         load_optimizer_state(opt, state)
-    tr.step = int(tmpl["trainer/step"])  # the learning-rate schedule follows from it
-    tr.samples = int(tmpl["trainer/samples"])  # the data position
-    out["skipped_steps"] = int(tmpl.get("trainer/skipped_steps") or 0)
-    noise, est = unflatten(tmpl, "trainer/noise"), getattr(getattr(tr, "noise", None), "estimate", None)
-    if noise and est is not None:
-        est.g2, est.trace, est.updates = noise["g2"], noise["trace"], noise["updates"]
+    # the step (the learning-rate schedule follows from it), the data position, the skipped steps
+    tr.state.load_state_dict({k: tmpl.get(f"trainer/{k}") for k in tr.state.state_dict()})
+    for name, obj in tr.extras.items():
+        saved = unflatten(tmpl, f"trainer/{name}")
+        if saved:
+            obj.load_state_dict(saved)
     scale, scaler = unflatten(tmpl, "trainer/loss_scale"), getattr(tr.optimizer, "scaler", None)
     if scale and scaler is not None:
         scaler.load_state_dict(scale)

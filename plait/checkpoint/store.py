@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from plait.errors import ConfigError
@@ -178,3 +179,37 @@ def prune(root: Path, keep: int) -> list[Path]:
         d.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
     return old
+
+
+# model fields that decide tensor shapes -> the config key that sets them
+SHAPE_FIELDS = {"vocab_size": "model.vocab_size", "n_layers": "model.n_layers", "d_model": "model.d_model",
+                "n_heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "ffn": "model.ffn_hidden",
+                "tie_embeddings": "model.tie_embeddings"}
+
+
+def model_record(model_cfg) -> dict:
+    return {**asdict(model_cfg), "kv_heads": model_cfg.kv_heads, "ffn": model_cfg.ffn}
+
+
+def check_model(saved: dict, model_cfg, source: Path) -> None:
+    """CheckpointError naming `source` and every shape-deciding field that differs from this run's model."""
+    diffs = [(f, key, saved.get(f), getattr(model_cfg, f)) for f, key in SHAPE_FIELDS.items()
+             if saved.get(f) != getattr(model_cfg, f)]
+    if diffs:
+        what = ", ".join(f"{f} = {a} there, {b} here" for f, _, a, b in diffs)
+        fix = " ".join(f"{key}={str(a).lower() if isinstance(a, bool) else a}" for _, key, a, _ in diffs)
+        raise CheckpointError(f"checkpoint {str(source)!r} holds another model shape ({what}): run with the saved "
+                              f"model's settings ({fix}), or use another run folder / checkpoint.dir")
+
+
+def fault_once(root: Path, kind: str) -> bool:
+    """True the first time a debug fault fires for this checkpoint folder (a marker file makes it once)."""
+    marker = Path(root) / f".fault-{kind}-done"
+    if marker.exists():
+        return False
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("fired\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return True

@@ -1,6 +1,7 @@
 """Every collective and point-to-point call plait makes goes through `Comm`.
 
-Each call records (op, group, bytes on the wire by the ring formula, wall time) in `Comm.stats`.
+Each call records (op, group, bytes on the wire as the group's backend sends them, bytes by the
+algorithm's formula, wall time) in `Comm.stats` (plait.comm.accounting says where they differ).
 Asynchronous calls return a `Handle`; the time spent in `Handle.wait()` is added to the record.
 A collective that fails (a timeout, a peer that died) is re-raised as `CommError` naming the rank,
 the operation, the group and the step, with this rank's last collectives, instead of a bare
@@ -42,7 +43,8 @@ class Handle:
         self.done = False
 
     def is_completed(self) -> bool:
-        """True when every request of this operation has finished (does not block, records nothing)."""
+        """True when every request of this operation has finished (does not block, records
+        nothing)."""
         return self.done or all(w.is_completed() for w in self._works)
 
     def wait(self) -> None:
@@ -53,7 +55,8 @@ class Handle:
             for w in self._works:
                 w.wait()
         except RuntimeError as e:
-            raise self._comm._error(self._rec.op if self._rec else "?", self._rec.group if self._rec else "?", e) from e
+            op, group = (self._rec.op, self._rec.group) if self._rec else ("?", "?")
+            raise self._comm._error(op, group, e) from e
         if self._rec is not None:
             self._comm.stats.add_wait(self._rec, time.perf_counter() - t0)
         if self._after is not None:
@@ -73,6 +76,25 @@ class Comm:
     def __init__(self, rank: int = 0):
         self.rank = rank
         self.stats = CommStats()
+        self._backends: dict[int, str] = {}  # id(process group) -> backend name
+
+    def backend(self, group: Group) -> str | None:
+        """The backend of `group`'s process group (None for a group of one)."""
+        if group.pg is None:
+            return None
+        key = id(group.pg)
+        if key not in self._backends:
+            self._backends[key] = str(dist.get_backend(group.pg))
+        return self._backends[key]
+
+    def account(self, op: str, group: Group, nbytes: int, seconds: float = 0.0,
+                count: int | None = None) -> Record:
+        """Record one collective with both byte counts (plait.comm.accounting.wire_bytes: `count`).
+
+        Also for collectives issued outside this Comm on `group`'s process group (FSDP2's own).
+        """
+        wire = wire_bytes(op, nbytes, group.size, self.backend(group), count)  # carries .formula
+        return self.stats.record(op, group.name, nbytes, wire, seconds)
 
     # -- helpers ---------------------------------------------------------------------------
     def _error(self, op: str, group: str, e: Exception) -> CommError:
@@ -81,21 +103,22 @@ class Comm:
             f"last collectives of rank {self.rank}:\n{self.stats.describe_recent()}"
         )
 
-    def _run(self, op: str, group: Group, nbytes: int, fn, async_op: bool, after=None) -> Handle:
+    def _run(self, op: str, group: Group, nbytes: int, fn, async_op: bool, after=None,
+             count: int | None = None) -> Handle:
         t0 = time.perf_counter()
         try:
             work = fn()
         except RuntimeError as e:
             raise self._error(op, group.name, e) from e
-        rec = self.stats.record(op, group.name, nbytes, wire_bytes(op, nbytes, group.size),
-                                time.perf_counter() - t0)
+        rec = self.account(op, group, nbytes, time.perf_counter() - t0, count)
         h = Handle(self, [work] if work is not None else [], rec, after)
         if not async_op:
             h.wait()
         return h
 
     # -- collectives -----------------------------------------------------------------------
-    def all_reduce(self, t: torch.Tensor, group: Group, op: str = "sum", async_op: bool = False) -> Handle:
+    def all_reduce(self, t: torch.Tensor, group: Group, op: str = "sum",
+                   async_op: bool = False) -> Handle:
         """In-place all-reduce of `t` over `group`. op: sum | avg | max | min.
 
         avg is a sum followed by a division (gloo has no AVG).
@@ -105,16 +128,19 @@ class Comm:
         rop = _REDUCE_OPS["sum" if op == "avg" else op]
         after = (lambda: t.div_(group.size)) if op == "avg" else None
         return self._run("all_reduce", group, t.numel() * t.element_size(),
-                         lambda: dist.all_reduce(t, op=rop, group=group.pg, async_op=True), async_op, after)
+                         lambda: dist.all_reduce(t, op=rop, group=group.pg, async_op=True),
+                         async_op, after, count=t.numel())
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, group: Group, async_op: bool = False) -> Handle:
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, group: Group,
+                   async_op: bool = False) -> Handle:
         """Concatenate every member's `inp` along dim 0 into `out` (size = group.size * inp)."""
         if group.size == 1:
             if out.data_ptr() != inp.data_ptr():
                 out.copy_(inp.view_as(out))
             return _Done(self)
         return self._run("all_gather", group, out.numel() * out.element_size(),
-                         lambda: _all_gather_single(out, inp, group=group.pg, async_op=True), async_op)
+                         lambda: _all_gather_single(out, inp, group=group.pg, async_op=True),
+                         async_op)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, group: Group, op: str = "sum",
                        async_op: bool = False) -> Handle:
@@ -126,27 +152,34 @@ class Comm:
         rop = _REDUCE_OPS["sum" if op == "avg" else op]
         after = (lambda: out.div_(group.size)) if op == "avg" else None
         return self._run("reduce_scatter", group, inp.numel() * inp.element_size(),
-                         lambda: _reduce_scatter_single(out, inp, op=rop, group=group.pg, async_op=True),
-                         async_op, after)
+                         lambda: _reduce_scatter_single(out, inp, op=rop, group=group.pg,
+                                                        async_op=True),
+                         async_op, after, count=inp.numel())
 
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, group: Group, async_op: bool = False) -> Handle:
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, group: Group,
+                   async_op: bool = False) -> Handle:
         if group.size == 1:
             out.copy_(inp)
             return _Done(self)
         return self._run("all_to_all", group, inp.numel() * inp.element_size(),
-                         lambda: dist.all_to_all_single(out, inp, group=group.pg, async_op=True), async_op)
-
-    def broadcast(self, t: torch.Tensor, src: int, group: Group, async_op: bool = False) -> Handle:
-        """Broadcast from group member `src` (a group rank, not a global rank)."""
-        if group.size == 1:
-            return _Done(self)
-        nbytes = t.numel() * t.element_size() if group.rank == src else 0
-        return self._run("broadcast", group, nbytes,
-                         lambda: dist.broadcast(t, src=group.global_rank(src), group=group.pg, async_op=True),
+                         lambda: dist.all_to_all_single(out, inp, group=group.pg, async_op=True),
                          async_op)
 
-    def p2p(self, sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]],
-            group: Group, async_op: bool = True) -> Handle:
+    def broadcast(self, t: torch.Tensor, src: int, group: Group, async_op: bool = False) -> Handle:
+        """Broadcast from group member `src` (a group rank, not a global rank).
+
+        Every other member receives one copy: the source records the group's (n−1)·size."""
+        if group.size == 1:
+            return _Done(self)
+        mine = group.rank == src
+        return self._run("broadcast", group, t.numel() * t.element_size() if mine else 0,
+                         lambda: dist.broadcast(t, src=group.global_rank(src), group=group.pg,
+                                                async_op=True),
+                         async_op, count=None if mine else 0)
+
+    def p2p(self, sends: Sequence[tuple[torch.Tensor, int]],
+            recvs: Sequence[tuple[torch.Tensor, int]], group: Group,
+            async_op: bool = True) -> Handle:
         """Batched point-to-point: `sends`/`recvs` are (tensor, peer group rank) pairs.
 
         All operations are posted together (batch_isend_irecv), so a pair of ranks that both send
@@ -158,7 +191,7 @@ class Comm:
         copies to the device. This is the one-GPU test mode (several gloo ranks sharing one GPU);
         with NCCL, tensors are sent from device memory as they are.
         """
-        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, host buffer) per receive
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (device tensor, host buffer) each
         staging = self._host_staged(group, [t for t, _ in (*sends, *recvs)])
         if staging:
             sends = [(t.cpu(), p) for t, p in sends]
@@ -174,9 +207,9 @@ class Comm:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as e:
             raise self._error("p2p", group.name, e) from e
-        rec = self.stats.record("send" if sends else "recv", group.name, nbytes,
-                                float(nbytes), time.perf_counter() - t0)
-        held = [t for t, _ in sends] if staging else []  # host copies outlive the operation in the closure
+        rec = self.account("send" if sends else "recv", group, nbytes, time.perf_counter() - t0,
+                           count=len(sends))
+        held = [t for t, _ in sends] if staging else []  # host copies live as long as the closure
 
         def unstage():
             for dev, host in staged:
@@ -190,7 +223,8 @@ class Comm:
 
     @staticmethod
     def _host_staged(group: Group, tensors: list[torch.Tensor]) -> bool:
-        """True when point-to-point over `group` must go through host memory (gloo with CUDA tensors)."""
+        """True when point-to-point over `group` must go through host memory (gloo with CUDA
+        tensors)."""
         return any(t.is_cuda for t in tensors) and dist.get_backend(group.pg) == "gloo"
 
     def barrier(self, group: Group) -> None:

@@ -2,10 +2,11 @@
 
 What is sharded: every parameter of the model (or pipeline stage) this rank holds, along dim 0 over
 mesh.dp: FSDP2 pads dim 0 to a multiple of Nd and rank r keeps rows [r·c, (r+1)·c), c = ⌈d0/Nd⌉.
-Units: each transformer block (a `plait.models.gpt.Block`, else each child of an nn.ModuleList) is
-one `fully_shard` unit, the module itself the root unit (embedding, final norm, head). Tensor-
-parallel layers hold plain tensors already split over tp, so FSDP2 splits those shards once more
-over dp; a pipeline stage is a module like any other (`PipelineStage` holding blocks).
+Units: each transformer block (the model's ParallelSpec `block_types`, else each child of an
+nn.ModuleList) is one `fully_shard` unit, the module itself the root unit (embedding, final norm,
+head). Tensor-parallel layers hold plain tensors already split over tp, so FSDP2 splits those
+shards once more over dp; a pipeline stage is a module like any other (`PipelineStage` holding
+blocks, and answering with its model's spec).
 
 Communication contract (FSDP2's own collectives on mesh.dp's process group, which bypass
 plait.comm; their bytes are written into `mesh.comm.stats` by formula, here):
@@ -43,6 +44,7 @@ import torch.nn as nn
 from plait.comm import wire_bytes
 from plait.data_parallel.zero_optim import Piece, ZeroOptimizer, leaf_of, slots_of
 from plait.mesh import Mesh
+from plait.parallel_spec import blocks_of
 
 _ATTRS = ("plait_tp_replicated", "plait_tp_shard", "plait_tp_grad_hook")
 
@@ -65,10 +67,9 @@ def padded_numel(shape: torch.Size, n: int) -> int:
 
 
 def units_of(model: nn.Module) -> list[nn.Module]:
-    """The fully_shard units below the root: plait's transformer blocks, else ModuleList children."""
-    from plait.models.gpt import Block
-
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    """The fully_shard units below the root: the blocks of the model's ParallelSpec
+    (plait.parallel_spec.blocks_of), else each child of an nn.ModuleList."""
+    blocks = blocks_of(model)
     if blocks:
         return blocks
     return [c for m in model.modules() if isinstance(m, nn.ModuleList) for c in m]

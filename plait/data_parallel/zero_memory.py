@@ -70,17 +70,6 @@ def zero_formula(stage: int, psi: int, nd: int, padding: int = 0, owned: int | N
     return {"parameters": params, "gradients": grads, "optimizer_state": k * owned}
 
 
-def measure_zero(zo) -> dict:
-    """Model-state bytes of a ZeroOptimizer's rank, now (called at the end of its first step)."""
-    params, grads = zo.memory_sources()
-    elem, scalar = optimizer_bytes(zo.inner.state)
-    out = {"zero": zo.stage, "dp": zo.mesh.dp_size, "psi": psi_of(params), "padding": int(getattr(zo, "padding", 0)),
-           "owned": sum(pc.length for pc in zo.pieces), "parameters": storage_bytes(params),
-           "gradients": storage_bytes(grads), "optimizer_state": elem, "optimizer_scalars": scalar}
-    out["model_state"] = out["parameters"] + out["gradients"] + out["optimizer_state"] + scalar
-    return out
-
-
 def memory_breakdown(model, optimizer) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer state (the run summary's `memory`).
 
@@ -89,11 +78,9 @@ def memory_breakdown(model, optimizer) -> dict:
     freed between steps, and autograd's one gradient per parameter is counted from the shapes.
     Each entry also carries the formula's value (`formula`, K from the state actually held).
     """
-    from plait.data_parallel.zero_optim import ZeroOptimizer
-
     inner = getattr(optimizer, "optimizer", optimizer)
-    if isinstance(inner, ZeroOptimizer):
-        out = dict(inner.measured) if inner.measured is not None else measure_zero(inner)
+    if hasattr(inner, "measure_memory"):  # a ZeRO optimizer measures its own shards
+        out = dict(inner.measured) if inner.measured is not None else inner.measure_memory()
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         reducer = getattr(optimizer, "reducer", None)

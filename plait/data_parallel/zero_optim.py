@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from plait.data_parallel.zero_memory import optimizer_bytes, psi_of, storage_bytes
 from plait.errors import ConfigError
 from plait.mesh import Mesh
 from plait.optim.layerwise import GroupNormReducer
@@ -153,10 +154,19 @@ class ZeroOptimizer:
         if self.after_step is not None:
             self.after_step()
         if self.measured is None and self.memory_sources is not None:
-            from plait.data_parallel.zero_memory import measure_zero
-
-            self.measured = measure_zero(self)
+            self.measured = self.measure_memory()
         return loss
+
+    def measure_memory(self) -> dict:
+        """Model-state bytes of this rank, now (called at the end of the first step); see zero_memory."""
+        params, grads = self.memory_sources()
+        elem, scalar = optimizer_bytes(self.inner.state)
+        out = {"zero": self.stage, "dp": self.mesh.dp_size, "psi": psi_of(params),
+               "padding": int(getattr(self, "padding", 0)), "owned": sum(pc.length for pc in self.pieces),
+               "parameters": storage_bytes(params), "gradients": storage_bytes(grads),
+               "optimizer_state": elem, "optimizer_scalars": scalar}
+        out["model_state"] = out["parameters"] + out["gradients"] + out["optimizer_state"] + scalar
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for pc in self.pieces:

@@ -1,5 +1,19 @@
-"""Reference models. No distributed code lives here."""
+"""Reference models. No distributed code lives here.
 
-from plait.models.gpt import GPT, PRESETS, GPTConfig, build_config, count_params, flops_per_token, lm_loss
+`gpt.py` is the model; `gpt_spec.py` is how plait's parallel transforms split it (its
+ParallelSpec, registered for the GPT class when this package is imported).
+"""
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "build_config", "count_params", "flops_per_token", "lm_loss"]
+from plait.models.gpt import (
+    GPT,
+    PRESETS,
+    GPTConfig,
+    build_config,
+    count_params,
+    flops_per_token,
+    lm_loss,
+)
+from plait.models.gpt_spec import GPT_PLAN, GPT_SPEC
+
+__all__ = ["GPT", "GPTConfig", "GPT_PLAN", "GPT_SPEC", "PRESETS", "build_config", "count_params",
+           "flops_per_token", "lm_loss"]

@@ -100,6 +100,12 @@ class NoiseScale:
         self.updates += 1
         return self.value
 
+    def state_dict(self) -> dict:
+        return {"g2": self.g2, "trace": self.trace, "updates": self.updates}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.g2, self.trace, self.updates = sd["g2"], sd["trace"], int(sd["updates"])
+
     @property
     def value(self):
         """The current B_simple in samples, or None (NaN for tensors) while the smoothed |G|² is not positive."""
@@ -127,20 +133,19 @@ class NoiseScaleMonitor:
     Call `begin_step()` before a step's first forward and `end_step(optimizer, global_batch)`
     after `optimizer.step()` and before `zero_grad()` (the reduced gradients must still be in
     .grad when the optimizer did not clip). The estimate stays on the device (no host
-    synchronization per step); every `check_every` steps the lead rank reads it and warns, once
-    per direction, when the global batch is more than `factor` times above or below it (from
-    step `warn_after` on).
+    synchronization per step); at logging steps the loop reads it and passes it to `check`,
+    which warns when the global batch is far from it.
     """
 
     def __init__(self, params: list[nn.Parameter], mesh, micro_batch: int, beta: float = 0.95,
-                 factor: float = 10.0, warn_after: int = 20, check_every: int = 20, lead: bool = True):
+                 factor: float = 10.0, warn_after: int | None = None, lead: bool | None = None):
         self.mesh = mesh
         self.micro = micro_batch
         self.estimate = NoiseScale(beta)
         self.factor = factor
-        self.warn_after = warn_after
-        self.check_every = check_every
-        self.lead = lead
+        self.warn_after = warn_after if warn_after is not None else math.ceil(3 / (1 - beta))
+        self.lead = lead if lead is not None else mesh.rank == 0
+        self._last_check: float | None = None
         self.warned: set[str] = set()
         self.active = False
         self._sq = torch.zeros((), dtype=torch.float32, device=mesh.device)
@@ -168,14 +173,16 @@ class NoiseScaleMonitor:
         return self._sq / self._scale ** 2 if self._scale != 1.0 else self._sq
 
     def end_step(self, optimizer, global_batch: int, dp_sum: torch.Tensor | None = None,
-                 applied: bool = True) -> dict:
+                 applied: bool = True, world_sum: float | None = None) -> dict:
         """Fold this step in; returns {'critical_batch': the smoothed estimate} (a 0-d tensor, NaN while
         there is none; None before the first step with two batch sizes). See `metric_value`.
 
         `dp_sum`: `local_sum` already summed over mesh.dp by the caller (the trainer sends it in the
         loss's all-reduce); then only model-parallel pieces are summed here (over mesh.mp, when it has
-        more than one rank). None: end_step sums it over mesh.world itself. `applied` False (an fp16
-        overflow skipped the update on every rank): the step is left out.
+        more than one rank). `world_sum`: `local_sum` summed over mesh.world by the caller (the
+        training loop's step agreement carries it): no collective here. Neither: end_step sums it over
+        mesh.world itself. `applied` False (an fp16 overflow skipped the update on every rank): the
+        step is left out.
         """
         self.active = False
         B, b = global_batch, self.micro
@@ -188,7 +195,12 @@ class NoiseScaleMonitor:
             for p in self.counted:
                 if p.grad is not None:
                     big_local += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
-        if dp_sum is None:
+        if world_sum is not None:
+            small = torch.tensor(world_sum, dtype=torch.float32, device=self.mesh.device)
+            big_sum = big_local
+            if own_norm:
+                self.mesh.comm.all_reduce(big_sum, self.mesh.world)
+        elif dp_sum is None:
             vec = torch.stack([self.local_sum, big_local])
             self.mesh.comm.all_reduce(vec, self.mesh.world)
             small, big_sum = vec[0], vec[1]
@@ -204,11 +216,20 @@ class NoiseScaleMonitor:
         else:
             norm = optimizer.last_grad_norm if clipped else optimizer.grad_norm()  # the pre-clipping norm
             sq_big = torch.as_tensor(norm, dtype=torch.float32, device=small.device).square()
-        value = self.estimate.update(b, sq_small, B, sq_big)
+        return {"critical_batch": self.estimate.update(b, sq_small, B, sq_big)}
+
+    def check(self, global_batch: int, value: float | None) -> None:
+        """At a logging step, with the estimate read on the host: warn once per direction when the
+        global batch is `factor` times off, and only once the estimate is reliable: after
+        `warn_after` updates (3/(1−β): the EMAs' zero start has faded below 5%) and when it agrees
+        within 2× with its value at the previous check (the estimate grows as the loss falls)."""
         n = self.estimate.updates
-        if self.lead and n >= self.warn_after and n % self.check_every == 0:
-            self._maybe_warn(B, metric_value(value))
-        return {"critical_batch": value}
+        last, self._last_check = self._last_check, value
+        if not self.lead or value is None or last is None or n < self.warn_after:
+            return
+        if max(value, last) > 2 * min(value, last):
+            return
+        self._maybe_warn(global_batch, value)
 
     def _maybe_warn(self, B: int, value: float | None) -> None:
         if value is None:

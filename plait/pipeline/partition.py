@@ -1,9 +1,10 @@
 """Split a model into pipeline stages: the layer protocol, the balanced split, the stage module.
 
-Protocol. A model takes part in the pipeline when it is an ordered list of layers, each mapping
-one hidden-state tensor to the next (the first reads the model input, the last returns what the
-loss reads). Three kinds fit:
-- plait's `GPT`: token embedding, each block (with the RoPE tables it needs), final norm + head;
+Protocol. A model takes part in the pipeline when it is an ordered list of layers
+(plait.parallel_spec.Layer), each mapping one hidden-state tensor to the next (the first reads the
+model input, the last returns what the loss reads). Three kinds fit:
+- a model whose ParallelSpec has a `pipeline_cut` (plait's GPT: token embedding, each block with
+  the RoPE tables it needs, final norm + head);
 - an `nn.Sequential`: its children in order;
 - any module with `pipeline_layers()` returning `[(name, module), ...]` in order, where `name`
   is the module's dotted name in the model (so state-dict keys keep their names). Optionally
@@ -27,52 +28,7 @@ import torch
 import torch.nn as nn
 
 from plait.errors import ConfigError
-from plait.models.gpt import GPT
-
-Call = Callable[[tuple[nn.Module, ...], torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def _apply_one(mods, x, shared):
-    return mods[0](x)
-
-
-def _rope_block(mods, x, shared):
-    T = shared["seq_len"]  # the model input's length: under sequence parallelism x holds only 1/tp of it
-    return mods[0](x, shared["rope_cos"][:T], shared["rope_sin"][:T])
-
-
-def _norm_head(mods, x, shared):
-    return mods[1](mods[0](x))
-
-
-@dataclass
-class Layer:
-    """One unit of the split: modules under their dotted names in the original model, and how to call them."""
-
-    names: tuple[str, ...]
-    modules: tuple[nn.Module, ...]
-    call: Call = _apply_one
-    block: bool = True  # counts toward "one block per stage" (a GPT's embedding and head do not)
-
-    def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules for p in m.parameters()]
-
-
-@dataclass
-class PipelineSpec:
-    layers: list[Layer]
-    shared: dict[str, torch.Tensor]  # read-only tables every stage keeps (a GPT's RoPE cos/sin)
-    hidden: Callable[[torch.Tensor], tuple[tuple[int, ...], torch.dtype]]  # model input -> hidden (shape, dtype)
-    keys: list[str]  # the model's state-dict keys, in order
-
-
-@dataclass(frozen=True)
-class _GPTHidden:
-    d_model: int
-    dtype: torch.dtype
-
-    def __call__(self, idx: torch.Tensor):
-        return (*idx.shape, self.d_model), self.dtype  # (B, T) token ids -> (B, T, D)
+from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, spec_of
 
 
 @dataclass(frozen=True)
@@ -95,16 +51,9 @@ class _SameAsInput:
 
 def pipeline_spec(model: nn.Module) -> PipelineSpec:
     """The model as an ordered list of layers; ConfigError if it does not fit the protocol."""
-    keys = list(model.state_dict().keys())
-    if isinstance(model, GPT):
-        if model.cfg.tie_embeddings:
-            raise ConfigError("model.tie_embeddings = true with parallel.pp > 1: the embedding (first stage) and the "
-                              "output head (last stage) cannot share one weight; set model.tie_embeddings=false")
-        layers = [Layer(("tok_emb",), (model.tok_emb,), block=False)]
-        layers += [Layer((f"blocks.{i}",), (b,), _rope_block) for i, b in enumerate(model.blocks)]
-        layers.append(Layer(("norm", "lm_head"), (model.norm, model.lm_head), _norm_head, block=False))
-        return PipelineSpec(layers, {"rope_cos": model.rope_cos, "rope_sin": model.rope_sin},
-                            _GPTHidden(model.cfg.d_model, model.tok_emb.weight.dtype), keys)
+    cut = spec_of(model).pipeline_cut
+    if cut is not None:
+        return _covering(cut(model), "the model's pipeline cut")
     if hasattr(model, "pipeline_layers"):
         pairs = list(model.pipeline_layers())
         hidden = getattr(model, "pipeline_hidden", None) or _SameAsInput()
@@ -124,11 +73,16 @@ def pipeline_spec(model: nn.Module) -> PipelineSpec:
         if found is not mod:
             raise ConfigError(f"pipeline_layers(): {name!r} is not the dotted name of that module in the model")
         layers.append(Layer((name,), (mod,)))
-    spec = PipelineSpec(layers, {}, hidden, keys)
-    covered = {f"{n}.{k}" for layer in layers for n, m in zip(layer.names, layer.modules) for k in m.state_dict()}
-    missing = [k for k in keys if k not in covered]
+    return _covering(PipelineSpec(layers, {}, hidden, list(model.state_dict().keys())), "pipeline_layers()")
+
+
+def _covering(spec: PipelineSpec, source: str) -> PipelineSpec:
+    """`spec`, once every state-dict key is known to belong to one of its layers."""
+    covered = {f"{n}.{k}" for layer in spec.layers for n, m in zip(layer.names, layer.modules)
+               for k in m.state_dict()}
+    missing = [k for k in spec.keys if k not in covered]
     if missing:
-        raise ConfigError(f"pipeline_layers() leaves {missing[:3]} outside every layer: each parameter and "
+        raise ConfigError(f"{source} leaves {missing[:3]} outside every layer: each parameter and "
                           f"persistent buffer must belong to one pipeline layer")
     return spec
 
@@ -220,10 +174,13 @@ class PipelineStage(nn.Module):
 
     Chunk c is global stage c·p + rank. `forward(x, chunk)` runs that chunk's layers on one
     hidden-state tensor. `state_dict()` keys are the original model's (e.g. `blocks.3.mlp.up_proj
-    .weight`), so per-layer tables such as a tensor-parallel plan keep applying.
+    .weight`), so per-layer tables such as a tensor-parallel plan keep applying, and
+    `parallel_spec()` is the original model's `model_spec`, so the later steps (checkpointing,
+    ZeRO-3 units, compile) find its blocks.
     """
 
-    def __init__(self, chunks: list[list[Layer]], shared: dict[str, torch.Tensor], rank: int, p: int):
+    def __init__(self, chunks: list[list[Layer]], shared: dict[str, torch.Tensor], rank: int, p: int,
+                 model_spec: ParallelSpec | None = None):
         super().__init__()
         for layers in chunks:
             for layer in layers:
@@ -234,6 +191,10 @@ class PipelineStage(nn.Module):
         self._chunks = chunks
         self._shared_names = list(shared)
         self.pp_rank, self.pp_size = rank, p
+        self._model_spec = model_spec if model_spec is not None else ParallelSpec()
+
+    def parallel_spec(self) -> ParallelSpec:
+        return self._model_spec
 
     @property
     def num_chunks(self) -> int:

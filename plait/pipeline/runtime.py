@@ -29,7 +29,7 @@ import torch
 
 from plait.errors import ConfigError
 from plait.mesh import Mesh
-from plait.models.gpt import lm_loss
+from plait.parallel_spec import next_token_loss
 from plait.pipeline.p2p import gather_rows, post_batch
 from plait.pipeline.partition import PipelineStage
 from plait.pipeline.schedules import (
@@ -73,26 +73,24 @@ class PipelineRunner:
     (saved-tensor hooks, parameters excluded).
     """
 
-    def __init__(self, stage: PipelineStage, mesh: Mesh, schedule: str = "1f1b", virtual: int = 1,
-                 loss_fn=lm_loss, hidden=None, microbatches: int = 0, measure_memory: bool = False):
+    def __init__(self, stage: PipelineStage, mesh: Mesh, *, schedule: str = "1f1b", virtual: int = 1,
+                 loss_fn=next_token_loss, hidden=None, measure_memory: bool = False):
         self.stage, self.mesh, self.schedule, self.v = stage, mesh, schedule, virtual
-        self.loss_fn, self.hidden, self.microbatches = loss_fn, hidden, microbatches
+        self.loss_fn, self.hidden = loss_fn, hidden
         self.measure_memory = measure_memory
         self.p, self.rank = mesh.pp_size, mesh.pp_index
         self.last_stage = self.p * self.v - 1
         self.params = [stage.chunk_parameters(c) for c in range(self.v)]
         self.wall0, self.perf0 = time.time(), time.perf_counter()  # one clock for timelines across ranks
         self.events: list[tuple] = []
-        self.stats: list[dict] = []  # last training step, per pp rank
-        self.history: deque[list[dict]] = deque(maxlen=10_000)  # per step: `stats`
+        self._rows: list[list[float]] = []  # this rank's measurements of steps not yet gathered
+        self._history: deque[list[dict]] = deque(maxlen=10_000)  # per step: every pp rank's measurements
         self.m = 0  # micro-batches of the last training step
         self._sync = (lambda: torch.cuda.synchronize(mesh.device)) if mesh.device.type == "cuda" else (lambda: None)
 
     # -- public ------------------------------------------------------------------------------
     def check(self, m: int) -> None:
-        if self.microbatches and self.microbatches != m:
-            raise ConfigError(f"parallel.microbatches = {self.microbatches}, but a step has {m} micro-batches per "
-                              f"pipeline (train.global_batch / (dp × train.micro_batch)): set it to {m} or 0")
+        """The schedule's own rule (plait.pipeline.schedules.check), as a ConfigError naming the keys."""
         try:
             check(self.schedule, self.p, m, self.v)
         except ScheduleError as e:
@@ -101,25 +99,50 @@ class PipelineRunner:
                               f"train.micro_batch (micro-batches per pipeline) or the schedule") from e
 
     def train_step(self, batches, divisor: float = 1.0, autocast=None, no_sync=None, step_fn=None) -> torch.Tensor:
-        """Forward and backward of all micro-batches; returns Σ loss_sum(mb) / divisor on every pp rank.
+        """Forward and backward of all micro-batches; returns Σ loss_sum(mb) / divisor as a device tensor
+        on the last stage (zero on the others: only the last stage computes the loss).
 
         `no_sync`: a context factory (the data-parallel reducer's) held around the whole step.
         `step_fn`: called at the program's OptimizerStep, once every gradient of this rank is final.
+        No host synchronization and no collective besides the schedule's p2p: the measurements
+        stay on their rank until `collect_stats()` gathers them.
         """
         batches = list(batches)
         self.check(len(batches))
         self.m = len(batches)
         program = build(self.schedule, self.rank, self.p, self.m, self.v)
         with (no_sync() if no_sync is not None else nullcontext()):
-            row = self._run(program, batches, True, divisor, autocast or nullcontext(), step_fn)
-        out = torch.empty(self.p * len(row), dtype=torch.float64, device=self.mesh.device)
-        self.mesh.comm.all_gather(out, torch.tensor(row, dtype=torch.float64, device=self.mesh.device), self.mesh.pp)
-        table = out.view(self.p, len(row)).tolist()
-        self.stats = [dict(zip(STAT_FIELDS, r)) for r in table]
-        for s in self.stats:
-            s["bubble"] = 1.0 - s["busy_s"] / s["wall_s"] if s["wall_s"] > 0 else 0.0
-        self.history.append(self.stats)
-        return torch.tensor(table[-1][0], dtype=torch.float32, device=self.mesh.device)
+            loss, row = self._run(program, batches, True, divisor, autocast or nullcontext(), step_fn)
+        self._rows.append(row)
+        return loss
+
+    def collect_stats(self) -> list[dict]:
+        """Gather every pp rank's measurements of the steps since the last call (collective over pp,
+        one all-gather); returns the last step's, per pp rank."""
+        if self._rows:
+            k, n = len(self._rows), len(STAT_FIELDS)
+            local = torch.tensor(self._rows, dtype=torch.float64, device=self.mesh.device).reshape(-1)
+            out = torch.empty(self.p * k * n, dtype=torch.float64, device=self.mesh.device)
+            self.mesh.comm.all_gather(out, local, self.mesh.pp)
+            table = out.view(self.p, k, n).tolist()
+            self._rows = []
+            for j in range(k):
+                stats = [dict(zip(STAT_FIELDS, table[r][j])) for r in range(self.p)]
+                for st in stats:
+                    st["bubble"] = 1.0 - st["busy_s"] / st["wall_s"] if st["wall_s"] > 0 else 0.0
+                self._history.append(stats)
+        return self._history[-1] if self._history else []
+
+    @property
+    def stats(self) -> list[dict]:
+        """The last training step's measurements, per pp rank (collective: see collect_stats)."""
+        return self.collect_stats()
+
+    @property
+    def history(self) -> deque:
+        """Per training step: `stats` (collective: see collect_stats)."""
+        self.collect_stats()
+        return self._history
 
     @torch.no_grad()
     def evaluate(self, batches, autocast=None) -> torch.Tensor:
@@ -131,12 +154,13 @@ class PipelineRunner:
         return acc
 
     def bubbles(self) -> list[float]:
-        """Measured idle fraction of each pp rank in the last training step."""
+        """Measured idle fraction of each pp rank in the last training step (collective over pp)."""
         return [s["bubble"] for s in self.stats]
 
     def summary(self) -> dict:
         """Medians over the training steps (the first excluded when there are more) of the measurements."""
-        steps = list(self.history)[1:] or list(self.history)
+        history = self.history
+        steps = list(history)[1:] or list(history)
         if not steps:
             return {}
         per_rank = [sorted(step[r]["bubble"] for step in steps) for r in range(self.p)]
@@ -198,7 +222,8 @@ class PipelineRunner:
         if not train:
             return self._eval
         self.events = events
-        return [float(self._loss), t_end - t_start, self._busy, float(self._peak), float(self._peak_bytes)]
+        # the loss stays on the device; the row's loss slot is unused (kept for the stats layout)
+        return self._loss, [0.0, t_end - t_start, self._busy, float(self._peak), float(self._peak_bytes)]
 
     def _post(self, batch) -> None:
         t0 = self._now()

@@ -3,12 +3,12 @@
     strategy = build_strategy(cfg.sync, params, mesh, total_steps)   # or parallelize(..., sync=cfg.sync)
     strategy.step(inner)                                             # from ParallelOptimizer.step()
 
-`schedule` holds the cadences as pure generators, `transport` the (quantized) averaging and the
+`cadence` holds the cadences as pure generators, `transport` the (quantized) averaging and the
 background thread, `base` the interface and its executor, `strategies` the strategies.
 """
 
 from plait.sync.base import EveryStep, ScheduledSync, SyncStrategy
-from plait.sync.schedule import Apply, InnerStep, Send, delayed_schedule, every_step_schedule, streaming_schedule
+from plait.sync.cadence import Apply, InnerStep, Send, delayed_schedule, every_step_schedule, streaming_schedule
 from plait.sync.strategies import Delayed, DiLoCo, LocalSGD, StreamingDiLoCo, build_strategy
 from plait.sync.transport import CODECS, average, exchange_bytes, make_codec
 

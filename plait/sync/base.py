@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from plait.mesh import Mesh
-from plait.sync.schedule import Apply, InnerStep, Instr, Send
+from plait.sync.cadence import Apply, InnerStep, Instr, Send
 from plait.sync.transport import Background, Codec, Job, average, duplicate_group
 
 
@@ -116,7 +116,7 @@ class FlatParams:
 
 
 class ScheduledSync(SyncStrategy):
-    """Runs a cadence from plait.sync.schedule: `InnerStep`, `Send`, `Apply`, one tuple per step.
+    """Runs a cadence from plait.sync.cadence: `InnerStep`, `Send`, `Apply`, one tuple per step.
 
     Subclasses say what a fragment's payload is (`payload`) and how the averaged payload is used
     (`use`). Fragment p is the element range [p·F, (p+1)·F) of the flat parameter vector.

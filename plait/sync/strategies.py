@@ -23,7 +23,7 @@ import torch.nn as nn
 from plait.config import SyncConfig
 from plait.mesh import Mesh
 from plait.sync.base import EveryStep, ScheduledSync, SyncStrategy
-from plait.sync.schedule import Apply, delayed_schedule, streaming_schedule
+from plait.sync.cadence import Apply, delayed_schedule, streaming_schedule
 from plait.sync.transport import make_codec
 
 

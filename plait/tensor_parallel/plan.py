@@ -1,6 +1,6 @@
 """Plan-driven tensor parallelism: a small table of module-name patterns -> style.
 
-    model, loss_fn, gather = apply_tensor_parallel(model, mesh, GPT_PLAN, sequence_parallel=True)
+    model, loss_fn, gather = apply_tensor_parallel(model, mesh, plan, sequence_parallel=True)
 
 Patterns are dotted module names in which `*` matches one path component ("blocks.*.attn").
 Styles:
@@ -13,7 +13,7 @@ Styles:
 - `region`: the module's first input enters the tp region once for all the column layers inside
   (a forward pre-hook: f, or under SP the all-gather of the sequence), so q/k/v (gate/up) share
   one all-reduce in backward, as Megatron's fused QKV does. The module must read the sequence
-  length from that input (the GPT's Attention does), so it sees the whole sequence under SP.
+  length from that input (not from a length passed beside it): under SP only that input is whole.
 - `replicate`: parameters kept whole on every tp rank (norms). Under SP they act on 1/t of the
   sequence and get a hook that all-reduces their gradient on tp in backward
   (tp_comm.all_reduce_grad_hook). Parameters no pattern names are treated the same way.
@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from plait.errors import ConfigError
 from plait.mesh import Mesh
-from plait.models.gpt import GPT, lm_loss
+from plait.parallel_spec import Plan, spec_of
 from plait.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -45,26 +45,7 @@ from plait.tensor_parallel.layers import (
 )
 from plait.tensor_parallel.tp_comm import copy_to_tp, gather_seq
 
-Plan = tuple[tuple[str, str], ...]
 STYLES = ("column", "row", "vocab", "region", "replicate")
-
-# The reference GPT (plait.models.gpt): Megatron's layout.
-GPT_PLAN: Plan = (
-    ("tok_emb", "vocab"),
-    ("blocks.*.attn_norm", "replicate"),
-    ("blocks.*.attn", "region"),
-    ("blocks.*.attn.q_proj", "column"),
-    ("blocks.*.attn.k_proj", "column"),
-    ("blocks.*.attn.v_proj", "column"),
-    ("blocks.*.attn.o_proj", "row"),
-    ("blocks.*.mlp_norm", "replicate"),
-    ("blocks.*.mlp", "region"),
-    ("blocks.*.mlp.gate_proj", "column"),
-    ("blocks.*.mlp.up_proj", "column"),
-    ("blocks.*.mlp.down_proj", "row"),
-    ("norm", "replicate"),
-    ("lm_head", "vocab"),
-)
 
 
 class TensorParallel(NamedTuple):
@@ -78,20 +59,14 @@ def matches(pattern: str, name: str) -> bool:
     return len(p) == len(n) and all(fnmatchcase(a, b) for a, b in zip(n, p))
 
 
-def check_gpt(model: GPT, tp: int) -> None:
-    """ConfigError naming the model field when the GPT cannot be split evenly over tp."""
-    c = model.cfg
-    for field, v in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads), ("model.ffn_hidden", c.ffn)):
-        if v % tp:
-            raise ConfigError(f"{field} = {v} is not divisible by parallel.tp = {tp} (each tp rank holds 1/{tp} "
-                              f"of them): set {field} to a multiple of {tp}, or a parallel.tp that divides {v}")
-
-
 def plan_for(model: nn.Module) -> Plan:
-    if isinstance(model, GPT):
-        return GPT_PLAN
-    raise ConfigError(f"parallel.tp > 1: no built-in tensor-parallel plan for {type(model).__name__}; "
-                      f"call plait.tensor_parallel.apply_tensor_parallel(model, mesh, plan) with a plan table")
+    """The plan table of the model's ParallelSpec (plait.parallel_spec); ConfigError without one."""
+    plan = spec_of(model).tp_plan
+    if plan is None:
+        raise ConfigError(f"parallel.tp > 1: {type(model).__name__} has no tensor-parallel plan (its "
+                          f"ParallelSpec.tp_plan); call plait.tensor_parallel.apply_tensor_parallel("
+                          f"model, mesh, plan) with a plan table")
+    return plan
 
 
 def _region_hook(mesh: Mesh, sequence_parallel: bool):
@@ -108,21 +83,26 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan = GPT_PLAN,
+def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None,
                           sequence_parallel: bool = False) -> TensorParallel:
     """Split `model`'s layers over mesh.tp in place, as `plan` says; returns (model, loss_fn, gather).
+
+    `plan` None: the model's own (`plan_for`). The model's ParallelSpec checks its sizes against
+    tp first (`check_tp`), whatever the plan; its `loss` is returned unless the head is split.
 
     Every tp rank must hold the same full model (same seed) before the call; each keeps 1/t of
     each split weight. Weights shared between layers (tied embedding and head) stay shared: both
     layers split the same matrix the same way (rows = vocabulary), so they get one Parameter.
     The vocabulary is padded to a multiple of tp where needed; the loss masks the padding.
     """
+    plan = plan_for(model) if plan is None else plan
     for pattern, style in plan:
         if style not in STYLES:
             raise ConfigError(f"tensor-parallel plan: style {style!r} for {pattern!r}; choose one of {STYLES}")
     tp = mesh.tp_size
-    if isinstance(model, GPT):
-        check_gpt(model, tp)
+    spec = spec_of(model)
+    if spec.check_tp is not None:
+        spec.check_tp(model, tp)
     modules = dict(model.named_modules())
     styled: dict[str, str] = {}
     for pattern, style in plan:
@@ -137,7 +117,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan = GPT_PLAN,
     sp = sequence_parallel
     shared: dict[int, nn.Parameter] = {}  # id(original weight) -> its shard, for tied weights
     specs: dict[str, tuple[int, int, int]] = {}  # module name -> (dim, full size, local size)
-    loss_fn: Callable = lm_loss
+    loss_fn: Callable = spec.loss
     for name, style in styled.items():
         mod = modules[name]
         if style == "region":

@@ -1,7 +1,5 @@
-"""Schedules as pure functions: the learning rate of a step, the global batch of a data position.
+"""The global batch of a step and its split over data-parallel ranks, as pure functions.
 
-- `lr_factor`: linear warm-up, then constant / cosine / linear decay, as a function of the step.
-- `batch_lr_scale`: the linear scaling rule (Goyal et al. 2017): lr × global_batch / reference_batch.
 - `batch_at`: a global-batch ramp-up as a function of the samples consumed so far (the data
   position the sampler and checkpoints already use). Step n reads samples [s, s + batch_at(s))
   with s the samples consumed before it, so the data order is that of a run without ramp-up,
@@ -15,38 +13,6 @@ parity contract holds during the ramp too.
 """
 
 from __future__ import annotations
-
-import math
-
-from plait.errors import ConfigError
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the base learning rate at optimizer step `step` (0-based) of `total`."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    raise ValueError(f"optim.schedule = {schedule!r}: choose constant, cosine or linear")
-
-
-def batch_lr_scale(global_batch: int, reference_batch: int, enabled: bool) -> float:
-    """The linear scaling rule's multiplier: global_batch / reference_batch when enabled, else 1.
-
-    During a batch ramp-up `global_batch` is the current step's batch, so the learning rate ramps
-    with it (a smaller batch at the start gets the proportionally smaller rate).
-    """
-    if not enabled:
-        return 1.0
-    if reference_batch <= 0:
-        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
-                          "batch (in samples) at which optim.lr was tuned")
-    return global_batch / reference_batch
 
 
 def batch_at(samples: int, target: int, micro: int, rampup_samples: int) -> int:

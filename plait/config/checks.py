@@ -6,20 +6,49 @@ world_size)` adds what needs the world size. Each error names the key and the fi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from plait.config import CHOICES, NON_NEGATIVE, POSITIVE, Config, _suggest, to_dict
+from plait.config.schema import (
+    CHOICES,
+    NON_NEGATIVE,
+    POSITIVE,
+    CompressionConfig,
+    Config,
+    ParallelConfig,
+    SyncConfig,
+    suggest,
+)
 from plait.errors import ConfigError
+from plait.pipeline.schedules import ScheduleError
+from plait.pipeline.schedules import check as check_schedule
+
+
+def check_choice(key: str, value) -> None:
+    """ConfigError unless `value` is one of CHOICES[key] (e.g. check_choice("train.dtype", "bf16"))."""
+    choices = CHOICES[key]
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(choices)}{suggest(str(value), choices)}")
+
+
+def check_options(parallel: ParallelConfig, compression: CompressionConfig | None, sync: SyncConfig | None, *,
+                  dtype: str, activation_checkpointing: str, onebit: bool = False) -> None:
+    """What `parallelize()` is given, checked by the same rules as a config file."""
+    check_choice("train.dtype", dtype)
+    check_choice("train.activation_checkpointing", activation_checkpointing)
+    check_choice("parallel.schedule", parallel.schedule)
+    if parallel.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero = {parallel.zero}: choose 0, 1, 2 or 3")
+    check_compression(compression, onebit=onebit)
+    check_sync(sync, parallel, compression, onebit=onebit)
 
 
 def validate(cfg: Config) -> None:
     """Checks that need no world size. `validate_layout` adds those that do."""
-    flat = to_dict(cfg)
-    for key, choices in CHOICES.items():
+    flat = dataclasses.asdict(cfg)
+    for key in CHOICES:
         sec, name = key.split(".")
-        v = flat[sec][name]
-        if v not in choices:
-            raise ConfigError(f"{key} = {v!r}: choose one of {', '.join(choices)}{_suggest(str(v), choices)}")
+        check_choice(key, flat[sec][name])
     for key in POSITIVE | NON_NEGATIVE:
         sec, name = key.split(".")
         v = flat[sec][name]
@@ -31,19 +60,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction}: must be in [0, 1)")
     if cfg.parallel.zero not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero = {cfg.parallel.zero}: choose 0, 1, 2 or 3")
-    check_sync(cfg)
-    c = cfg.compression
-    if c.sign_chunk % 8:
-        raise ConfigError(f"compression.sign_chunk = {c.sign_chunk}: must be a multiple of 8 (the bit packing's "
-                          f"unit), e.g. 256, or 0 for one scale per rank's shard")
-    if not 0.0 < c.topk_fraction <= 1.0:
-        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
-    if cfg.optim.name == "onebit_adam" and c.name != "none":
-        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit Adam compresses "
-                          f"the data-parallel exchange itself; set compression.name=none")
-    if cfg.optim.name == "onebit_adam" and c.warmup_steps < 1:
-        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
-                          "least one step (15-25% of train.steps is typical)")
+    onebit = cfg.optim.name == "onebit_adam"
+    check_sync(cfg.sync, cfg.parallel, cfg.compression, onebit=onebit,
+               batch_rampup_samples=cfg.train.batch_rampup_samples)
+    check_compression(cfg.compression, onebit=onebit)
     if cfg.optim.scale_lr_with_batch and cfg.optim.reference_batch <= 0:
         raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
                           "batch (in samples) at which optim.lr was tuned")
@@ -59,9 +79,31 @@ def validate(cfg: Config) -> None:
                           f"of text files, or a .bin of token ids (or leave it empty for the default corpus)")
 
 
-def check_sync(cfg: Config) -> None:
-    """The [sync] section and its combinations with the rest (plait.sync)."""
-    s = cfg.sync
+def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:
+    """The [compression] section, and 1-bit Adam (which compresses the dp exchange itself)."""
+    if c is None:
+        return
+    check_choice("compression.name", c.name)
+    if c.sign_chunk % 8:
+        raise ConfigError(f"compression.sign_chunk = {c.sign_chunk}: must be a multiple of 8 (the bit packing's "
+                          f"unit), e.g. 256, or 0 for one scale per rank's shard")
+    if not 0.0 < c.topk_fraction <= 1.0:
+        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
+    if onebit and c.name != "none":
+        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit Adam compresses "
+                          f"the data-parallel exchange itself; set compression.name=none")
+    if onebit and c.warmup_steps < 1:
+        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
+                          "least one step (15-25% of train.steps is typical)")
+
+
+def check_sync(s: SyncConfig | None, parallel: ParallelConfig, compression: CompressionConfig | None = None, *,
+               onebit: bool = False, batch_rampup_samples: int = 0) -> None:
+    """The [sync] section and its combinations with the layout, compression and batch ramp-up (plait.sync)."""
+    if s is None:
+        return
+    check_choice("sync.strategy", s.strategy)
+    check_choice("sync.quantize", s.quantize)
     for key, v in (("sync.every", s.every), ("sync.fragments", s.fragments)):
         if v < 1:
             raise ConfigError(f"{key} = {v}: must be a positive integer")
@@ -88,23 +130,46 @@ def check_sync(cfg: Config) -> None:
                           f"streaming_diloco), not to {s.strategy}: set sync.quantize=none (compress per-step "
                           f"gradients with [compression])")
     if s.strategy != "every_step":
-        if cfg.parallel.zero:
-            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {cfg.parallel.zero}: replicas that "
+        if parallel.zero:
+            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {parallel.zero}: replicas that "
                               f"step on their own need their whole optimizer state; set parallel.zero=0")
-        if cfg.compression.name != "none" or cfg.optim.name == "onebit_adam":
+        if (compression is not None and compression.name != "none") or onebit:
             raise ConfigError(f"sync.strategy = {s.strategy} replaces the per-step gradient exchange that "
                               f"compression.name / optim.name = onebit_adam compress: set compression.name=none "
                               f"and a plain optimizer, or sync.strategy=every_step")
-    if s.strategy in ("local_sgd", "diloco", "streaming_diloco") and getattr(cfg.train, "batch_rampup_samples", 0):
+    if s.strategy in ("local_sgd", "diloco", "streaming_diloco") and batch_rampup_samples:
         raise ConfigError(f"sync.strategy = {s.strategy} with train.batch_rampup_samples > 0: replicas stepping on "
                           f"their own gradients need equal shares of every batch, which a ramp-up does not give; "
                           f"set train.batch_rampup_samples=0")
 
 
+def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
+    """Raise ConfigError unless dp·tp·pp == world_size with every size positive."""
+    for name, v in (("parallel.dp", dp), ("parallel.tp", tp), ("parallel.pp", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} = {v!r}: must be a positive integer")
+    if dp * tp * pp != world_size:
+        raise ConfigError(
+            f"layout dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} ranks, but the world has {world_size} "
+            f"processes: set parallel.dp/tp/pp so that their product is {world_size}, "
+            f"or launch {dp * tp * pp} processes (--nproc {dp * tp * pp})"
+        )
+
+
+def resolve_dp(world_size: int, dp: int, tp: int, pp: int) -> int:
+    """dp = 0 means 'whatever is left': world_size / (tp·pp), which must divide."""
+    if dp == 0:
+        if tp < 1 or pp < 1 or world_size % (tp * pp):
+            raise ConfigError(
+                f"parallel.dp = 0 (auto) needs tp·pp = {tp}·{pp} to divide the world size {world_size}: "
+                f"change parallel.tp / parallel.pp or the number of processes"
+            )
+        return world_size // (tp * pp)
+    return dp
+
+
 def validate_layout(cfg: Config, world_size: int) -> int:
     """Checks that need the world size; returns the resolved dp size."""
-    from plait.mesh import check_layout, resolve_dp
-
     p = cfg.parallel
     dp = resolve_dp(world_size, p.dp, p.tp, p.pp)
     check_layout(world_size, dp, p.tp, p.pp)
@@ -135,16 +200,14 @@ def check_pipeline(cfg: Config, dp: int) -> None:
         raise ConfigError(f"parallel.microbatches = {p.microbatches}, but train.global_batch / (dp × train.micro_batch)"
                           f" = {t.global_batch} / ({dp} × {t.micro_batch}) = {m} micro-batches per pipeline: set it "
                           f"to {m} or 0, or change the batch sizes")
-    if m < p.pp:
-        raise ConfigError(f"{m} micro-batches per pipeline step for parallel.pp = {p.pp} stages: a pipeline needs "
-                          f"at least as many micro-batches as stages; raise train.global_batch to "
-                          f"{p.pp * t.micro_batch * dp} or lower train.micro_batch")
-    if p.virtual_stages > 1 and p.schedule != "interleaved_1f1b":
-        raise ConfigError(f"parallel.virtual_stages = {p.virtual_stages} needs parallel.schedule = interleaved_1f1b "
-                          f"(not {p.schedule}); or set parallel.virtual_stages=1")
-    if p.schedule == "interleaved_1f1b" and m % p.pp:
-        raise ConfigError(f"parallel.schedule = interleaved_1f1b needs the micro-batches per pipeline step ({m}) to "
-                          f"be a multiple of parallel.pp = {p.pp}: change train.global_batch or train.micro_batch")
+    try:
+        check_schedule(p.schedule, p.pp, m, p.virtual_stages)
+    except ScheduleError as e:
+        raise ConfigError(f"parallel.schedule = {p.schedule} with parallel.pp = {p.pp}, parallel.virtual_stages = "
+                          f"{p.virtual_stages} and {m} micro-batches per pipeline step (train.global_batch / (dp × "
+                          f"train.micro_batch) = {t.global_batch} / ({dp} × {t.micro_batch})): {e}. Change the "
+                          f"batch sizes or the schedule (a pipeline of {p.pp} stages needs at least "
+                          f"{p.pp * t.micro_batch * dp} sequences per global batch)") from e
 
 
 def accumulation_steps(cfg: Config, dp: int) -> int:

@@ -1,10 +1,10 @@
-"""Sync cadences as data (plait.sync.schedule): no processes, no tensors."""
+"""Sync cadences as data (plait.sync.cadence): no processes, no tensors."""
 
 from itertools import islice
 
 import pytest
 
-from plait.sync.schedule import (
+from plait.sync.cadence import (
     Apply,
     InnerStep,
     Send,

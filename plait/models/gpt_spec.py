@@ -1,0 +1,91 @@
+"""How plait's parallel transforms split the reference GPT (plait.models.gpt): its ParallelSpec.
+
+Registered for the GPT class on import (plait.models imports this module), so gpt.py itself
+needs no plait import. See plait.parallel_spec for what each field means to the transforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from plait.errors import ConfigError
+from plait.models.gpt import GPT, Attention, Block, lm_loss
+from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, Plan, register_spec
+
+# Megatron's layout: q/k/v and gate/up split by output (heads, hidden units), o/down by input;
+# each attention / MLP enters the tp region once (`region`), so its column layers share one
+# backward all-reduce.
+GPT_PLAN: Plan = (
+    ("tok_emb", "vocab"),
+    ("blocks.*.attn_norm", "replicate"),
+    ("blocks.*.attn", "region"),
+    ("blocks.*.attn.q_proj", "column"),
+    ("blocks.*.attn.k_proj", "column"),
+    ("blocks.*.attn.v_proj", "column"),
+    ("blocks.*.attn.o_proj", "row"),
+    ("blocks.*.mlp_norm", "replicate"),
+    ("blocks.*.mlp", "region"),
+    ("blocks.*.mlp.gate_proj", "column"),
+    ("blocks.*.mlp.up_proj", "column"),
+    ("blocks.*.mlp.down_proj", "row"),
+    ("norm", "replicate"),
+    ("lm_head", "vocab"),
+)
+
+
+def check_tp(model: GPT, tp: int) -> None:
+    """ConfigError naming the model field when the GPT cannot be split evenly over tp."""
+    c = model.cfg
+    for field, v in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads),
+                     ("model.ffn_hidden", c.ffn)):
+        if v % tp:
+            raise ConfigError(f"{field} = {v} is not divisible by parallel.tp = {tp} (each tp rank "
+                              f"holds 1/{tp} of them): set {field} to a multiple of {tp}, or a "
+                              f"parallel.tp that divides {v}")
+
+
+# -- the pipeline cut: embedding | each block | final norm + head ----------------------------------
+def _rope_block(mods, x, shared):
+    T = shared["seq_len"]  # the model input's length: under sequence parallelism x holds 1/tp of it
+    return mods[0](x, shared["rope_cos"][:T], shared["rope_sin"][:T])
+
+
+def _norm_head(mods, x, shared):
+    return mods[1](mods[0](x))
+
+
+@dataclass(frozen=True)
+class _Hidden:
+    d_model: int
+    dtype: torch.dtype
+
+    def __call__(self, idx: torch.Tensor):
+        return (*idx.shape, self.d_model), self.dtype  # (B, T) token ids -> (B, T, D)
+
+
+def pipeline_cut(model: GPT) -> PipelineSpec:
+    """Token embedding, each block (with the RoPE tables every stage keeps), final norm + head."""
+    if model.cfg.tie_embeddings:
+        raise ConfigError("model.tie_embeddings = true with parallel.pp > 1: the embedding (first "
+                          "stage) and the output head (last stage) cannot share one weight; set "
+                          "model.tie_embeddings=false")
+    layers = [Layer(("tok_emb",), (model.tok_emb,), block=False)]
+    layers += [Layer((f"blocks.{i}",), (b,), _rope_block) for i, b in enumerate(model.blocks)]
+    layers.append(Layer(("norm", "lm_head"), (model.norm, model.lm_head), _norm_head, block=False))
+    return PipelineSpec(layers, {"rope_cos": model.rope_cos, "rope_sin": model.rope_sin},
+                        _Hidden(model.cfg.d_model, model.tok_emb.weight.dtype),
+                        list(model.state_dict().keys()))
+
+
+GPT_SPEC = ParallelSpec(
+    tp_plan=GPT_PLAN,
+    check_tp=check_tp,
+    pipeline_cut=pipeline_cut,
+    block_types=(Block,),
+    attention_core=(Attention, "core"),  # grouped-query head expansion and softmax(QKᵀ/√E)V
+    loss=lm_loss,
+)
+
+register_spec(GPT, GPT_SPEC)

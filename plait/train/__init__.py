@@ -1,0 +1,12 @@
+"""The run: the training loop over small state objects, the step guard, metrics and the run folder.
+
+- `loop`: `Trainer` (one rank's model, data and optimizer; `train_step`, `run`) and `train()`;
+- `state`: `TrainState` (step, samples, skipped steps), saved by checkpoints;
+- `guard`: `StepGuard`, the one per-step agreement (skip non-finite steps, time-based saves / stops);
+- `metrics`: `Metrics` (when to log, each record, the summary), metrics.jsonl, TensorBoard, plots.
+"""
+
+from plait.train.loop import Trainer, model_config, train
+from plait.train.state import TrainState
+
+__all__ = ["TrainState", "Trainer", "model_config", "train"]

@@ -1,0 +1,142 @@
+"""The loop users run: host reads per step, no collective between the syncs of a local strategy,
+metrics.jsonl without duplicated steps, TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from common import tiny_cfg
+from torch.overrides import TorchFunctionMode
+
+from plait.config import from_dict
+from plait.testing import run_ranks
+
+READS = {"item", "tolist", "__float__", "__int__", "__bool__", "numpy", "__index__"}
+ALLOWED_READS = 1  # the step guard's agreement (or, between syncs, its local verdict): the loop's only one
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values on the host (each waits for the device on a GPU).
+
+    torch's own optimizers read their per-parameter step counters (`_get_value(step)`); those live
+    in host memory also on a GPU run (non-capturable optimizers), so they wait for nothing and are
+    not counted: a read is left out when the code asking for it is in torch/optim/."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in READS:
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/torch/optim/" not in caller:
+                self.seen.append(f"{name} ({caller.rsplit('/', 2)[-2]}/{caller.rsplit('/', 1)[-1]}:"
+                                 f"{sys._getframe(1).f_lineno})")
+        return func(*args, **(kwargs or {}))
+
+
+def _reads_worker(cases: dict) -> dict:
+    from plait.mesh import Mesh
+    from plait.train import Trainer
+
+    out = {}
+    for name, d in cases.items():
+        cfg = from_dict(d)
+        tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu"))
+        steps = []
+        for _ in range(cfg.train.steps):
+            tr.mesh.comm.stats.reset_step()
+            with HostReads() as reads:
+                o = tr.train_step()
+            steps.append({"reads": reads.seen, "bytes": tr.mesh.comm.stats.reset_step()["comm_bytes"],
+                          "local": o["loss_is_local"], "loss": float(o["loss"])})
+        out[name] = steps
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus_path):
+    base = {"train": {"steps": 4, "log_every": 100}}
+    cases = {
+        "dp": tiny_cfg(corpus_path, parallel={"dp": 2}, **base),
+        "pp": tiny_cfg(corpus_path, parallel={"pp": 2}, **base),
+        "zero2": tiny_cfg(corpus_path, parallel={"dp": 2, "zero": 2}, **base),
+        "diloco": tiny_cfg(corpus_path, parallel={"dp": 2}, sync={"strategy": "diloco", "every": 2},
+                           train={"steps": 5, "log_every": 100}),
+    }
+    return run_ranks(_reads_worker, 2, args=(cases,), timeout=300)
+
+
+@pytest.mark.parametrize("case", ["dp", "pp", "zero2", "diloco"])
+def test_a_step_reads_the_device_once(two_ranks, case):
+    for rank, got in enumerate(two_ranks):
+        for i, step in enumerate(got[case]):
+            assert len(step["reads"]) <= ALLOWED_READS, f"rank {rank} step {i + 1}: host reads {step['reads']}"
+
+
+def test_diloco_inner_steps_make_no_collective(two_ranks):
+    for got in two_ranks:
+        steps = got["diloco"]
+        for i, step in enumerate(steps, start=1):
+            sync = i % 2 == 0 or i == len(steps)  # sync.every = 2, and the run's last step
+            assert step["local"] == (not sync)
+            if sync:
+                assert step["bytes"] > 0
+            else:
+                assert step["bytes"] == 0, f"inner step {i} sent {step['bytes']} bytes"
+    # between syncs each replica logs its own loss; at a sync both log the same (global) one
+    a, b = (got["diloco"] for got in two_ranks)
+    assert a[0]["loss"] != b[0]["loss"] and a[1]["loss"] == b[1]["loss"]
+
+
+def test_the_host_read_counter_can_fail():
+    with HostReads() as reads:
+        t = torch.ones(2)
+        float(t.sum())
+        t.tolist()
+    assert [r.split()[0] for r in reads.seen] == ["__float__", "tolist"]
+
+
+def _train_worker(d: dict, run: str) -> None:
+    from plait.train import train
+
+    train(from_dict(d), run)
+
+
+def test_diloco_metrics_mark_local_losses_and_zero_bytes(corpus_path, tmp_path):
+    d = tiny_cfg(corpus_path, parallel={"dp": 2}, sync={"strategy": "diloco", "every": 3},
+                 train={"steps": 6, "val_every": 0})
+    run_ranks(_train_worker, 2, args=(d, str(tmp_path / "run")), timeout=300)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    for r in recs:
+        sync = r["step"] % 3 == 0
+        assert r.get("loss_is_local", False) == (not sync)
+        assert (r["comm_bytes"] == 0) == (not sync), r
+
+
+def test_metrics_drop_a_crashed_sessions_steps_and_write_tensorboard(tmp_path):
+    from plait.train.metrics import Metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
+    m = Metrics(run, total_steps=8, log_every=1, seq_len=4, world=1, flops_per_token=1.0, peak_flops=1.0,
+                progress=False, tensorboard=True, start_step=4)  # resumed from the checkpoint of step 4
+    for step in (5, 6):
+        m.step_done(2, 0.0)
+        m.log({"step": step, "loss": 2.0 / step, "lr": 0.1, "grad_norm": 1.0, "critical_batch": None})
+    m.close()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    assert [(e.step, round(e.value, 6)) for e in ea.Scalars("loss")] == [(5, 0.4), (6, round(2.0 / 6, 6))]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "comm_bytes"} <= set(ea.Tags()["scalars"])
