@@ -71,7 +71,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     parameters. ConfigError when the mode is unknown or the model has nothing to wrap.
     """
     if mode not in MODES:
-        raise ConfigError(f"train.activation_checkpointing = {mode!r}: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"train.activation_checkpointing = {mode!r}: choose one of "
+                          f"{', '.join(MODES)}")
     if mode == "none":
         return 0
     if mode == "full":
@@ -81,14 +82,15 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
         targets = [m for m in model.modules() if kind is not None and isinstance(m, kind)]
         what = "attention core (ParallelSpec.attention_core)"
     if not targets:
-        raise ConfigError(f"train.activation_checkpointing = {mode}: {type(model).__name__} describes no "
-                          f"{what} to wrap; set it to none, give the model a parallel_spec(), or wrap "
-                          f"your own blocks with torch.utils.checkpoint")
+        raise ConfigError(f"train.activation_checkpointing = {mode}: {type(model).__name__} "
+                          f"describes no {what} to wrap; set it to none, give the model a "
+                          f"parallel_spec(), or wrap your own blocks with torch.utils.checkpoint")
     n = 0
     for m in targets:
         fn = getattr(m, attr)
         if not getattr(fn, "plait_recomputed", False):
-            setattr(m, attr, _recomputed(fn))  # an instance attribute: the class and other models are untouched
+            # an instance attribute: the class and other models are untouched
+            setattr(m, attr, _recomputed(fn))
             n += 1
     return n
 

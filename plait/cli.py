@@ -1,4 +1,4 @@
-"""Command line: `plait train`, `plait bench`, `plait export`, `plait report`.
+"""Command line: `plait train`, `plait data prepare`, `plait bench`, `plait export`, `plait report`.
 
 `plait train` run by hand is the launcher: it validates the config, picks the run folder, then
 either trains in this process (one rank) or starts the workers through torch's elastic launcher
@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 from plait.bench import BENCHMARKS
+from plait.data import prepare as data_prepare
 from plait.errors import ConfigError
 
 
 def _is_worker() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ
+                                                   and "WORLD_SIZE" in os.environ)
 
 
 def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -30,7 +32,8 @@ def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
         elif config is None:
             config = it
         else:
-            raise ConfigError(f"unexpected argument {it!r}: give at most one config file, then key=value overrides")
+            raise ConfigError(f"unexpected argument {it!r}: give at most one config file, then "
+                              "key=value overrides")
     return config, overrides
 
 
@@ -40,7 +43,8 @@ def default_nproc(cfg) -> int:
     p = cfg.parallel
     if p.dp > 0:
         return p.dp * p.tp * p.pp
-    machine = torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    machine = (torch.cuda.device_count() if torch.cuda.is_available()
+               else min(2, os.cpu_count() or 1))
     mp = p.tp * p.pp
     return mp * max(1, machine // mp)
 
@@ -58,13 +62,14 @@ def cmd_train(args) -> int:
     nproc = args.nproc or default_nproc(cfg)
     world = nproc * (args.nnodes if isinstance(args.nnodes, int) else 1)
     validate_layout(cfg, world)
-    from plait.train.loop import preflight
+    from plait.train.model_setup import preflight
 
     preflight(cfg)  # the model-dependent checks, before the launcher starts anyone
     run_dir = args.run_dir or cfg.log.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
     from plait.train.metrics import prepare_run_dir
 
-    prepare_run_dir(Path(run_dir), create=False, checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
+    prepare_run_dir(Path(run_dir), create=False,
+                    checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
     if nproc == 1 and args.nnodes == 1 and not args.max_restarts:  # restarts need the elastic agent
         from plait.train import train
 
@@ -72,11 +77,13 @@ def cmd_train(args) -> int:
         return 0
     from plait.launch import launch
 
-    # options before the positionals: argparse takes no positionals after an option once `rest` has matched
-    worker_args = ["train", "--run-dir", run_dir] + ([config_path] if config_path else []) + overrides
+    # options before the positionals: argparse takes no positionals after an option once
+    # `rest` has matched
+    worker_args = (["train", "--run-dir", run_dir] + ([config_path] if config_path else [])
+                   + overrides)
     return launch(worker_args, nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                  rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                  max_restarts=args.max_restarts)
+                  rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint,
+                  rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
 
 
 def cmd_export(args) -> int:
@@ -105,6 +112,10 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    return data_prepare.main(args)
+
+
 def cmd_bench(args) -> int:
     from plait.bench import run_bench
 
@@ -112,12 +123,15 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="plait", description="Distributed training of PyTorch models.")
+    ap = argparse.ArgumentParser(prog="plait",
+                                 description="Distributed training of PyTorch models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    tr = sub.add_parser("train", help="train a model (config file and/or section.key=value overrides)")
+    tr = sub.add_parser("train",
+                        help="train a model (config file and/or section.key=value overrides)")
     tr.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]")
-    tr.add_argument("--nproc", type=int, default=0, help="worker processes on this node (default: what the "
+    tr.add_argument("--nproc", type=int, default=0,
+                    help="worker processes on this node (default: what the "
                     "layout needs, else one per GPU, else 2 on CPU)")
     tr.add_argument("--run-dir", default=None, help="run folder (default runs/<date>-<time>)")
     tr.add_argument("--nnodes", type=int, default=1)
@@ -129,14 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=cmd_train)
 
     be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run",
-                        description="plait bench NAME [flags]; `plait bench NAME --help` lists NAME's own flags")
+                        description="plait bench NAME [flags]; `plait bench NAME --help` lists "
+                                    "NAME's own flags")
     be.add_argument("what", choices=list(BENCHMARKS))
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     be.set_defaults(fn=cmd_bench)
 
-    ex = sub.add_parser("export", help="a checkpoint (any layout) as one safetensors file plus a config JSON")
-    ex.add_argument("checkpoint", help="a checkpoint folder (step-NNNNNNNN), or a run / checkpoints folder (latest)")
-    ex.add_argument("out", help="OUT.safetensors (config: OUT.json), or a folder (model.safetensors, config.json)")
+    da = sub.add_parser("data",
+                        help="data preparation: text in, packed token shards + meta.json out")
+    dsub = da.add_subparsers(dest="data_cmd", required=True)
+    pr = dsub.add_parser("prepare",
+                         help="tokenize text / jsonl / parquet inputs into packed shards "
+                              "(docs/data.md)")
+    data_prepare.add_arguments(pr)
+    pr.set_defaults(fn=cmd_data_prepare)
+
+    ex = sub.add_parser("export",
+                        help="a checkpoint (any layout) as one safetensors file plus a config JSON")
+    ex.add_argument("checkpoint",
+                    help="a checkpoint folder (step-NNNNNNNN), or a run / checkpoints folder "
+                         "(latest)")
+    ex.add_argument("out",
+                    help="OUT.safetensors (config: OUT.json), or a folder (model.safetensors, "
+                         "config.json)")
     ex.add_argument("--format", choices=["safetensors"], default="safetensors")
     ex.set_defaults(fn=cmd_export)
 
@@ -150,7 +179,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse a command line; `plait train` takes its options and overrides in any order."""
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    if args.cmd == "train":  # argparse ends a positional list at the first option: the rest lands here
+    # argparse ends a positional list at the first option: the rest lands here
+    if args.cmd == "train":
         args.rest += [e for e in extra if not e.startswith("-")]
         extra = [e for e in extra if e.startswith("-")]
     if extra:
@@ -165,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"plait: error: {e}", file=sys.stderr, flush=True)
-        else:  # local rank 0 prints the same message: exiting first would let the launcher stop it before it does
+        else:
+            # local rank 0 prints the same message: exiting first would let the launcher stop it
+            # before it does
             time.sleep(5)
         return 2
 

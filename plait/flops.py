@@ -23,8 +23,11 @@ GPU_BF16_PEAK = {  # dense, no sparsity
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 512,
                          seconds: float = 0.3) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # a generator of its own: measuring must not move the global RNG
+    # (a resumed run restores it first)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = 0.0
     deadline = time.perf_counter() + seconds
     for _ in range(3):  # warm-up

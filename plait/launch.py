@@ -20,7 +20,8 @@ def torchrun_args(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank
         args.append("--standalone")
     else:
         if not rdzv_endpoint:
-            raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
+            raise ConfigError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on "
+                              "every node)")
         args += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--rdzv-backend={rdzv_backend}",
                  f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
     return args + ["-m", "plait"] + worker_args
@@ -35,8 +36,8 @@ def launch(worker_args: list[str], nproc: int, **kw) -> int:
     # one thread pool per worker sized to its share of the cores (torchrun would force 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if kw.get("max_restarts"):
-        # restarted workers must not find the previous attempt's addresses in the rendezvous store the agent
-        # shares with them (pytorch/pytorch#135712): each attempt gets a store of its own
+        # restarted workers must not find the previous attempt's addresses in the rendezvous store
+        # the agent shares with them (pytorch/pytorch#135712): each attempt gets a store of its own
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = get_args_parser().parse_args(torchrun_args(worker_args, nproc, **kw))
     try:
@@ -45,7 +46,7 @@ def launch(worker_args: list[str], nproc: int, **kw) -> int:
         failures = e.failures  # global rank -> ProcessFailure
         first = min(failures)
         f = failures[first]
-        print(f"plait: {len(failures)} worker(s) failed; first: rank {first} exit code {f.exitcode} "
-              f"(see its output above)", file=sys.stderr)
+        print(f"plait: {len(failures)} worker(s) failed; first: rank {first} exit code "
+              f"{f.exitcode} (see its output above)", file=sys.stderr)
         return f.exitcode if isinstance(f.exitcode, int) and f.exitcode > 0 else 1
     return 0

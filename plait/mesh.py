@@ -71,18 +71,22 @@ class Mesh:
 
     def __repr__(self) -> str:
         return (f"Mesh(dp={self.dp_size}, tp={self.tp_size}, pp={self.pp_size}, rank={self.rank}, "
-                f"coords=(dp {self.dp_index}, tp {self.tp_index}, pp {self.pp_index}), device={self.device})")
+                f"coords=(dp {self.dp_index}, tp {self.tp_index}, pp {self.pp_index}), "
+                f"device={self.device})")
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
     def single(device: torch.device | str = "cpu") -> Mesh:
         """The 1 × 1 × 1 mesh of a single process; no process group needed."""
         g = {n: single(n) for n in ("dp", "tp", "pp", "mp", "world")}
-        return Mesh(1, 1, 1, 0, g["dp"], g["tp"], g["pp"], g["mp"], g["world"], torch.device(device), Comm(0))
+        return Mesh(1, 1, 1, 0, g["dp"], g["tp"], g["pp"], g["mp"], g["world"],
+                    torch.device(device), Comm(0))
 
     @staticmethod
-    def build(dp: int = 0, tp: int = 1, pp: int = 1, device: torch.device | str | None = None) -> Mesh:
-        """Build the mesh over the initialized default process group (collective: every rank calls it)."""
+    def build(dp: int = 0, tp: int = 1, pp: int = 1,
+              device: torch.device | str | None = None) -> Mesh:
+        """Build the mesh over the initialized default process group
+        (collective: every rank calls it)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         dp = resolve_dp(world, dp, tp, pp)
@@ -101,17 +105,23 @@ class Mesh:
             return mine
 
         r = rank_of
-        dp_g = make("dp", [[r(d, t, p, dp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)])
-        tp_g = make("tp", [[r(d, t, p, dp, tp) for t in range(tp)] for p in range(pp) for d in range(dp)])
-        pp_g = make("pp", [[r(d, t, p, dp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)])
-        mp_g = make("mp", [sorted(r(d, t, p, dp, tp) for p in range(pp) for t in range(tp)) for d in range(dp)])
+        dp_g = make("dp",
+                    [[r(d, t, p, dp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)])
+        tp_g = make("tp",
+                    [[r(d, t, p, dp, tp) for t in range(tp)] for p in range(pp) for d in range(dp)])
+        pp_g = make("pp",
+                    [[r(d, t, p, dp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)])
+        mp_g = make("mp",
+                    [sorted(r(d, t, p, dp, tp) for p in range(pp) for t in range(tp))
+                     for d in range(dp)])
         world_g = Group("world", tuple(range(world)), rank, dist.group.WORLD)
         return Mesh(dp, tp, pp, rank, dp_g, tp_g, pp_g, mp_g, world_g, device, Comm(rank))
 
     @staticmethod
     def from_env(dp: int = 0, tp: int = 1, pp: int = 1, backend: str | None = None,
                  timeout_s: float = 600.0, device: torch.device | str | None = None) -> Mesh:
-        """Initialize torch.distributed from the launcher's environment (torchrun) and build the mesh.
+        """Initialize torch.distributed from the launcher's environment (torchrun) and build the
+        mesh.
 
         The layout is checked against WORLD_SIZE before the process group is created, so a wrong
         layout fails on every rank with the same message and no rank waits for a collective.
@@ -126,16 +136,19 @@ class Mesh:
             kwargs = {}
             if torch.device(device).type == "cuda" and backend == "nccl":
                 kwargs["device_id"] = torch.device(device)
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                    **kwargs)
         return Mesh.build(dp, tp, pp, device)
 
     def destroy(self) -> None:
-        """Destroy the process groups (every rank, at the end of a run; a one-rank mesh has none)."""
+        """Destroy the process groups (every rank, at the end of a run; a one-rank mesh has
+        none)."""
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
     def to_device_mesh(self):
-        """The equivalent torch DeviceMesh with dims ('pp', 'dp', 'tp') (for FSDP2, DTensor, DCP)."""
+        """The equivalent torch DeviceMesh with dims ('pp', 'dp', 'tp')
+        (for FSDP2, DTensor, DCP)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(self.device.type, (self.pp_size, self.dp_size, self.tp_size),
@@ -158,6 +171,7 @@ def default_backend(device: torch.device) -> str:
         if local_world <= torch.cuda.device_count():
             return "nccl"
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            print(f"plait: {local_world} local ranks share {torch.cuda.device_count()} GPU(s): NCCL refuses that, so "
-                  f"the ranks talk over gloo (CUDA tensors stay on the GPU)", flush=True)
+            print(f"plait: {local_world} local ranks share {torch.cuda.device_count()} GPU(s): "
+                  f"NCCL refuses that, so the ranks talk over gloo (CUDA tensors stay on the GPU)",
+                  flush=True)
     return "gloo"

@@ -34,8 +34,8 @@ class ParallelModel(nn.Module):
 
     def __init__(self, module: nn.Module, mesh: Mesh, reducer: GradReducer | None, *,
                  loss_fn: Callable = next_token_loss,
-                 pipeline=None, state_gatherers: Iterable[StateGatherer] = (), amp_dtype: torch.dtype | None = None,
-                 scaler: LossScaler | None = None):
+                 pipeline=None, state_gatherers: Iterable[StateGatherer] = (),
+                 amp_dtype: torch.dtype | None = None, scaler: LossScaler | None = None):
         super().__init__()
         self.amp_dtype = amp_dtype  # None: fp32; else the autocast dtype (parameters stay fp32)
         self.module = module
@@ -45,7 +45,8 @@ class ParallelModel(nn.Module):
         self.pipeline = pipeline
         self.scaler = scaler  # fp16: backward runs on loss × scale (a power of 2: exact)
         # applied in order to this rank's local state dict: tp shards -> full tensors, then
-        # pp stages -> the whole model (collectives: every rank of the mesh must call full_state_dict)
+        # pp stages -> the whole model (collectives: every rank of the mesh
+        # must call full_state_dict)
         self.state_gatherers = list(state_gatherers)
 
     def forward(self, *args, **kwargs):
@@ -53,16 +54,19 @@ class ParallelModel(nn.Module):
             return self.module(*args, **kwargs)
 
     def autocast(self):
-        """A fresh autocast context for the configured dtype (bf16 / fp16), or a no-op under fp32."""
+        """A fresh autocast context for the configured dtype (bf16 / fp16),
+        or a no-op under fp32."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.mesh.device.type, dtype=self.amp_dtype)
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
         return self.loss_fn(logits, targets, reduction=reduction)
 
     def train_step(self, batches: Iterable, global_tokens: int) -> torch.Tensor:
-        """Forward and backward of this rank's micro-batches `(x, y)`; returns Σ token loss / global_tokens.
+        """Forward and backward of this rank's micro-batches `(x, y)`;
+        returns Σ token loss / global_tokens.
 
         `global_tokens`: the tokens of the whole global batch (every dp rank's), so that gradients
         summed over dp are the gradient of the global mean loss. The returned loss is a device
@@ -70,8 +74,10 @@ class ParallelModel(nn.Module):
         """
         scale = self.scaler.scale if self.scaler is not None else 1.0
         batches = list(batches)
-        if self.pipeline is not None:  # the schedule runs every micro-batch; its loss is on every pp rank
-            loss = self.pipeline.train_step(batches, global_tokens / scale, self.autocast(), no_sync=self.no_sync)
+        # the schedule runs every micro-batch; its loss is on every pp rank
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(batches, global_tokens / scale, self.autocast(),
+                                            no_sync=self.no_sync)
             return loss / scale if scale != 1.0 else loss
         total = torch.zeros((), device=self.mesh.device)
         dev = self.mesh.device
@@ -86,7 +92,8 @@ class ParallelModel(nn.Module):
 
     @torch.no_grad()
     def eval_step(self, batches: Iterable) -> torch.Tensor:
-        """Forward only over this rank's batches; float64 [Σ token loss, tokens] (no dp reduction)."""
+        """Forward only over this rank's batches;
+        float64 [Σ token loss, tokens] (no dp reduction)."""
         was_training = self.training
         self.eval()
         try:
@@ -136,7 +143,8 @@ class ParallelOptimizer:
         self.mesh = mesh
         self.reducer = reducer
         self.grad_clip = grad_clip
-        self.sync = sync  # plait.sync strategy (step 6); None: step every time on the reduced gradient
+        # plait.sync strategy (step 6); None: step every time on the reduced gradient
+        self.sync = sync
         self.last_grad_norm: torch.Tensor | None = None
         self.scaler = scaler
         self.before_update: Callable[[], bool] | None = None
@@ -173,11 +181,14 @@ class ParallelOptimizer:
         return sq.sqrt()
 
     def step(self) -> bool:
-        """Finish the gradient exchange and update; False when an fp16 overflow skipped the update."""
+        """Finish the gradient exchange and update;
+        False when an fp16 overflow skipped the update."""
         self.last_grad_norm = None  # set again by this step's clipping, if any
         self.finish_grads()
-        if self.scaler is not None:  # unscaled before clipping; an overflow on any rank skips on all
-            if not self.scaler.unscale_and_check([p.grad for p in self.params if p.grad is not None], self.mesh):
+        # unscaled before clipping; an overflow on any rank skips on all
+        if self.scaler is not None:
+            if not self.scaler.unscale_and_check(
+                    [p.grad for p in self.params if p.grad is not None], self.mesh):
                 return False
         # the sync strategy decides when the inner step runs and on which gradient (plait.sync)
         if self.sync is not None:

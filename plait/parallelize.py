@@ -70,10 +70,12 @@ class ParallelOptions:
     @classmethod
     def from_config(cls, cfg: Config) -> ParallelOptions:
         t = cfg.train
-        return cls(parallel=cfg.parallel, compression=cfg.compression, sync=cfg.sync, total_steps=t.steps,
-                   grad_clip=cfg.optim.grad_clip, activation_checkpointing=t.activation_checkpointing,
+        return cls(parallel=cfg.parallel, compression=cfg.compression, sync=cfg.sync,
+                   total_steps=t.steps, grad_clip=cfg.optim.grad_clip,
+                   activation_checkpointing=t.activation_checkpointing,
                    dtype=t.dtype, loss_scale_init=t.loss_scale_init,
-                   loss_scale_growth_interval=t.loss_scale_growth_interval, loss_scale_min=t.loss_scale_min)
+                   loss_scale_growth_interval=t.loss_scale_growth_interval,
+                   loss_scale_min=t.loss_scale_min)
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -89,7 +91,8 @@ def _apply_tensor_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig
     """
     if mesh.tp_size == 1:
         return model, spec_of(model).loss, None
-    tp = apply_tensor_parallel(model, mesh, plan_for(model), sequence_parallel=cfg.sequence_parallel)
+    tp = apply_tensor_parallel(model, mesh, plan_for(model),
+                               sequence_parallel=cfg.sequence_parallel)
     return tp.model, tp.loss_fn, tp.gather
 
 
@@ -131,14 +134,16 @@ def _apply_mixed_precision(opts: ParallelOptions) -> tuple[torch.dtype | None, L
         return None, None
     if opts.dtype == "bf16":
         return torch.bfloat16, None
-    return torch.float16, LossScaler(opts.loss_scale_init, growth_interval=opts.loss_scale_growth_interval,
+    return torch.float16, LossScaler(opts.loss_scale_init,
+                                     growth_interval=opts.loss_scale_growth_interval,
                                      min_scale=opts.loss_scale_min)
 
 
 def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
                          compression: CompressionConfig | None = None,
                          optimizer: OptimizerOrFactory | None = None) -> GradReducer | None:
-    """The dp gradient path: buckets summed over mesh.dp, each exchanged by the configured compressor.
+    """The dp gradient path: buckets summed over mesh.dp,
+    each exchanged by the configured compressor.
 
     An optimizer (or factory) exposing `dp_exchange` (1-bit Adam) exchanges gradients itself: its
     exchange becomes the reducer's compressor (dense during its warm-up, silent afterwards).
@@ -148,19 +153,21 @@ def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
     compressor = build_compressor(compression, getattr(optimizer, "dp_exchange", None))
     if mesh.dp_size == 1:
         return None
-    return GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=int(cfg.bucket_mb * 2**20),
-                       compressor=compressor)
+    return GradReducer(list(model.parameters()), mesh.dp, mesh.comm,
+                       bucket_bytes=int(cfg.bucket_mb * 2**20), compressor=compressor)
 
 
 def _uses_reducer(sync) -> bool:
-    """Only every_step reduces gradients every step; the other strategies exchange over dp themselves."""
+    """Only every_step reduces gradients every step;
+    the other strategies exchange over dp themselves."""
     if isinstance(sync, SyncStrategy):
         return sync.uses_reducer
     return sync is None or sync.strategy == "every_step"
 
 
 def _apply_sync(model: nn.Module, mesh: Mesh, sync, total_steps: int | None):
-    """Step 6: the sync strategy over mesh.dp (plait.sync), from a SyncConfig, or a strategy as given.
+    """Step 6: the sync strategy over mesh.dp (plait.sync), from a SyncConfig,
+    or a strategy as given.
 
     Strategies other than every_step keep replicas apart for a while (local SGD, DiLoCo, streaming
     DiLoCo) or step on stale gradients (delayed); they need every replica's whole optimizer state
@@ -180,47 +187,56 @@ def _build_optimizer(optimizer: OptimizerOrFactory, model: nn.Module) -> torch.o
     if held == {id(p) for p in params}:
         return optimizer
     if len(optimizer.param_groups) != 1 or optimizer.state:
-        raise ConfigError("parallelize() changed the model's parameters, and the optimizer has several param "
-                          "groups or state: pass a factory instead, e.g. lambda params: AdamW(params, ...)")
+        raise ConfigError("parallelize() changed the model's parameters, and the optimizer has "
+                          "several param groups or state: pass a factory instead, e.g. lambda "
+                          "params: AdamW(params, ...)")
     return type(optimizer)(params, **optimizer.defaults)
 
 
-def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh, options: ParallelOptions | None = None,
+def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh,
+                options: ParallelOptions | None = None,
                 ) -> tuple[ParallelModel, ParallelOptimizer]:
     """Make `model` parallel over `mesh` and return (model, optimizer) ready for a training loop.
 
     `optimizer` is a torch optimizer or a factory `params -> optimizer`; when the parallel
     transforms replace parameters (tensor / pipeline parallelism), a factory is needed unless the
-    optimizer has one param group and no state (then it is rebuilt with the same class and defaults).
-    `options` (ParallelOptions): the layout, compression, sync strategy, clipping, recomputation
-    and precision; checked before anything changes.
+    optimizer has one param group and no state (then it is rebuilt with the same class and
+    defaults). `options` (ParallelOptions): the layout, compression, sync strategy, clipping,
+    recomputation and precision; checked before anything changes.
 
     Training loop contract, every step: `model.train_step(micro_batches, global_tokens)`, then
     `optimizer.step()` (False: an fp16 overflow skipped the update on every rank) and
     `optimizer.zero_grad()`. Every rank of the mesh must run the same steps and micro-batches.
     """
     opts = options if options is not None else ParallelOptions()
-    check_options(opts.parallel, opts.compression, opts.sync if isinstance(opts.sync, SyncConfig) else None,
+    check_options(opts.parallel, opts.compression,
+                  opts.sync if isinstance(opts.sync, SyncConfig) else None,
                   dtype=opts.dtype, activation_checkpointing=opts.activation_checkpointing,
                   onebit=hasattr(optimizer, "dp_exchange"))
     cfg = opts.parallel
     model = model.to(mesh.device)
     model, loss_fn, tp_gather = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
-    model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)  # 2. keep this rank's stage
-    model = _apply_activation_checkpointing(model, opts.activation_checkpointing)  # 3. recompute in backward
-    amp_dtype, scaler = _apply_mixed_precision(opts)  # 4. autocast, fp32 master weights, fp16 scaler
+    # 2. keep this rank's stage
+    model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)
+    # 3. recompute in backward
+    model = _apply_activation_checkpointing(model, opts.activation_checkpointing)
+    # 4. autocast, fp32 master weights, fp16 scaler
+    amp_dtype, scaler = _apply_mixed_precision(opts)
     # 5.+6. dp gradient path, compression; a sync strategy other than every_step exchanges over dp
     # itself (step 6), so it gets no per-step gradient reducer
-    reducer = _apply_data_parallel(model, mesh, cfg, opts.compression, optimizer) if _uses_reducer(opts.sync) else None
+    reducer = (_apply_data_parallel(model, mesh, cfg, opts.compression, optimizer)
+               if _uses_reducer(opts.sync) else None)
     opt = _build_optimizer(optimizer, model)
     params = list(model.parameters())
-    if cfg.zero and mesh.dp_size > 1:  # each dp rank steps only its shard; params: the pieces it clips
+    # each dp rank steps only its shard; params: the pieces it clips
+    if cfg.zero and mesh.dp_size > 1:
         opt = wrap_optimizer(opt, reducer, mesh, cfg)
         params = opt.params
-    zero_gather = getattr(reducer, "state_gatherer", None)  # ZeRO-3: dp shards -> full tensors, first
+    # ZeRO-3: dp shards -> full tensors, first
+    zero_gather = getattr(reducer, "state_gatherer", None)
     gatherers = [g for g in (zero_gather, tp_gather, pp_gather) if g is not None]
-    pmodel = ParallelModel(model, mesh, reducer, loss_fn=loss_fn, pipeline=runner, state_gatherers=gatherers,
-                           amp_dtype=amp_dtype, scaler=scaler)
+    pmodel = ParallelModel(model, mesh, reducer, loss_fn=loss_fn, pipeline=runner,
+                           state_gatherers=gatherers, amp_dtype=amp_dtype, scaler=scaler)
     strategy = _apply_sync(model, mesh, opts.sync, opts.total_steps)  # 6. sync strategy over dp
-    return pmodel, ParallelOptimizer(opt, params, mesh, reducer, grad_clip=opts.grad_clip, sync=strategy,
-                                     scaler=scaler)
+    return pmodel, ParallelOptimizer(opt, params, mesh, reducer, grad_clip=opts.grad_clip,
+                                     sync=strategy, scaler=scaler)

@@ -1,10 +1,10 @@
 """The parity matrix: every dp × tp × pp (× ZeRO) layout against the single-process run.
 
-docs/architecture.md, "Contracts": same seed, same global batch, fp32 → each step's loss, each step's global gradient
-norm (before clipping) and, after the last step, every parameter gathered back to full shape equal
-the single-process run's within 1e-5 relative. The layouts of one world size run in one spawn of
-that many ranks (each case builds its own mesh and trainer), so the matrix pays for process start
-and imports once per world size, not once per layout.
+docs/architecture.md, "Contracts": same seed, same global batch, fp32 → each step's loss, each
+step's global gradient norm (before clipping) and, after the last step, every parameter gathered
+back to full shape equal the single-process run's within 1e-5 relative. The layouts of one world
+size run in one spawn of that many ranks (each case builds its own mesh and trainer), so the matrix
+pays for process start and imports once per world size, not once per layout.
 
     ref = reference(cfg)                              # this process, plain PyTorch (no plait loop)
     got = run_layouts(cfg, matrix(zeros=(0, 1)))     # {layout name: result, or a traceback string}
@@ -61,7 +61,8 @@ def matrix(dps=(1, 2), tps=(1, 2), pps=(1, 2), zeros=(0,)) -> list[Layout]:
 
 def layout_config(base: dict, layout: Layout, **train) -> dict:
     d = {k: dict(v) for k, v in base.items()}
-    d["parallel"] = {**d.get("parallel", {}), "dp": layout.dp, "tp": layout.tp, "pp": layout.pp, "zero": layout.zero}
+    d["parallel"] = {**d.get("parallel", {}), "dp": layout.dp, "tp": layout.tp, "pp": layout.pp,
+                     "zero": layout.zero}
     d["train"] = {**d.get("train", {}), **train}
     return d
 
@@ -78,8 +79,8 @@ def train_case(cfg_dict: dict, device: str = "cpu", steps: int | None = None) ->
         losses.append(tr.loss_value(out))
         norms.append(None if out["grad_norm"] is None else float(out["grad_norm"]))
     state = {k: v.detach().cpu() for k, v in tr.full_state().items()}
-    return {"losses": losses, "norms": norms, "state": state, "rank": mesh.rank, "dp_index": mesh.dp_index,
-            "comm": mesh.comm.stats.total_bytes, "val": tr.evaluate()}
+    return {"losses": losses, "norms": norms, "state": state, "rank": mesh.rank,
+            "dp_index": mesh.dp_index, "comm": mesh.comm.stats.total_bytes, "val": tr.evaluate()}
 
 
 def single_process(base: dict, device: str = "cpu", steps: int | None = None) -> dict:
@@ -90,7 +91,8 @@ def single_process(base: dict, device: str = "cpu", steps: int | None = None) ->
 
 
 def run_cases(cases: list[tuple[str, dict]], device: str = "cpu") -> dict:
-    """On every rank: each (name, config) in turn; {name: result, or the traceback of its failure}."""
+    """On every rank: each (name, config) in turn;
+    {name: result, or the traceback of its failure}."""
     out = {}
     for name, cfg_dict in cases:
         try:
@@ -100,8 +102,9 @@ def run_cases(cases: list[tuple[str, dict]], device: str = "cpu") -> dict:
     return out
 
 
-PLAIN = {"optim.name": ("adamw", "sgd"), "compression.name": ("none",), "sync.strategy": ("every_step",),
-         "train.dtype": ("fp32", "bf16"), "train.batch_rampup_samples": (0,), "optim.scale_lr_with_batch": (False,)}
+PLAIN = {"optim.name": ("adamw", "sgd"), "compression.name": ("none",),
+         "sync.strategy": ("every_step",), "train.dtype": ("fp32", "bf16"),
+         "train.batch_rampup_samples": (0,), "optim.scale_lr_with_batch": (False,)}
 
 
 def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) -> dict:
@@ -117,8 +120,9 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
     for key, ok in PLAIN.items():
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) not in ok:
-            raise ValueError(f"plain_reference covers {key} in {ok}, not {getattr(getattr(cfg, sec), name)!r}: "
-                             f"compare such runs with single_process()")
+            raise ValueError(f"plain_reference covers {key} in {ok}, not "
+                             f"{getattr(getattr(cfg, sec), name)!r}: compare such runs with "
+                             "single_process()")
     t, o = cfg.train, cfg.optim
     corpus = load_corpus(cfg.data, cfg.model.vocab_size)
     torch.manual_seed(t.seed)
@@ -130,8 +134,8 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     else:
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if t.dtype == "bf16" \
-        else nullcontext
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) \
+        if t.dtype == "bf16" else nullcontext
     data = ChunkSampler(corpus.train, t.seq_len, t.seed)
     G, m, n = t.global_batch, t.micro_batch, steps or t.steps
     losses, norms = [], []
@@ -147,14 +151,17 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
         for g in opt.param_groups:
             g["lr"] = o.lr * f
         total = 0.0
-        for k in range(G // m):  # the global batch: samples [step·G, (step + 1)·G), in micro-batches
+        # the global batch: samples [step·G, (step + 1)·G), in micro-batches
+        for k in range(G // m):
             x, y = (v.to(device) for v in data.batch(step * G + k * m, m))
             with autocast():
                 logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / (G * t.seq_len)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                   reduction="sum") / (G * t.seq_len)
             loss.backward()
-            total += float(loss)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip)) if o.grad_clip > 0 else None)
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+                     if o.grad_clip > 0 else None)
         opt.step()
         opt.zero_grad()
         losses.append(total)
@@ -167,7 +174,8 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
                 x, y = (v.to(device) for v in vdata.batch(lo, min(m, t.val_samples - lo)))
                 with autocast():
                     logits = model(x)
-                s += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+                s += float(
+                    F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
                 c += y.numel()
         val = s / c
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -180,8 +188,10 @@ def reference(base: dict, device: str = "cpu", steps: int | None = None) -> dict
     return plain_reference(from_dict(layout_config(base, Layout(1, 1, 1, 0))), device, steps)
 
 
-def run_layouts(base: dict, layouts: list[Layout], timeout: float = 600.0, device: str = "cpu") -> dict:
-    """Run `layouts` grouped by world size, one spawn per size; {name: [result per rank] or traceback}."""
+def run_layouts(base: dict, layouts: list[Layout], timeout: float = 600.0,
+                device: str = "cpu") -> dict:
+    """Run `layouts` grouped by world size, one spawn per size;
+    {name: [result per rank] or traceback}."""
     results: dict = {}
     for world in sorted({lay.world for lay in layouts}):
         cases = [(lay.name, layout_config(base, lay)) for lay in layouts if lay.world == world]
@@ -210,7 +220,8 @@ def worst(errors) -> float:
 
 
 def errors(ref: dict, got: dict) -> dict:
-    """Largest relative errors of one rank's result: per-step loss, per-step gradient norm, parameter."""
+    """Largest relative errors of one rank's result:
+    per-step loss, per-step gradient norm, parameter."""
     if len(got["losses"]) != len(ref["losses"]):
         return {"loss": math.inf, "norm": math.inf, "param": math.inf}
     loss = worst(_rel(a, b) for a, b in zip(got["losses"], ref["losses"]))

@@ -32,9 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init: bool, env: dict, pg_timeout: float):
+def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init: bool, env: dict,
+            pg_timeout: float):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
     os.environ.update(env)
     try:
         import torch
@@ -44,7 +46,8 @@ def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init:
         if init and world > 1:
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
         result = fn(*args)
-        buf = io.BytesIO()  # plain bytes: tensors must not travel as shared memory of a process that exits
+        # plain bytes: tensors must not travel as shared memory of a process that exits
+        buf = io.BytesIO()
         torch.save(result, buf)
         out.put((rank, True, buf.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -60,24 +63,28 @@ def _worker(rank: int, world: int, port: int, fn, args, out, threads: int, init:
 
 
 def run_ranks(fn, world_size: int, args: tuple = (), timeout: float = 120.0, threads: int = 1,
-              init_process_group: bool = True, env: dict | None = None, pg_timeout: float = 300.0) -> list:
+              init_process_group: bool = True, env: dict | None = None,
+              pg_timeout: float = 300.0) -> list:
     # The free port is probed, then released before rank 0 binds it: another process can take it in
     # between. Only that failure (the rendezvous cannot listen) is retried, on a fresh port.
     for attempt in range(3):
         try:
-            return _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env, pg_timeout)
+            return _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env,
+                                   pg_timeout)
         except RankFailure as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env, pg_timeout) -> list:
+def _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, env,
+                    pg_timeout) -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(r, world_size, port, fn, args, out, threads, init_process_group, env or {}, pg_timeout))
+                         args=(r, world_size, port, fn, args, out, threads, init_process_group,
+                               env or {}, pg_timeout))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -89,12 +96,14 @@ def _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, 
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - results.keys() - failures.keys())
-                failures.update({r: f"rank {r}: still running after {timeout:.0f} s (hang?)" for r in missing})
+                failures.update(
+                    {r: f"rank {r}: still running after {timeout:.0f} s (hang?)" for r in missing})
                 break
             try:
                 rank, ok, payload = out.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results and r not in failures]
+                dead = [r for r, p in enumerate(procs)
+                        if not p.is_alive() and r not in results and r not in failures]
                 if dead:
                     time.sleep(0.5)  # let a dying rank's message arrive
                     try:
@@ -105,7 +114,8 @@ def _run_ranks_once(fn, world_size, args, timeout, threads, init_process_group, 
                         pass
                     for r in dead:
                         if r not in results and r not in failures:
-                            failures[r] = f"rank {r}: process exited with code {procs[r].exitcode} and no result"
+                            failures[r] = (f"rank {r}: process exited with code "
+                                           f"{procs[r].exitcode} and no result")
                 continue
             (results if ok else failures)[rank] = payload
             if failures:  # one rank failed: give the others a moment to report, then stop them

@@ -1,7 +1,10 @@
-"""Quality of compressed data parallelism: final validation loss per compressor, same steps and seeds.
+"""Quality of compressed data parallelism: final validation loss per compressor,
+same steps and seeds.
 
-    .venv/bin/python scripts/compression_quality.py                  # 4 dp ranks, small GPT, docs/
-    .venv/bin/python scripts/compression_quality.py --preset tiny --steps 4 --out-dir /tmp/q   # smoke
+    # 4 dp ranks, small GPT, docs/
+    .venv/bin/python scripts/compression_quality.py
+    # smoke
+    .venv/bin/python scripts/compression_quality.py --preset tiny --steps 4 --out-dir /tmp/q
 
 Every configuration trains the same GPT from the same weights on the same samples (plait's
 Trainer, `--ranks` data-parallel ranks, gloo): uncompressed, fp16, bf16, int8, top-k, sign,
@@ -36,11 +39,13 @@ CONFIGS: dict[str, tuple[dict, float | None, str | None]] = {
     "sign": ({"compression": {"name": "sign"}}, 0.05, None),
     "onebit_adam": ({"optim": {"name": "onebit_adam"}}, None, None),
     "int8_no_ef": ({"compression": {"name": "int8", "error_feedback": False}}, None, "int8"),
-    "powersgd_no_ef": ({"compression": {"name": "powersgd", "rank": 4, "error_feedback": False}}, None, "powersgd"),
-    "topk_no_ef": ({"compression": {"name": "topk", "topk_fraction": 0.01, "error_feedback": False}}, None, "topk"),
+    "powersgd_no_ef": ({"compression": {"name": "powersgd", "rank": 4, "error_feedback": False}},
+                       None, "powersgd"),
+    "topk_no_ef": ({"compression": {"name": "topk", "topk_fraction": 0.01,
+                                    "error_feedback": False}}, None, "topk"),
     "sign_no_ef": ({"compression": {"name": "sign", "error_feedback": False}}, None, "sign"),
-    "onebit_adam_no_ef": ({"optim": {"name": "onebit_adam"}, "compression": {"error_feedback": False}}, None,
-                          "onebit_adam"),
+    "onebit_adam_no_ef": ({"optim": {"name": "onebit_adam"},
+                           "compression": {"error_feedback": False}}, None, "onebit_adam"),
 }
 
 
@@ -68,9 +73,10 @@ def base_config(args) -> dict:
     return {
         "model": {"preset": args.preset},
         "parallel": {"dp": args.ranks},
-        "train": {"steps": args.steps, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
-                  "seq_len": args.seq_len, "seed": args.seed, "val_every": max(1, args.steps // 20),
-                  "val_samples": args.val_samples, "threads": max(1, (os.cpu_count() or 1) // args.ranks)},
+        "train": {"steps": args.steps, "global_batch": args.global_batch,
+                  "micro_batch": args.micro_batch, "seq_len": args.seq_len, "seed": args.seed,
+                  "val_every": max(1, args.steps // 20), "val_samples": args.val_samples,
+                  "threads": max(1, (os.cpu_count() or 1) // args.ranks)},
         "compression": {"warmup_steps": max(1, args.steps // 10)},
         "log": {"progress": False, "plots": False},
         # the 1-bit Adam configurations set optim.name themselves
@@ -104,9 +110,12 @@ def plot(results: dict, path: Path) -> None:
                 s2, v2 = zip(*results[twin]["val"])
                 axes[1].plot(s2, v2, "-", label=twin, alpha=0.6)
         k = max(1, len(r["train"]) // 50)  # a moving average of the training loss
-        sm = [sum(r["train"][i: i + k]) / len(r["train"][i: i + k]) for i in range(0, len(r["train"]), k)]
-        axes[2].plot([i + k for i in range(0, len(r["train"]), k)], sm, style, label=tag, linewidth=1)
-    for ax, title in zip(axes, ("validation loss", "error-feedback ablation (dashed: off)", "training loss")):
+        sm = [sum(r["train"][i: i + k]) / len(r["train"][i: i + k])
+              for i in range(0, len(r["train"]), k)]
+        axes[2].plot([i + k for i in range(0, len(r["train"]), k)], sm, style, label=tag,
+                     linewidth=1)
+    for ax, title in zip(axes, ("validation loss", "error-feedback ablation (dashed: off)",
+                                "training loss")):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
@@ -131,7 +140,8 @@ def table(results: dict) -> str:
             met = f"{'worse' if worse > 0 else 'not worse'} than with feedback by {worse:+.4f}"
         gap_s = f"{gap * 100:+.2f}%" if gap is not None else "-"
         tgt = f"≤ {target * 100:.1f}%" if target is not None else ("ablation" if twin else "-")
-        lines.append(f"| {tag} | {r['final_val']:.4f} | {gap_s} | {tgt} | {met} | {r['comm_bytes_per_step']:,.0f} |")
+        lines.append(f"| {tag} | {r['final_val']:.4f} | {gap_s} | {tgt} | {met} | "
+                     f"{r['comm_bytes_per_step']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -146,9 +156,11 @@ def main() -> int:
     ap.add_argument("--val-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--optim", default="adamw", choices=["adamw", "sgd", "lamb", "lars"],
-                    help="the optimizer of every configuration but 1-bit Adam's (sgd: momentum 0.9)")
+                    help="the optimizer of every configuration but 1-bit Adam's "
+                         "(sgd: momentum 0.9)")
     ap.add_argument("--lr", type=float, default=0.0, help="optim.lr (default: the config default)")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--out-dir", default="docs")
     args = ap.parse_args()
     from plait.testing import run_ranks
@@ -156,7 +168,8 @@ def main() -> int:
     tags = [t.strip() for t in args.configs.split(",") if t.strip()]
     unknown = [t for t in tags if t not in CONFIGS]
     if unknown:
-        print(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        print(f"unknown configuration(s) {unknown}: choose from {', '.join(CONFIGS)}",
+              file=sys.stderr)
         return 2
     base = base_config(args)
     out_dir = Path(args.out_dir)
@@ -167,16 +180,18 @@ def main() -> int:
         r = run_ranks(_train, args.ranks, args=(cfg,), timeout=3600.0 * 6,
                       threads=cfg["train"]["threads"])[0]
         results[tag] = r
-        print(f"{tag:>18}: final val {r['final_val']:.4f}, {r['comm_bytes_per_step']:,.0f} B/step/rank, "
-              f"{r['wall_s']:.0f} s", flush=True)
+        print(f"{tag:>18}: final val {r['final_val']:.4f}, {r['comm_bytes_per_step']:,.0f} "
+              f"B/step/rank, {r['wall_s']:.0f} s", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
             "machine": f"{platform.node()}, {os.cpu_count()} cores", "command": " ".join(sys.argv),
             "config": base}
-    (out_dir / "compression_quality.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out_dir / "compression_quality.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, out_dir / "compression_quality.png")
     print()
     print(table(results))
-    print(f"\nwrote {out_dir / 'compression_quality.json'} and {out_dir / 'compression_quality.png'}")
+    print(f"\nwrote {out_dir / 'compression_quality.json'} and "
+          f"{out_dir / 'compression_quality.png'}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Run the whole parity matrix (dp, tp, pp in {1, 2}, ZeRO 0-3; up to 8 ranks) and write docs/parity_matrix.md.
+"""Run the whole parity matrix (dp, tp, pp in {1, 2}, ZeRO 0-3; up to 8 ranks) and write
+docs/parity_matrix.md.
 
     .venv/bin/python scripts/parity_matrix.py                 # every layout, ZeRO 0-3
     .venv/bin/python scripts/parity_matrix.py --zero 0 --out /tmp/m.md
@@ -47,11 +48,14 @@ def corpus(folder: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zero", default="0,1,2,3", help="ZeRO stages, comma-separated (default 0,1,2,3)")
+    ap.add_argument("--zero", default="0,1,2,3",
+                    help="ZeRO stages, comma-separated (default 0,1,2,3)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "parity_matrix.md"))
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per world size's spawn")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every rank's tensors live")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(TOLERANCES), help="training dtype of both sides")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where every rank's tensors live")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(TOLERANCES),
+                    help="training dtype of both sides")
     args = ap.parse_args(argv)
     tol = TOLERANCES[args.dtype]
     zeros = tuple(int(z) for z in args.zero.split(","))
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
             mine = [lay for lay in layouts if lay.world == world]
             t = time.perf_counter()
             got = parity.run_layouts(base, mine, timeout=args.timeout, device=args.device)
-            print(f"world {world}: {len(mine)} layouts in {time.perf_counter() - t:.0f} s", flush=True)
+            print(f"world {world}: {len(mine)} layouts in {time.perf_counter() - t:.0f} s",
+                  flush=True)
             for lay in mine:
                 res = got[lay.name]
                 if isinstance(res, str):
@@ -82,23 +87,25 @@ def main(argv=None) -> int:
     clipped = all(n > CLIP for n in ref["norms"])
     ok &= clipped
     if args.device == "cuda":
-        machine = (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores (gloo, CUDA tensors, "
-                   "every rank on the one GPU)")
+        machine = (f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores (gloo, CUDA "
+                   "tensors, every rank on the one GPU)")
     else:
-        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} (gloo, CPU tensors)"
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+                   "(gloo, CPU tensors)")
     lines = [
         "# Parity matrix",
         "",
         "Every dp × tp × pp × ZeRO layout against the single-process run (docs/architecture.md, "
         "'Contracts'): the tiny GPT "
-        f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 tokens in "
-        "micro-batches of 2 "
-        f"(gradient accumulation: 4 micro-batches per step at dp = 1, 2 at dp = 2), optim.grad_clip = {CLIP} "
-        f"(active on every step: reference gradient norms {', '.join(f'{n:.3f}' for n in ref['norms'])}). "
-        "Errors are the largest relative error over steps and ranks: loss |Δ|/|ref|, gradient norm (before "
-        "clipping, the clip factor's input), and ‖Δ‖/‖ref‖ per parameter tensor after the last step. "
-        f"Tolerance {', '.join(f'{k} {v:g}' for k, v in tol.items())}. "
-        "ZeRO > 0 appears with dp = 2 only (at dp = 1 it is the plain path).",
+        f"(2 blocks, d_model 32), 5 AdamW steps ({args.dtype}), global batch 8 sequences of 32 "
+        "tokens in micro-batches of 2 "
+        "(gradient accumulation: 4 micro-batches per step at dp = 1, 2 at dp = 2), "
+        f"optim.grad_clip = {CLIP} (active on every step: reference gradient norms "
+        f"{', '.join(f'{n:.3f}' for n in ref['norms'])}). Errors are the largest relative error "
+        "over steps and ranks: loss |Δ|/|ref|, gradient norm (before clipping, the clip factor's "
+        "input), and ‖Δ‖/‖ref‖ per parameter tensor after the last step. Tolerance "
+        f"{', '.join(f'{k} {v:g}' for k, v in tol.items())}. ZeRO > 0 appears with dp = 2 only (at "
+        "dp = 1 it is the plain path).",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- machine: {machine}",
@@ -114,8 +121,8 @@ def main(argv=None) -> int:
         if worst is None:
             lines.append(f"| {lay.name} | {lay.world} | - | - | - | failed: {verdict} |")
         else:
-            lines.append(f"| {lay.name} | {lay.world} | {worst['loss']:.1e} | {worst['norm']:.1e} | "
-                         f"{worst['param']:.1e} | {verdict} |")
+            lines.append(f"| {lay.name} | {lay.world} | {worst['loss']:.1e} | {worst['norm']:.1e} "
+                         f"| {worst['param']:.1e} | {verdict} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -1,7 +1,9 @@
 """Quality of the sync strategies against every-step data parallelism, at equal samples and seeds.
 
-    .venv/bin/python scripts/sync_quality.py                       # the recorded run (10M GPT, 4 replicas)
-    .venv/bin/python scripts/sync_quality.py --preset tiny --steps 8 --every 4 --global-batch 8 --seq-len 32
+    # the recorded run (10M GPT, 4 replicas)
+    .venv/bin/python scripts/sync_quality.py
+    .venv/bin/python scripts/sync_quality.py --preset tiny --steps 8 --every 4 --global-batch 8 \
+        --seq-len 32
 
 The default (10M-parameter GPT, 500 steps of 16 × 128 tokens, H = 50) should take on the order
 of 15 minutes per configuration on two CPU cores (an estimate from `make demo`'s speed), seven
@@ -38,7 +40,8 @@ def configs(every: int, fragments: int) -> dict[str, dict]:
         "every_step": {},
         "diloco": {"sync.strategy": "diloco", **d},
         "local_sgd": {"sync.strategy": "local_sgd", **d},
-        "streaming_diloco": {"sync.strategy": "streaming_diloco", "sync.fragments": fragments, "sync.delay": 1, **d},
+        "streaming_diloco": {"sync.strategy": "streaming_diloco", "sync.fragments": fragments,
+                             "sync.delay": 1, **d},
         "diloco_int8": {"sync.strategy": "diloco", "sync.quantize": "int8", **d},
         "diloco_fp4": {"sync.strategy": "diloco", "sync.quantize": "fp4", **d},
         "delayed": {"sync.strategy": "delayed"},
@@ -47,25 +50,30 @@ def configs(every: int, fragments: int) -> dict[str, dict]:
 
 def run(name: str, sync: dict, args, root: Path) -> dict:
     run_dir = root / name
-    if not (run_dir / "summary.json").exists():  # finished runs are reused: rerun by deleting the folder
-        over = {"model.preset": args.preset, "train.steps": args.steps, "train.global_batch": args.global_batch,
+    # finished runs are reused: rerun by deleting the folder
+    if not (run_dir / "summary.json").exists():
+        over = {"model.preset": args.preset, "train.steps": args.steps,
+                "train.global_batch": args.global_batch,
                 "train.micro_batch": args.micro_batch, "train.seq_len": args.seq_len,
-                "train.val_every": args.val_every, "train.val_samples": args.val_samples, "train.log_every": 1,
-                "train.seed": args.seed, "log.progress": "false", "log.plots": "false", **sync}
+                "train.val_every": args.val_every, "train.val_samples": args.val_samples,
+                "train.log_every": 1, "train.seed": args.seed, "log.progress": "false",
+                "log.plots": "false", **sync}
         cmd = [sys.executable, "-m", "plait", "train", *(f"{k}={v}" for k, v in over.items()),
                "--nproc", str(args.nproc), "--run-dir", str(run_dir)]
         print("$", " ".join(cmd[2:]), flush=True)
         subprocess.run(cmd, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
     total, curve = 0.0, []
     for r in recs:
         total += r["comm_bytes"]
         if r.get("val_loss") is not None:
-            curve.append({"step": r["step"], "samples": r["samples"], "bytes": total, "val_loss": r["val_loss"]})
+            curve.append({"step": r["step"], "samples": r["samples"], "bytes": total,
+                          "val_loss": r["val_loss"]})
     return {"sync": sync, "final_val_loss": summary["final_val_loss"],
-            "comm_bytes_per_step": summary["comm_bytes_per_step"], "total_bytes": total, "curve": curve,
-            "wall_s": summary["wall_s"], "run_dir": str(run_dir)}
+            "comm_bytes_per_step": summary["comm_bytes_per_step"], "total_bytes": total,
+            "curve": curve, "wall_s": summary["wall_s"], "run_dir": str(run_dir)}
 
 
 def checks(res: dict) -> list[dict]:
@@ -81,9 +89,10 @@ def checks(res: dict) -> list[dict]:
         {"check": "diloco sends at most 1/40 of every_step's bytes",
          "value": res["diloco"]["total_bytes"] / res["every_step"]["total_bytes"],
          "ok": res["diloco"]["total_bytes"] <= res["every_step"]["total_bytes"] / 40},
-        {"check": "Nesterov outer step better than plain averaging", "value": rel("diloco", "local_sgd"),
-         "ok": val("diloco") < val("local_sgd")},
-        {"check": "streaming (tau=1) within 1% of diloco", "value": rel("streaming_diloco", "diloco"),
+        {"check": "Nesterov outer step better than plain averaging",
+         "value": rel("diloco", "local_sgd"), "ok": val("diloco") < val("local_sgd")},
+        {"check": "streaming (tau=1) within 1% of diloco",
+         "value": rel("streaming_diloco", "diloco"),
          "ok": rel("streaming_diloco", "diloco") <= 0.01},
         {"check": "int8 outer gradients within 0.5% of fp32", "value": rel("diloco_int8", "diloco"),
          "ok": abs(rel("diloco_int8", "diloco")) <= 0.005},
@@ -129,18 +138,21 @@ def main(argv=None) -> int:
     ap.add_argument("--val-every", type=int, default=25)
     ap.add_argument("--val-samples", type=int, default=128)
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--runs", default="runs/sync_quality", help="run folders (reused when complete)")
+    ap.add_argument("--runs", default="runs/sync_quality",
+                    help="run folders (reused when complete)")
     ap.add_argument("--out", default="docs", help="where the PNG and JSON go")
     args = ap.parse_args(argv)
     root = Path(args.runs)
-    res = {name: run(name, sync, args, root) for name, sync in configs(args.every, args.fragments).items()}
+    res = {name: run(name, sync, args, root)
+           for name, sync in configs(args.every, args.fragments).items()}
     verdicts = checks(res)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"{args.nproc} replicas, preset {args.preset}, {args.steps} steps × {args.global_batch} samples, "
-             f"H = {args.every}")
+    title = (f"{args.nproc} replicas, preset {args.preset}, {args.steps} steps × "
+             f"{args.global_batch} samples, H = {args.every}")
     plot(res, out / "sync_quality.png", title)
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "settings": vars(args), "results": res, "checks": verdicts}
     (out / "sync_quality.json").write_text(json.dumps(doc, indent=1))
     base = res["every_step"]
@@ -149,8 +161,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name, r in res.items():
         vs = (r["final_val_loss"] / base["final_val_loss"] - 1) * 100
-        print(f"| {name} | {r['final_val_loss']:.4f} | {vs:+.2f}% | {r['comm_bytes_per_step']:,.0f} "
-              f"| {r['total_bytes'] / base['total_bytes']:.4f} |")
+        print(f"| {name} | {r['final_val_loss']:.4f} | {vs:+.2f}% | "
+              f"{r['comm_bytes_per_step']:,.0f} | {r['total_bytes'] / base['total_bytes']:.4f} |")
     print()
     for c in verdicts:
         print(f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']} ({c['value']:+.4f})")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from plait import parity
 
-# PLAIT_TEST_DEVICE=cuda runs the parity tests with CUDA tensors (several gloo ranks sharing one GPU);
-# PLAIT_TEST_DTYPE=bf16 runs them, and their single-process reference, under bf16 autocast
+# PLAIT_TEST_DEVICE=cuda runs the parity tests with CUDA tensors (several gloo ranks sharing one
+# GPU); PLAIT_TEST_DTYPE=bf16 runs them, and their single-process reference, under bf16 autocast
 DEVICE = os.environ.get("PLAIT_TEST_DEVICE", "cpu")
 DTYPE = os.environ.get("PLAIT_TEST_DTYPE", "fp32")
 # Relative tolerances: |Δloss|/|loss|, |Δnorm|/|norm| per step and ‖a−b‖/‖b‖ per parameter tensor.
-# fp32: the parity contract's 1e-5 (docs/architecture.md): the mode that proves each layout computes the same
-# training.
+# fp32: the parity contract's 1e-5 (docs/architecture.md): the mode that proves each layout computes
+# the same training.
 # bf16 (8-bit mantissa, rounding 2^-9 ≈ 2e-3) checks that the layouts also run and train alike under
 # bf16 autocast. Splitting a product over tp, or a batch over ranks, rounds partial results to bf16
 # at other places, so activations and gradients differ by an ulp here and there, and Adam's early
@@ -36,15 +36,17 @@ TOL = TOLERANCES[DTYPE]
 
 
 def tiny_cfg(corpus_path: str, **sections) -> dict:
-    """A config dict for the tiny model; `sections` = {'parallel': {...}, 'train': {...}} merged on top."""
+    """A config dict for the tiny model; `sections` = {'parallel': {...}, 'train': {...}} merged on
+    top."""
     d = {
         "model": {"preset": "tiny"},
         "data": {"path": corpus_path, "cache_dir": str(Path(corpus_path).parent / "cache")},
         "train": {"steps": 5, "global_batch": 8, "micro_batch": 2, "seq_len": 32, "val_every": 0,
                   "val_samples": 8, "threads": 1, "dtype": DTYPE},
-        # eps 1e-6, not 1e-8: Adam's first steps are ~sign(g) where |g| << eps is not true, so round-off in a
-        # near-zero gradient element flips a whole lr-sized update; a larger eps keeps the update continuous in
-        # the gradient and layouts agree to ~1e-6 instead of ~2e-5 (measured: tp=2, 4 layers).
+        # eps 1e-6, not 1e-8: Adam's first steps are ~sign(g) where |g| << eps is not true, so
+        # round-off in a near-zero gradient element flips a whole lr-sized update; a larger eps
+        # keeps the update continuous in the gradient and layouts agree to ~1e-6 instead of ~2e-5
+        # (measured: tp=2, 4 layers).
         "optim": {"lr": 1e-2, "warmup_steps": 2, "grad_clip": 1.0, "eps": 1e-6},
         "log": {"progress": False, "plots": False},
     }
@@ -69,12 +71,14 @@ def single_process(cfg_dict: dict, steps: int | None = None) -> dict:
 
 
 def assert_parity(ref: dict, got: dict, rtol: float | None = None) -> None:
-    """Every step's loss and gradient norm, and every parameter, within TOL (or all within `rtol`)."""
+    """Every step's loss and gradient norm, and every parameter,
+    within TOL (or all within `rtol`)."""
     tol = TOL if rtol is None else {"loss": rtol, "norm": rtol, "param": rtol}
     err = parity.errors(ref, got)
     for what in ("loss", "norm", "param"):
-        assert err[what] <= tol[what], (f"{what}: relative error {err[what]:.3e} > {tol[what]} "
-                                        f"(losses {got['losses']} vs {ref['losses']}, norms {got['norms']} vs "
-                                        f"{ref['norms']}{', key ' + err['bad_key'] if 'bad_key' in err else ''})")
+        assert err[what] <= tol[what], (
+            f"{what}: relative error {err[what]:.3e} > {tol[what]} (losses {got['losses']} vs "
+            f"{ref['losses']}, norms {got['norms']} vs {ref['norms']}"
+            f"{', key ' + err['bad_key'] if 'bad_key' in err else ''})")
     # the parameters must have moved, or the comparison proves nothing
     assert ref["losses"][-1] < ref["losses"][0]

@@ -1,4 +1,5 @@
-"""Activation checkpointing: the same training run with less saved memory, and the extra collectives counted.
+"""Activation checkpointing: the same training run with less saved memory,
+and the extra collectives counted.
 
 One 2-rank spawn trains each case for 3 steps: tp = 2 (with and without sequence parallelism),
 pp = 2 under the zero-bubble schedule ZB-H1 (its split backward: the input-gradient pass recomputes
@@ -42,7 +43,8 @@ def _train(cfg_dict):
         losses.append(float(tr.train_step()["loss"]))
         # by the formulas, as wire_bytes gives them here (no process group): gloo's framing aside
         by_op.append(mesh.comm.stats.reset_step()["formula_by_op"])
-    return {"losses": losses, "by_op": by_op, "state": {k: v.cpu() for k, v in tr.full_state().items()}}
+    return {"losses": losses, "by_op": by_op,
+            "state": {k: v.cpu() for k, v in tr.full_state().items()}}
 
 
 def _worker(cases):
@@ -56,12 +58,14 @@ def _worker(cases):
 
 
 def _cfg(corpus, parallel, mode):
-    return tiny_cfg(corpus, parallel=parallel, train={"steps": STEPS, "activation_checkpointing": mode})
+    return tiny_cfg(corpus, parallel=parallel,
+                    train={"steps": STEPS, "activation_checkpointing": mode})
 
 
 @pytest.fixture(scope="module")
 def two_ranks(corpus_path):
-    cases = [(f"{name}-{mode}", _cfg(corpus_path, par, mode)) for name, (par, modes) in CASES.items() for mode in modes]
+    cases = [(f"{name}-{mode}", _cfg(corpus_path, par, mode))
+             for name, (par, modes) in CASES.items() for mode in modes]
     return run_ranks(_worker, 2, args=(cases,), timeout=300)
 
 
@@ -71,11 +75,13 @@ def _get(results, name):
     return [r[name] for r in results]
 
 
-@pytest.mark.parametrize("case,mode", [(n, m) for n, (_, modes) in CASES.items() for m in modes if m != "none"])
+@pytest.mark.parametrize("case,mode",
+                         [(n, m) for n, (_, modes) in CASES.items() for m in modes if m != "none"])
 def test_checkpointing_changes_nothing(two_ranks, case, mode):
     for off, on in zip(_get(two_ranks, f"{case}-none"), _get(two_ranks, f"{case}-{mode}")):
         for a, b in zip(on["losses"], off["losses"]):
-            assert abs(a - b) <= 1e-6 * abs(b), f"losses {on['losses']} vs {off['losses']} without recomputation"
+            assert abs(a - b) <= 1e-6 * abs(b), (f"losses {on['losses']} vs {off['losses']} "
+                                                 "without recomputation")
         assert on["state"].keys() == off["state"].keys()
         for k, b in off["state"].items():
             assert torch.allclose(on["state"][k], b, rtol=1e-6, atol=0), k
@@ -83,10 +89,11 @@ def test_checkpointing_changes_nothing(two_ranks, case, mode):
 
 
 def test_recomputed_tp_collectives_are_counted(two_ranks):
-    # micro-batch (b, s, h) = (2, 32, 32) fp32, 4 micro-batches, 2 blocks, tp = 2. Recomputing a block
-    # repeats the forward collectives up to its last saved tensor: without SP the attention output's
-    # all-reduce (the MLP's final one feeds nothing saved), with SP the two region all-gathers and the
-    # attention reduce-scatter. Selective recomputation (the attention core) repeats none.
+    # micro-batch (b, s, h) = (2, 32, 32) fp32, 4 micro-batches, 2 blocks, tp = 2. Recomputing a
+    # block repeats the forward collectives up to its last saved tensor: without SP the attention
+    # output's all-reduce (the MLP's final one feeds nothing saved), with SP the two region
+    # all-gathers and the attention reduce-scatter.
+    # Selective recomputation (the attention core) repeats none.
     nbytes, n = 2 * 32 * 32 * 4, 4 * 2
     key_ar, key_ag, key_rs = "all_reduce/tp", "all_gather/tp", "reduce_scatter/tp"
     for step in range(STEPS):
@@ -99,14 +106,16 @@ def test_recomputed_tp_collectives_are_counted(two_ranks):
         full = _get(two_ranks, "tp2-sp-full")[0]["by_op"][step]
         assert full[key_ag] - off[key_ag] == 2 * n * wire_bytes("all_gather", nbytes, 2)
         assert full[key_rs] - off[key_rs] == n * wire_bytes("reduce_scatter", nbytes, 2)
-        assert full[key_ar] == off[key_ar]  # the norm weights' gradient all-reduces are not recomputed
+        # the norm weights' gradient all-reduces are not recomputed
+        assert full[key_ar] == off[key_ar]
 
 
 # -- one process -----------------------------------------------------------------------------------
 def _saved_bytes(mode, layers, B=2, T=64):
     torch.manual_seed(0)
     model = GPT(build_config("tiny", vocab_size=64, n_layers=layers))
-    assert apply_activation_checkpointing(model, mode) == {"none": 0, "full": layers, "selective": layers}[mode]
+    assert apply_activation_checkpointing(model, mode) == \
+           {"none": 0, "full": layers, "selective": layers}[mode]
     x = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
     with count_saved_bytes(list(model.parameters())) as saved:
         loss = lm_loss(model(x), x)
@@ -162,7 +171,8 @@ def test_zero_bubble_split_backward_recomputes_each_block_once_per_pass():
         torch.manual_seed(0)
         model = GPT(build_config("tiny", vocab_size=64, n_layers=2))
         calls = [0]
-        for b in model.blocks:  # the attention's forward runs once per forward or recomputation of its block
+        # the attention's forward runs once per forward or recomputation of its block
+        for b in model.blocks:
             b.attn.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
         apply_activation_checkpointing(model, mode)
         x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
@@ -172,7 +182,8 @@ def test_zero_bubble_split_backward_recomputes_each_block_once_per_pass():
         counts = [calls[0]]
         work = backward_input(h, torch.ones_like(h), x)  # B: the input gradient
         counts.append(calls[0])
-        backward_weight(work, list(model.blocks.parameters()))  # W: the weight gradients, many autograd calls
+        # W: the weight gradients, many autograd calls
+        backward_weight(work, list(model.blocks.parameters()))
         counts.append(calls[0])
         return counts, x.grad, {n: p.grad for n, p in model.blocks.named_parameters()}
 

@@ -17,7 +17,13 @@ import pytest
 import torch
 from common import tiny_cfg
 
-from plait.checkpoint import CheckpointError, export_safetensors, latest, load_safetensors, read_manifest
+from plait.checkpoint import (
+    CheckpointError,
+    export_safetensors,
+    latest,
+    load_safetensors,
+    read_manifest,
+)
 from plait.checkpoint.store import check_file
 from plait.config import from_dict
 from plait.errors import ConfigError
@@ -30,7 +36,8 @@ RTOL = 1e-5
 
 
 def ckpt_cfg(corpus, steps=6, **sections):
-    """The tiny model with a vocabulary of 257 (padded under tp 2 and 4) and 4 kv heads (tp 4 divides them)."""
+    """The tiny model with a vocabulary of 257 (padded under tp 2 and 4) and 4 kv heads
+    (tp 4 divides them)."""
     model = {"vocab_size": 257, "n_kv_heads": 4, **sections.pop("model", {})}
     train = {"steps": steps, **sections.pop("train", {})}
     return tiny_cfg(corpus, model=model, train=train, **sections)
@@ -44,7 +51,8 @@ def with_(d: dict, **sections) -> dict:
 
 
 def metrics(run) -> list[dict]:
-    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()
+            if x.strip()]
 
 
 def losses(run) -> list[float]:
@@ -71,7 +79,7 @@ def _checksum(tr) -> float:
     return float(sum(p.detach().double().sum() for p in tr.model.parameters()))
 
 
-# -- 2 ranks: exact resume per layout, non-finite steps --------------------------------------------------------
+# -- 2 ranks: exact resume per layout, non-finite steps --------------------------------------------
 def _two_rank_worker(resume_cases, root):
     import torch.distributed as dist
 
@@ -81,23 +89,28 @@ def _two_rank_worker(resume_cases, root):
     for name, d in resume_cases.items():
         try:
             train(from_dict(d), f"{root}/{name}/whole")
-            first = train(from_dict(with_(d, train={"exit_after_steps": 3})), f"{root}/{name}/split")
+            first = train(from_dict(with_(d, train={"exit_after_steps": 3})),
+                          f"{root}/{name}/split")
             second = train(from_dict(d), f"{root}/{name}/split")
             dist.barrier()
-            out[name] = {"whole": losses(f"{root}/{name}/whole"), "split": metrics(f"{root}/{name}/split"),
-                         "first": first, "second": second}
+            out[name] = {"whole": losses(f"{root}/{name}/whole"),
+                         "split": metrics(f"{root}/{name}/split"), "first": first, "second": second}
         except Exception:  # noqa: BLE001 - reported per case
             out[name] = {"error": traceback.format_exc()}
     base = resume_cases["dp"]
     try:  # rank 1's loss is NaN at step 3: every rank skips it
-        tr, summary = _train(with_(base, train={"fault": "nan", "fault_rank": 1, "fault_step": 3, "max_bad_steps": 2}),
-                             f"{root}/nan_once")
-        out["nan_once"] = {"summary": summary, "checksum": _checksum(tr), "metrics": metrics(f"{root}/nan_once")}
+        tr, summary = _train(with_(base, train={"fault": "nan", "fault_rank": 1, "fault_step": 3,
+                                                "max_bad_steps": 2},
+                                   checkpoint={"every": 3, "keep": 5}), f"{root}/nan_once")
+        saved = sorted(p.name for p in Path(f"{root}/nan_once/checkpoints").iterdir() if p.is_dir())
+        out["nan_once"] = {"summary": summary, "checksum": _checksum(tr),
+                           "metrics": metrics(f"{root}/nan_once"), "saved": saved}
     except Exception:  # noqa: BLE001
         out["nan_once"] = {"error": traceback.format_exc()}
     try:  # steps 3, 4, 5 are NaN on rank 1 and 2 in a row stop the run
-        _train(with_(base, train={"fault": "nan", "fault_rank": 1, "fault_step": 3, "fault_steps": 3,
-                                  "max_bad_steps": 2}, checkpoint={"every": 1, "keep": 5}), f"{root}/nan_stop")
+        _train(with_(base, train={"fault": "nan", "fault_rank": 1, "fault_step": 3,
+                                  "fault_steps": 3, "max_bad_steps": 2},
+                     checkpoint={"every": 1, "keep": 5}), f"{root}/nan_stop")
         out["nan_stop"] = {"error": "no error raised"}
     except Exception as e:  # noqa: BLE001
         ck = Path(f"{root}/nan_stop/checkpoints")
@@ -110,11 +123,15 @@ def _two_rank_worker(resume_cases, root):
 def two_rank(corpus_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_rank")
     cases = {
-        "dp": ckpt_cfg(corpus_path, parallel={"dp": 2}, compression={"name": "int8"}),  # residuals per rank
-        "tp": ckpt_cfg(corpus_path, parallel={"tp": 2}, checkpoint={"async_save": True, "every": 2}),
+        # residuals per rank
+        "dp": ckpt_cfg(corpus_path, parallel={"dp": 2}, compression={"name": "int8"}),
+        "tp": ckpt_cfg(corpus_path, parallel={"tp": 2},
+                       checkpoint={"async_save": True, "every": 2}),
         "pp": ckpt_cfg(corpus_path, parallel={"pp": 2}),
-        "diloco": ckpt_cfg(corpus_path, parallel={"dp": 2}, sync={"strategy": "diloco", "every": 2}),
-        "zero3": ckpt_cfg(corpus_path, parallel={"dp": 2, "zero": 3}),  # parameters sharded over dp too
+        "diloco": ckpt_cfg(corpus_path, parallel={"dp": 2},
+                           sync={"strategy": "diloco", "every": 2}),
+        # parameters sharded over dp too
+        "zero3": ckpt_cfg(corpus_path, parallel={"dp": 2, "zero": 3}),
     }
     return run_ranks(_two_rank_worker, 2, args=(cases, str(root)), timeout=600)
 
@@ -129,7 +146,8 @@ def test_stop_and_resume_is_bit_identical(two_rank, layout):
         split = r["split"]
         assert [x["step"] for x in split] == [1, 2, 3, 4, 5, 6]  # appended, never truncated
         assert split[3]["resumed_from"] == 3
-        assert [x["loss"] for x in split] == r["whole"], f"rank {rank}: resumed run differs"  # exactly
+        # exactly
+        assert [x["loss"] for x in split] == r["whole"], f"rank {rank}: resumed run differs"
 
 
 def test_nonfinite_step_is_skipped_on_every_rank(two_rank):
@@ -140,6 +158,8 @@ def test_nonfinite_step_is_skipped_on_every_rank(two_rank):
     recs = a["metrics"]
     assert recs[2]["skipped"] and recs[2]["loss"] != recs[2]["loss"]  # NaN logged, step counted
     assert all(x["loss"] == x["loss"] for i, x in enumerate(recs) if i != 2)
+    # the save due at the skipped step 3 (checkpoint.every = 3) is made on the next good step
+    assert a["saved"] == ["step-00000004", "step-00000006"]
 
 
 def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(two_rank):
@@ -148,12 +168,13 @@ def test_nonfinite_streak_stops_and_keeps_the_last_good_checkpoint(two_rank):
         assert r.get("type") == "NonFiniteError", r
         assert "train.max_bad_steps = 2" in r["message"] and "steps 3 to 4" in r["message"]
         assert "step-00000002" in r["message"]
-        assert r["latest"].name == "step-00000002" and r["all"] == ["step-00000001", "step-00000002"]
+        assert (r["latest"].name == "step-00000002"
+                and r["all"] == ["step-00000001", "step-00000002"])
         manifest = read_manifest(r["latest"])
         assert all(check_file(r["latest"], f) is None for f in manifest["files"])
 
 
-# -- 4 ranks: resharding and import --------------------------------------------------------------------------
+# -- 4 ranks: resharding and import ----------------------------------------------------------------
 def _four_rank_worker(save, targets, export_to, import_cfg, root):
     import torch.distributed as dist
 
@@ -205,13 +226,16 @@ def four_rank(corpus_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("four_rank")
     ck = str(root / "ckpt")
 
-    def at(**parallel):  # every run reads the one checkpoint; none of them saves (checkpoint.every = 0)
+    # every run reads the one checkpoint; none of them saves (checkpoint.every = 0)
+    def at(**parallel):
         return ckpt_cfg(corpus_path, steps=5, parallel=parallel, checkpoint={"dir": ck})
 
-    save = with_(at(dp=2, tp=2, zero=1), train={"exit_after_steps": 3})  # optimizer state sharded over dp
+    # optimizer state sharded over dp
+    save = with_(at(dp=2, tp=2, zero=1), train={"exit_after_steps": 3})
     targets = {"tp4": at(tp=4), "dp4_zero3": at(dp=4, zero=3), "tp2_pp2": at(tp=2, pp=2),
                "dp2_pp2_zero2": at(dp=2, pp=2, zero=2)}
-    got = run_ranks(_four_rank_worker, 4, args=(save, targets, str(root / "export"), at(tp=2, pp=2), str(root)),
+    got = run_ranks(_four_rank_worker, 4,
+                    args=(save, targets, str(root / "export"), at(tp=2, pp=2), str(root)),
                     timeout=600)
     return {"ranks": got, "ck": Path(ck), "export": root / "export", "cfg": at(dp=1), "root": root}
 
@@ -225,11 +249,13 @@ def test_resharding_continues_the_reference_run(four_rank, tmp_path):
     got["dp1"] = losses(tmp_path / "dp1")
     for name in ("tp4", "dp4_zero3", "tp2_pp2", "dp2_pp2_zero2", "dp1"):
         assert isinstance(got[name], list), got[name]
-        assert len(got[name]) == 2, (name, got[name])  # steps 4 and 5, after the checkpoint of step 3
+        # steps 4 and 5, after the checkpoint of step 3
+        assert len(got[name]) == 2, (name, got[name])
         for step, (a, b) in enumerate(zip(got[name], ref[3:]), start=4):
             assert abs(a - b) / abs(b) <= RTOL, f"{name}, step {step}: loss {a} vs reference {b}"
     manifest = read_manifest(latest(four_rank["ck"]))
-    assert manifest["layout"]["dp"] == 2 and manifest["layout"]["tp"] == 2 and manifest["layout"]["zero"] == 1
+    assert (manifest["layout"]["dp"] == 2 and manifest["layout"]["tp"] == 2
+            and manifest["layout"]["zero"] == 1)
     assert manifest["step"] == 3
 
 
@@ -256,13 +282,14 @@ def test_init_from_export_starts_from_its_weights(four_rank, tmp_path):
     _, _, tr = _reference(four_rank["cfg"], 3, run_steps=3)  # the exported weights: step 3 of 5
     # the loss of the exported weights on the first batch
     expect = float(tr.model.train_step(micro_batches(tr.train_data, 0, 8, 2), 8 * 32))
-    d = with_(four_rank["cfg"], checkpoint={"dir": "", "init_from": str(four_rank["export"])}, train={"steps": 1})
+    d = with_(four_rank["cfg"], checkpoint={"dir": "", "init_from": str(four_rank["export"])},
+              train={"steps": 1})
     summary = train(from_dict(d), str(tmp_path / "init"))
     assert summary["resumed_from_step"] is None and summary["steps"] == 1
     assert abs(losses(tmp_path / "init")[0] - expect) / expect <= RTOL
 
 
-# -- one process: bad input ---------------------------------------------------------------------------------
+# -- one process: bad input ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_run(corpus_path, tmp_path_factory):
     from plait.train import train
@@ -297,7 +324,8 @@ def _damage(kind: str, ckpt: Path) -> str:
 
 @pytest.mark.parametrize("kind,fragment", [("corrupted", "corrupted"), ("truncated", "truncated"),
                                            ("missing", "is missing")])
-def test_damaged_newest_checkpoint_falls_back_to_one_that_verifies(saved_run, tmp_path, kind, fragment, capsys):
+def test_damaged_newest_checkpoint_falls_back_to_one_that_verifies(saved_run, tmp_path, kind,
+                                                                   fragment, capsys):
     from plait.train import train
 
     run = tmp_path / "run"
@@ -309,13 +337,14 @@ def test_damaged_newest_checkpoint_falls_back_to_one_that_verifies(saved_run, tm
     out = capsys.readouterr().out
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
     assert fragment in out and name in out and "Falling back to step-00000004" in out
-    assert tree_digest(ck / "step-00000006.damaged") == damaged  # kept as it was, beside the new step 6
+    # kept as it was, beside the new step 6
+    assert tree_digest(ck / "step-00000006.damaged") == damaged
     assert read_manifest(ck / "step-00000006")["step"] == 6
 
 
 @pytest.mark.parametrize("kind,fragment", [("corrupted", "corrupted"), ("missing", "is missing")])
-def test_damage_with_nothing_to_fall_back_to_is_a_clear_error_and_nothing_changes(saved_run, tmp_path, kind,
-                                                                                   fragment):
+def test_damage_with_nothing_to_fall_back_to_is_a_clear_error_and_nothing_changes(
+        saved_run, tmp_path, kind, fragment):
     from plait.train import train
 
     run = tmp_path / "run"
@@ -347,9 +376,12 @@ def test_other_optimizer_resumes_with_fresh_optimizer_state(saved_run, tmp_path,
 
     run = tmp_path / "run"
     shutil.copytree(saved_run["run"], run)
-    summary = train(from_dict(with_(saved_run["cfg"], optim={"name": "sgd"}, train={"steps": 7})), str(run))
-    assert summary["resumed_from_step"] == 6 and summary["steps"] == 7 and summary["tokens"] == 7 * 8 * 32
-    assert "optim.name changed (adamw -> sgd): the optimizer state starts fresh" in capsys.readouterr().out
+    summary = train(from_dict(with_(saved_run["cfg"], optim={"name": "sgd"}, train={"steps": 7})),
+                    str(run))
+    assert (summary["resumed_from_step"] == 6 and summary["steps"] == 7
+            and summary["tokens"] == 7 * 8 * 32)
+    assert ("optim.name changed (adamw -> sgd): the optimizer state starts fresh"
+            in capsys.readouterr().out)
 
 
 def test_run_folder_without_checkpoint_is_refused(saved_run, tmp_path):
@@ -400,8 +432,10 @@ def test_fp16_loss_scale_continues_after_resume(corpus_path, tmp_path):
 def test_time_based_saves_and_stop(corpus_path, tmp_path):
     from plait.train import train
 
-    # every_minutes tiny: a save after every step; exit_after_minutes tiny: stop (and save) after the first
-    d = tiny_cfg(corpus_path, train={"steps": 3}, checkpoint={"every_minutes": 1e-6, "keep": 0, "async_save": True})
+    # every_minutes tiny: a save after every step;
+    # exit_after_minutes tiny: stop (and save) after the first
+    d = tiny_cfg(corpus_path, train={"steps": 3},
+                 checkpoint={"every_minutes": 1e-6, "keep": 0, "async_save": True})
     train(from_dict(d), str(tmp_path / "often"))
     assert sorted(p.name for p in (tmp_path / "often" / "checkpoints").iterdir()) == \
            ["step-00000001", "step-00000002", "step-00000003"]

@@ -1,4 +1,5 @@
-"""The command line: bad input exits non-zero with one clear message, without hanging; a tiny run works."""
+"""The command line: bad input exits non-zero with one clear message, without hanging;
+a tiny run works."""
 
 import json
 import os
@@ -12,8 +13,8 @@ PY = sys.executable
 
 def plait(*args, timeout=120, cwd=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([PY, "-m", "plait", *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          cwd=cwd)
+    return subprocess.run([PY, "-m", "plait", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -21,7 +22,8 @@ def plait(*args, timeout=120, cwd=None):
     (["parallel.dpx=2"], "unknown config key 'parallel.dpx'"),
     (["train.micro_batch=0"], "train.micro_batch = 0: must be positive"),
     (["train.global_batch=12", "train.micro_batch=8"], "not divisible by train.micro_batch"),
-    (["train.global_batch=8", "train.micro_batch=8", "--nproc", "2"], "not divisible by train.micro_batch × dp"),
+    (["train.global_batch=8", "train.micro_batch=8", "--nproc", "2"],
+     "not divisible by train.micro_batch × dp"),
     (["data.path=/definitely/missing"], "data.path = '/definitely/missing' does not exist"),
     (["/missing.toml"], "config file '/missing.toml' does not exist"),
 ])
@@ -36,18 +38,19 @@ def test_bad_input_clear_error(args, fragment, tmp_path):
 def test_worker_level_mismatch_under_torchrun_exits_without_hang(tmp_path):
     # every rank checks the layout against WORLD_SIZE before any collective
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "plait",
-                        "train", "parallel.dp=4", "--run-dir", str(tmp_path / "r")],
-                       capture_output=True, text=True, timeout=90, env=env)
+    r = subprocess.run(
+        [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "plait",
+         "train", "parallel.dp=4", "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=90, env=env)
     assert r.returncode != 0
     assert "launch 4 processes" in r.stderr + r.stdout
 
 
 def test_tiny_run_writes_run_folder_and_refuses_to_overwrite(tmp_path, corpus_path):
     run = tmp_path / "run"
-    args = ["train", "model.preset=tiny", "train.steps=4", "train.seq_len=32", "train.global_batch=8",
-            "train.micro_batch=2", f"data.path={corpus_path}", "train.val_every=2", "train.val_samples=4",
-            "--nproc", "2", "--run-dir", str(run)]
+    args = ["train", "model.preset=tiny", "train.steps=4", "train.seq_len=32",
+            "train.global_batch=8", "train.micro_batch=2", f"data.path={corpus_path}",
+            "train.val_every=2", "train.val_samples=4", "--nproc", "2", "--run-dir", str(run)]
     r = plait(*args, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -75,7 +78,8 @@ def test_tiny_run_writes_run_folder_and_refuses_to_overwrite(tmp_path, corpus_pa
     # typed values are kept, also when they equal another benchmark's default
     (["sync", "--steps", "6", "--ranks", "2,4", "--reps", "5"],
      {"ranks": "2,4", "steps": 6, "preset": "tiny", "reps": 5, "batch": 4}),
-    (["dp", "--steps", "300", "--preset", "tiny"], {"steps": 300, "preset": "tiny", "ranks": "2,4"}),
+    (["dp", "--steps", "300", "--preset", "tiny"],
+     {"steps": 300, "preset": "tiny", "ranks": "2,4"}),
 ])
 def test_each_benchmark_owns_its_flags(argv, expected, monkeypatch):
     import importlib
@@ -104,7 +108,8 @@ def test_cli_knows_no_benchmark_flag():
 def test_train_takes_options_between_config_and_overrides():
     from plait.cli import parse
 
-    args = parse(["train", "my.toml", "--nproc", "4", "parallel.dp=4", "--run-dir", "runs/x", "train.steps=2"])
+    args = parse(["train", "my.toml", "--nproc", "4", "parallel.dp=4", "--run-dir", "runs/x",
+                  "train.steps=2"])
     assert args.rest == ["my.toml", "parallel.dp=4", "train.steps=2"] and args.nproc == 4
     assert args.run_dir == "runs/x"
     with pytest.raises(SystemExit):
@@ -112,8 +117,8 @@ def test_train_takes_options_between_config_and_overrides():
 
 
 def test_model_dependent_layout_errors_come_before_the_launch(tmp_path):
-    r = plait("train", "model.preset=tiny", "parallel.pp=4", "train.global_batch=32", "--nproc", "4",
-              "--run-dir", str(tmp_path / "r"),
+    r = plait("train", "model.preset=tiny", "parallel.pp=4", "train.global_batch=32",
+              "--nproc", "4", "--run-dir", str(tmp_path / "r"),
               timeout=120)
     assert r.returncode == 2 and "model has 2 blocks" in r.stderr
     assert "SIGTERM" not in r.stderr and "worker" not in r.stderr  # no worker was started
@@ -122,7 +127,7 @@ def test_model_dependent_layout_errors_come_before_the_launch(tmp_path):
 
 def test_lars_at_an_adam_sized_rate_is_said(capsys):
     from plait.config import load
-    from plait.train.loop import advice
+    from plait.train.model_setup import advice
 
     assert any("optim.lr=1.0" in a for a in advice(load(None, ["optim.name=lars"])))
     assert advice(load(None, ["optim.name=lars", "optim.lr=1.0"])) == []

@@ -16,7 +16,8 @@ LINE_BUDGET = 400  # a file past this is a sign to split it (README, "Contributi
 
 def _edges(imports: dict[str, set[str]]) -> dict[str, set[str]]:
     """Module -> plait modules it makes Python run: each import, and the parent packages of what it
-    imports (importing a.b.c runs a.b's __init__ first), except its own packages (already running)."""
+    imports (importing a.b.c runs a.b's __init__ first),
+    except its own packages (already running)."""
     out: dict[str, set[str]] = {}
     for mod, names in imports.items():
         deps = set()
@@ -73,7 +74,8 @@ def test_plait_has_no_import_cycle():
 
 def test_the_cycle_check_finds_one():
     edges = _edges({"p": set(), "p.a": {"p.b"}, "p.b": {"p.c.x"}, "p.c": {"p.a"}, "p.c.x": set()})
-    assert cycles(edges) == [["p.a", "p.b", "p.c"]]  # p.b -> p.c.x runs p.c's __init__, which imports p.a
+    # p.b -> p.c.x runs p.c's __init__, which imports p.a
+    assert cycles(edges) == [["p.a", "p.b", "p.c"]]
 
 
 FRESH_IMPORTS = """
@@ -100,14 +102,15 @@ for name in sys.argv[1:]:
         bad.append(name + ": " + msg)
 print("\\n".join(bad))
 sys.exit(1 if bad else 0)
-"""
+"""  # noqa: E501 - the script's own text: its long comment line is part of the string
 
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each plait module first, alone (a forked child of an interpreter holding no plait module): an
     import that works only after another module happened to be imported shows here."""
     mods = sorted(graph(PLAIT))
-    r = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, *mods], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, *mods], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -117,8 +120,9 @@ def test_the_fresh_import_check_can_fail(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from cyc.b import B\nA = 1\n")
     (pkg / "b.py").write_text("from cyc.a import A\nB = 2\n")
-    r = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, "cyc.a"], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    r = subprocess.run([sys.executable, "-c", FRESH_IMPORTS, "cyc.a"], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1 and "cyc.a" in r.stdout and "partially initialized" in r.stdout
 
 

@@ -40,7 +40,8 @@ def _rand(*shape, seed: int) -> torch.Tensor:
 
 
 def _solo(comp):
-    """A compressor bound to a one-member group: no communication, only the codec and its residual."""
+    """A compressor bound to a one-member group:
+    no communication, only the codec and its residual."""
     return comp.bind(single("dp"), Comm())
 
 
@@ -73,9 +74,11 @@ def test_sign_chunked_scales_one_per_chunk():
     assert payload.shape == (2, codecs.sign_row_bytes(512, 256)) == (2, 8 + 64)
     y = codecs.decode_sign(payload, 512, 256)
     scale = x.view(2, 2, 256).abs().mean(-1, keepdim=True)  # each chunk its own mean |x|
-    torch.testing.assert_close(y.view(2, 2, 256), torch.where(x.view(2, 2, 256) >= 0, scale, -scale), rtol=0, atol=0)
+    torch.testing.assert_close(y.view(2, 2, 256),
+                               torch.where(x.view(2, 2, 256) >= 0, scale, -scale), rtol=0, atol=0)
     # the small chunk keeps its own magnitude instead of the row's mean (dominated by the large one)
-    assert y[:, 256:].abs().max() < 0.1 < codecs.decode_sign(codecs.encode_sign(x), 512)[:, 256:].abs().min()
+    assert y[:, 256:].abs().max() < 0.1 < \
+           codecs.decode_sign(codecs.encode_sign(x), 512)[:, 256:].abs().min()
     with pytest.raises(ValueError, match="chunk"):
         codecs.encode_sign(x, 96)
 
@@ -84,8 +87,10 @@ def test_residual_of_other_settings_is_a_clear_error():
     from plait.compression.quantized import SignCompressor
 
     c = SignCompressor(chunk=256)
-    c.load_state_dict({"name": "sign", "steps": 3, "errors": {"0": torch.zeros(1024)}, "server_errors": {}})
-    with pytest.raises(ValueError, match="residual has 1024 elements, this run's bucket needs 2048"):
+    c.load_state_dict(
+        {"name": "sign", "steps": 3, "errors": {"0": torch.zeros(1024)}, "server_errors": {}})
+    with pytest.raises(ValueError,
+                       match="residual has 1024 elements, this run's bucket needs 2048"):
         c.with_error(0, torch.ones(1500), 2048)
 
 
@@ -135,9 +140,11 @@ def test_linear_flags_and_linearity():
     q = _rand(9, 3, seed=8)
     torch.testing.assert_close(ma @ q + mb @ q, (ma + mb) @ q)
     p = orthogonalize((ma + mb) @ q)
-    torch.testing.assert_close(p @ (ma.t() @ p).t() + p @ (mb.t() @ p).t(), p @ ((ma + mb).t() @ p).t())
+    torch.testing.assert_close(p @ (ma.t() @ p).t() + p @ (mb.t() @ p).t(),
+                               p @ ((ma + mb).t() @ p).t())
     # int8: payloads with per-rank scales do not add up (why it is exchanged in two phases)
-    ea, eb = codecs.encode_int8(a.view(1, -1)[:, :512], 512), codecs.encode_int8(3 * b.view(1, -1)[:, :512], 512)
+    ea, eb = (codecs.encode_int8(a.view(1, -1)[:, :512], 512),
+              codecs.encode_int8(3 * b.view(1, -1)[:, :512], 512))
     qa = ea[:, 4:].view(torch.int8).int()
     qb = eb[:, 4:].view(torch.int8).int()
     scale_a = ea[:, :4].reshape(-1).clone().view(torch.float32)
@@ -170,9 +177,11 @@ def test_error_feedback_keeps_the_exact_residual():
     e1 = comp.errors["0"].clone()
     flat = g2.clone()
     comp.exchange(0, flat, [flat]).wait()
-    assert torch.equal(flat + comp.errors["0"], g2 + e1)  # the residual is added to the next gradient
+    # the residual is added to the next gradient
+    assert torch.equal(flat + comp.errors["0"], g2 + e1)
     # everything sent over both steps plus what is still kept equals everything that came in
-    for comp in (_solo(SignCompressor()), _solo(Int8Compressor()), _solo(PowerSGDCompressor(rank=1))):
+    for comp in (_solo(SignCompressor()), _solo(Int8Compressor()),
+                 _solo(PowerSGDCompressor(rank=1))):
         sent = torch.zeros(2048)
         total = torch.zeros(2048)
         for s in range(4):
@@ -181,13 +190,14 @@ def test_error_feedback_keeps_the_exact_residual():
             comp.exchange(0, flat, [flat.view(64, 32)]).wait()
             sent += flat
             total += g
-        kept = comp.errors["0"][:2048] + sum(e[:2048] for e in getattr(comp, "server_errors", {}).values())
+        kept = (comp.errors["0"][:2048]
+                + sum(e[:2048] for e in getattr(comp, "server_errors", {}).values()))
         torch.testing.assert_close(sent + kept, total, atol=1e-5, rtol=1e-5)
 
 
 def test_error_feedback_off_keeps_nothing():
-    for comp in (TopKCompressor(0.1, error_feedback=False), SignCompressor(False), Int8Compressor(False),
-                 PowerSGDCompressor(1, error_feedback=False)):
+    for comp in (TopKCompressor(0.1, error_feedback=False), SignCompressor(False),
+                 Int8Compressor(False), PowerSGDCompressor(1, error_feedback=False)):
         comp = _solo(comp)
         g = _rand(1024, seed=30)
         outs = []
@@ -196,12 +206,15 @@ def test_error_feedback_off_keeps_nothing():
             comp.exchange(0, flat, [flat.view(32, 32)]).wait()
             outs.append(flat)
         assert not comp.errors and not getattr(comp, "server_errors", {})
-        if not isinstance(comp, PowerSGDCompressor):  # (its warm-started Q is memory of another kind)
-            assert torch.equal(outs[0], outs[1])  # no residual: the same input gives the same output
+        # (its warm-started Q is memory of another kind)
+        if not isinstance(comp, PowerSGDCompressor):
+            # no residual: the same input gives the same output
+            assert torch.equal(outs[0], outs[1])
 
 
 def test_state_dict_round_trip_resumes_exactly():
-    for make in (lambda: TopKCompressor(0.05), lambda: SignCompressor(), lambda: PowerSGDCompressor(2)):
+    for make in (lambda: TopKCompressor(0.05), lambda: SignCompressor(),
+                 lambda: PowerSGDCompressor(2)):
         a, b = _solo(make()), _solo(make())
         for s in range(2):
             flat = _rand(512, seed=40 + s)
@@ -218,8 +231,10 @@ def test_state_dict_round_trip_resumes_exactly():
 
 # -- config ------------------------------------------------------------------------------------
 def test_config_section_and_errors():
-    cfg = load(None, ["compression.name=powersgd", "compression.rank=2", "compression.error_feedback=false"])
-    assert (cfg.compression.name, cfg.compression.rank, cfg.compression.error_feedback) == ("powersgd", 2, False)
+    cfg = load(None, ["compression.name=powersgd", "compression.rank=2",
+                      "compression.error_feedback=false"])
+    assert (cfg.compression.name, cfg.compression.rank, cfg.compression.error_feedback) == \
+           ("powersgd", 2, False)
     with pytest.raises(ConfigError, match="compression.name"):
         load(None, ["compression.name=zip"])
     with pytest.raises(ConfigError, match="compression.topk_fraction"):
@@ -253,8 +268,8 @@ def _reducer_run(mesh, comp, steps: int, seed: int = 0, optimizer=None):
 
     torch.manual_seed(seed)
     model = _Net()
-    red = GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=1600, first_bucket_bytes=800,
-                      compressor=comp)
+    red = GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=1600,
+                      first_bucket_bytes=800, compressor=comp)
     opt = optimizer(model) if optimizer else torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = _rand(5, 16, seed=100 + mesh.rank)
     mesh.comm.stats.reset_step()  # count from here
@@ -267,11 +282,13 @@ def _reducer_run(mesh, comp, steps: int, seed: int = 0, optimizer=None):
         # the payload formulas: comm_bytes adds gloo's framing (144 B a message, plait.comm)
         step_bytes.append(mesh.comm.stats.reset_step()["formula_bytes"])
     layout = [[tuple(p.shape) for p in b.params] for b in red.buckets]
-    return {"bytes": step_bytes, "layout": layout, "params": [p.detach().clone() for p in model.parameters()]}
+    return {"bytes": step_bytes, "layout": layout,
+            "params": [p.detach().clone() for p in model.parameters()]}
 
 
 def _sum_check(mesh, comp) -> dict:
-    """One exchange of a rank-specific bucket: inputs, output and residuals, to check Σ in = out + Σ kept."""
+    """One exchange of a rank-specific bucket: inputs, output and residuals,
+    to check Σ in = out + Σ kept."""
     comp.bind(mesh.dp, mesh.comm)
     x = _rand(700, seed=200 + mesh.rank)
     flat = x.clone()
@@ -297,8 +314,9 @@ def _two_rank_worker() -> dict:
     for name in ("int8", "sign", "topk", "powersgd"):
         out["sums"][name] = _sum_check(mesh, make_compressor(name, rank=2, topk_fraction=0.1))
     ex = OneBitExchange(warmup_steps=1)
-    out["onebit"] = _reducer_run(mesh, ex, steps=2, optimizer=lambda m: OneBitAdam(m.parameters(), lr=1e-2,
-                                                                                     exchange=ex))
+    out["onebit"] = _reducer_run(mesh, ex, steps=2,
+                                 optimizer=lambda m: OneBitAdam(m.parameters(), lr=1e-2,
+                                                                exchange=ex))
     out["onebit_state"] = ex.state_dict()
     return out
 
@@ -350,7 +368,8 @@ def test_bytes_equal_formula(two_ranks, name):
     # every rank ends with the same parameters: the exchanged sum is identical everywhere
     for a, b in zip(two_ranks[0]["bytes"][name]["params"], two_ranks[1]["bytes"][name]["params"]):
         assert torch.equal(a, b)
-    if name not in ("none", "int8"):  # (int8 pads each bucket to 512·n elements: more than these tiny buckets)
+    # (int8 pads each bucket to 512·n elements: more than these tiny buckets)
+    if name not in ("none", "int8"):
         assert expected < _expected_bytes("none", res["layout"])
 
 
@@ -372,7 +391,8 @@ def test_exchanged_sum_plus_residuals_equals_input_sum(two_ranks, name):
     a, b = two_ranks[0]["sums"][name], two_ranks[1]["sums"][name]
     assert torch.equal(a["out"], b["out"])
     kept = a["kept"][:700] + b["kept"][:700]
-    server = torch.cat([a["server"], b["server"]])[:700] if a["server"].numel() else torch.zeros(700)
+    server = (torch.cat([a["server"], b["server"]])[:700] if a["server"].numel()
+              else torch.zeros(700))
     torch.testing.assert_close(a["out"] + kept + server, a["in"] + b["in"], atol=1e-5, rtol=1e-5)
     assert (a["out"] - (a["in"] + b["in"])).abs().max() > 1e-3  # it did compress
 
@@ -380,7 +400,8 @@ def test_exchanged_sum_plus_residuals_equals_input_sum(two_ranks, name):
 def test_onebit_adam_bytes_dense_then_compressed(two_ranks):
     res = two_ranks[0]["onebit"]
     d = sum(math.prod(s) for shapes in res["layout"] for s in shapes)
-    assert res["bytes"][0] == pytest.approx(_expected_bytes("none", res["layout"]))  # warm-up: dense gradients
+    # warm-up: dense gradients
+    assert res["bytes"][0] == pytest.approx(_expected_bytes("none", res["layout"]))
     dp = math.ceil(d / (8 * N)) * 8 * N
     assert res["bytes"][1] == pytest.approx(_ring(dp / 8 + 4 * N))  # then only the 1-bit momentum
     st = two_ranks[0]["onebit_state"]
@@ -391,7 +412,8 @@ def test_onebit_adam_bytes_dense_then_compressed(two_ranks):
 
 # -- training runs ---------------------------------------------------------------------------------
 def _train_worker(cfg: dict, runs: dict) -> dict:
-    """Several short trainings on the same 2 ranks (one spawn): name -> losses, val, bytes, snapshots."""
+    """Several short trainings on the same 2 ranks (one spawn):
+    name -> losses, val, bytes, snapshots."""
     from plait.mesh import Mesh
     from plait.train import Trainer
 
@@ -408,7 +430,8 @@ def _train_worker(cfg: dict, runs: dict) -> dict:
             bytes_.append(tr.mesh.comm.stats.reset_step()["comm_bytes"])
             if len(losses) == 3:
                 snaps.append(tr.full_state())
-        out[tag] = {"losses": losses, "bytes": bytes_, "val": tr.evaluate(), "snap": snaps[0] if snaps else None}
+        out[tag] = {"losses": losses, "bytes": bytes_, "val": tr.evaluate(),
+                    "snap": snaps[0] if snaps else None}
     return out
 
 
@@ -416,11 +439,13 @@ def test_each_compressor_trains_on_two_ranks(corpus_path):
     steps = 12
     cfg = tiny_cfg(corpus_path, parallel={"dp": N}, train={"steps": steps, "micro_batch": 2},
                    optim={"warmup_steps": 2})
-    runs = {name: {"compression": {"name": name, "rank": 2, "topk_fraction": 0.05, "warmup_steps": 3}}
-            for name in NAMES}
+    runs = {
+        name: {"compression": {"name": name, "rank": 2, "topk_fraction": 0.05, "warmup_steps": 3}}
+        for name in NAMES}
     runs["sign_no_ef"] = {"compression": {"name": "sign", "error_feedback": False}}
     runs["onebit_adam"] = {"optim": {"name": "onebit_adam"}, "compression": {"warmup_steps": 4}}
-    runs["onebit_warmup_only"] = {"optim": {"name": "onebit_adam"}, "compression": {"warmup_steps": steps}}
+    runs["onebit_warmup_only"] = {"optim": {"name": "onebit_adam"},
+                                  "compression": {"warmup_steps": steps}}
     runs["adamw"] = {}
     got = run_ranks(_train_worker, N, args=(cfg, runs), timeout=240)
     r0 = got[0]
@@ -450,7 +475,7 @@ def test_compression_none_keeps_dp_parity(corpus_path):
         assert_parity(ref, g)
 
 
-# -- the slow-network benchmark's refusals -----------------------------------------------------------
+# -- the slow-network benchmark's refusals ---------------------------------------------------------
 def test_bench_compression_refuses_clearly_without_root(monkeypatch, capsys):
     from plait.bench import compression as bench
     from plait.bench import run_bench

@@ -9,7 +9,8 @@ from plait.errors import ConfigError
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[train]\nsteps = 7\n[model]\npreset = "tiny"\n')
-    cfg = load(f, ["parallel.dp=2", "optim.lr=0.5", "parallel.sequence_parallel=true", "model.preset=124m"])
+    cfg = load(f, ["parallel.dp=2", "optim.lr=0.5", "parallel.sequence_parallel=true",
+                   "model.preset=124m"])
     assert cfg.train.steps == 7 and cfg.parallel.dp == 2 and cfg.optim.lr == 0.5
     assert cfg.parallel.sequence_parallel is True
     assert cfg.model.preset == "124m"  # overrides win over the file
@@ -77,3 +78,11 @@ def test_unknown_section_in_file(tmp_path):
     f.write_text("[trian]\nsteps = 3\n")
     with pytest.raises(ConfigError, match="did you mean 'train'"):
         load(f)
+
+
+def test_a_bare_word_is_the_string_it_spells_for_string_keys():
+    # TOML reads nan and inf as floats; for a string-typed key the word itself is meant
+    assert load(None, ["train.fault=nan"]).train.fault == "nan"
+    assert load(None, ['train.fault="nan"']).train.fault == "nan"
+    with pytest.raises(ConfigError, match="expected a number"):
+        load(None, ["optim.lr=fast"])

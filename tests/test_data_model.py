@@ -46,7 +46,8 @@ def test_corpus_from_folder_and_bin(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n" * 100)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.md").write_text("more text\n" * 100)
-    c = load_corpus(DataConfig(path=str(tmp_path), cache_dir=str(tmp_path / ".cache"), val_fraction=0.1))
+    c = load_corpus(
+        DataConfig(path=str(tmp_path), cache_dir=str(tmp_path / ".cache"), val_fraction=0.1))
     assert c.vocab_size == 256 and len(c.train) + len(c.val) == 1200 + 1000 + 2
     ids = (np.arange(5000) % 1000).astype(np.uint16)
     ids.tofile(tmp_path / "tok.bin")
@@ -88,7 +89,8 @@ def test_gqa_equals_repeated_kv_heads():
             hd = blk_a.attn.head_dim
             for name in ("k_proj", "v_proj"):
                 w = getattr(blk_a.attn, name).weight.view(2, hd, -1)
-                getattr(blk_b.attn, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(4 * hd, -1))
+                getattr(blk_b.attn, name).weight.copy_(
+                    w.repeat_interleave(2, dim=0).reshape(4 * hd, -1))
             for name in ("q_proj", "o_proj"):
                 getattr(blk_b.attn, name).weight.copy_(getattr(blk_a.attn, name).weight)
             blk_b.mlp.load_state_dict(blk_a.mlp.state_dict())
@@ -123,4 +125,17 @@ def test_loss_matches_cross_entropy():
 
     logits = torch.randn(2, 5, 7)
     y = torch.randint(0, 7, (2, 5))
-    torch.testing.assert_close(lm_loss(logits, y), F.cross_entropy(logits.reshape(10, 7), y.reshape(10)))
+    torch.testing.assert_close(lm_loss(logits, y),
+                               F.cross_entropy(logits.reshape(10, 7), y.reshape(10)))
+
+
+def test_measuring_peak_flops_leaves_the_global_rng_alone():
+    import torch
+
+    from plait.flops import measure_matmul_flops
+
+    torch.manual_seed(3)
+    expect = torch.rand(4)
+    torch.manual_seed(3)
+    measure_matmul_flops(torch.device("cpu"), seconds=0.01)
+    assert torch.equal(torch.rand(4), expect)

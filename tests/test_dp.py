@@ -12,7 +12,8 @@ from plait.testing import run_ranks
 
 @pytest.mark.parametrize("dp,micro", [(1, 2), (2, 4), (2, 2), (4, 2), (4, 1)])
 def test_dp_parity(corpus_path, dp, micro):
-    # global batch 8: dp=2, micro=4 -> no accumulation; micro=2 -> 2 micro-batches; dp=4, micro=1 -> 2
+    # global batch 8: dp=2, micro=4 -> no accumulation; micro=2 -> 2 micro-batches;
+    # dp=4, micro=1 -> 2
     cfg = tiny_cfg(corpus_path, parallel={"dp": dp}, train={"micro_batch": micro})
     ref = reference(cfg)
     got = run_ranks(train_run, dp, args=(cfg,), timeout=120)
@@ -37,8 +38,9 @@ def _doubled_run(cfg: dict) -> dict:
 
 
 def test_parity_catches_gradients_off_by_a_constant_factor(corpus_path):
-    """AdamW's update is nearly scale-free and clipping normalizes the gradient, so doubled gradients
-    barely move losses and parameters; the gradient norms expose them, and assert_parity compares them."""
+    """AdamW's update is nearly scale-free and clipping normalizes the gradient, so doubled
+    gradients barely move losses and parameters;
+    the gradient norms expose them, and assert_parity compares them."""
     cfg = tiny_cfg(corpus_path, parallel={"dp": 2})
     ref = reference(cfg)
     got = run_ranks(_doubled_run, 2, args=(cfg,), timeout=120)
@@ -67,7 +69,8 @@ def _uneven_worker():
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     # rank 0 holds 3 samples, rank 1 holds 2: each scales its summed loss by the global count
     mine = x[:3] if dist.get_rank() == 0 else x[3:]
-    red = GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=64, first_bucket_bytes=32)
+    red = GradReducer(list(model.parameters()), mesh.dp, mesh.comm, bucket_bytes=64,
+                      first_bucket_bytes=32)
     (model(mine).pow(2).sum() / 5).backward()
     red.finish()
     return [p.grad.clone() for p in model.parameters()], len(red.buckets)

@@ -30,11 +30,13 @@ PY = sys.executable
 
 def plait(*args, timeout=180):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([PY, "-m", "plait", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([PY, "-m", "plait", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def config_file(tmp_path, corpus, name="cfg.toml", **sections) -> tuple[str, dict]:
-    """A TOML file of the tiny model (vocabulary 257, 6 steps) for the command line, and its dict."""
+    """A TOML file of the tiny model (vocabulary 257, 6 steps) for the command line,
+    and its dict."""
     train = {"steps": 6, **sections.pop("train", {})}
     d = tiny_cfg(corpus, model={"vocab_size": 257, "n_kv_heads": 4}, train=train, **sections)
     path = tmp_path / name
@@ -56,12 +58,14 @@ def test_worker_killed_mid_run_restarts_and_matches_uninterrupted(tmp_path, corp
     cfg, d = config_file(tmp_path, corpus_path, parallel={"dp": 2}, compression={"name": "int8"})
     want = run_ranks(_whole_run, 2, args=(d, str(tmp_path / "whole")), timeout=300)[0]
     run = tmp_path / "run"
-    r = plait("train", "--nproc", "2", "--max-restarts", "1", "--run-dir", str(run), cfg, "checkpoint.every=2",
-              "train.fault=kill", "train.fault_rank=1", "train.fault_step=5", timeout=300)
+    r = plait("train", "--nproc", "2", "--max-restarts", "1", "--run-dir", str(run), cfg,
+              "checkpoint.every=2", "train.fault=kill", "train.fault_rank=1", "train.fault_step=5",
+              timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "exitcode: -9" in out  # rank 1 was SIGKILLed once ...
-    assert f"resuming from {run / 'checkpoints' / 'step-00000004'}" in out  # ... and every rank resumed
+    # ... and every rank resumed
+    assert f"resuming from {run / 'checkpoints' / 'step-00000004'}" in out
     assert final_loss(run) == want
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [5, 6] and 4 in steps
@@ -70,7 +74,8 @@ def test_worker_killed_mid_run_restarts_and_matches_uninterrupted(tmp_path, corp
 def test_rank_skipping_a_collective_is_a_named_error(tmp_path, corpus_path):
     cfg, _ = config_file(tmp_path, corpus_path, parallel={"dp": 2})
     r = plait("train", "--nproc", "2", "--run-dir", str(tmp_path / "run"), cfg, "train.timeout_s=3",
-              "train.fault=skip_collective", "train.fault_rank=1", "train.fault_step=2", timeout=120)
+              "train.fault=skip_collective", "train.fault_rank=1", "train.fault_step=2",
+              timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     # the comm layer counts steps from 0: the second step is step 1
@@ -84,8 +89,8 @@ def test_kill_inside_a_save_keeps_the_previous_checkpoint(tmp_path, corpus_path)
     cfg, d = config_file(tmp_path, corpus_path)
     want = train(from_dict(d), str(tmp_path / "whole"))["final_train_loss"]
     run = tmp_path / "run"
-    args = ["train", "--nproc", "1", "--run-dir", str(run), cfg, "checkpoint.every=2", "train.fault=kill_in_save",
-            "train.fault_step=4"]
+    args = ["train", "--nproc", "1", "--run-dir", str(run), cfg, "checkpoint.every=2",
+            "train.fault=kill_in_save", "train.fault_step=4"]
     r = plait(*args)
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     ck = run / "checkpoints"
@@ -104,11 +109,13 @@ def test_kill_at_a_random_moment_leaves_complete_checkpoints(tmp_path, corpus_pa
     run = tmp_path / "run"
     ck = run / "checkpoints"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([PY, "-m", "plait", "train", "--nproc", "1", "--run-dir", str(run), cfg, "checkpoint.every=1",
-                          "checkpoint.keep=3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen([PY, "-m", "plait", "train", "--nproc", "1", "--run-dir", str(run), cfg,
+                          "checkpoint.every=1", "checkpoint.keep=3"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not (ck / "step-00000003").exists() and time.monotonic() < deadline and p.poll() is None:
+        while (not (ck / "step-00000003").exists() and time.monotonic() < deadline
+                and p.poll() is None):
             time.sleep(0.05)
         time.sleep(random.uniform(0.0, 0.3))  # saving every step: most moments are inside a save
     finally:
@@ -147,5 +154,6 @@ def test_saving_without_a_folder_is_a_clear_error(corpus_path):
     from plait.train import Trainer
 
     cfg = from_dict(tiny_cfg(corpus_path, checkpoint={"every": 2}))
-    with pytest.raises(ConfigError, match="checkpoint.every saves checkpoints, but this run has no folder"):
+    with pytest.raises(ConfigError,
+                       match="checkpoint.every saves checkpoints, but this run has no folder"):
         Trainer(cfg, Mesh.single()).run(None)

@@ -1,4 +1,5 @@
-"""The CUDA code paths, exercised where a CPU can: backend and device choice, peak FLOP/s, bf16, compile."""
+"""The CUDA code paths, exercised where a CPU can:
+backend and device choice, peak FLOP/s, bf16, compile."""
 
 import torch
 from common import DEVICE, assert_parity, reference, tiny_cfg
@@ -14,7 +15,8 @@ def test_backend_nccl_one_rank_per_gpu_else_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert default_backend(torch.device("cuda", 0)) == "nccl"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on one GPU: NCCL refuses, gloo with CUDA tensors
+    # two ranks on one GPU: NCCL refuses, gloo with CUDA tensors
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_backend(torch.device("cuda", 0)) == "gloo"
     assert default_backend(torch.device("cpu")) == "gloo"
 
@@ -33,7 +35,8 @@ def test_bf16_autocast_stays_near_fp32(corpus_path):
     ref = reference(cfg)
     bf = {**cfg, "train": {**cfg["train"], "dtype": "bf16"}}
     got = reference(bf)
-    # bf16 matmuls with fp32 master weights: within 2% of the fp32 loss after 5 steps (tested tolerance)
+    # bf16 matmuls with fp32 master weights: within 2% of the fp32 loss after 5 steps
+    # (tested tolerance)
     for a, b in zip(got["losses"], ref["losses"]):
         assert abs(a - b) / b < 0.02
     assert got["losses"] != ref["losses"]  # autocast really ran in bf16
@@ -41,7 +44,8 @@ def test_bf16_autocast_stays_near_fp32(corpus_path):
 
 
 def test_compile_option_compiles_every_block(corpus_path):
-    cfg = from_dict({**tiny_cfg(corpus_path), "train": {**tiny_cfg(corpus_path)["train"], "compile": True}})
+    cfg = from_dict(
+        {**tiny_cfg(corpus_path), "train": {**tiny_cfg(corpus_path)["train"], "compile": True}})
     tr = Trainer(cfg, Mesh.single())
     blocks = tr.model.module.blocks
     assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
@@ -49,7 +53,8 @@ def test_compile_option_compiles_every_block(corpus_path):
 
 def _compiled_dp(cfg_dict):
     """dp = 2 with compiled blocks: losses, full parameters, and for each bucket exchange whether it
-    was issued inside backward (from the reducer's gradient hooks) or only at the step (finish())."""
+    was issued inside backward (from the reducer's gradient hooks) or only at the step
+    (finish())."""
     cfg = from_dict(cfg_dict)
     tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, device=DEVICE))
     red = tr.model.reducer
@@ -63,7 +68,8 @@ def _compiled_dp(cfg_dict):
     outs = [tr.train_step() for _ in range(cfg.train.steps)]
     losses = [float(o["loss"]) for o in outs]
     norms = [None if o["grad_norm"] is None else float(o["grad_norm"]) for o in outs]
-    return {"losses": losses, "norms": norms, "state": {k: v.cpu() for k, v in tr.full_state().items()},
+    return {"losses": losses, "norms": norms,
+            "state": {k: v.cpu() for k, v in tr.full_state().items()},
             "during_backward": during_backward, "buckets": len(red.buckets)}
 
 
@@ -76,7 +82,7 @@ def test_compiled_blocks_dp_parity_and_overlap(corpus_path):
     for got in run_ranks(_compiled_dp, 2, args=(cfg,), timeout=300):
         assert_parity(ref, got)
         assert got["buckets"] >= 3
-        # one exchange per bucket per step (accumulation: the first micro-batch's backward issues none),
-        # every one of them from a hook during backward
+        # one exchange per bucket per step (accumulation: the first micro-batch's backward issues
+        # none), every one of them from a hook during backward
         assert len(got["during_backward"]) == got["buckets"] * cfg["train"]["steps"]
         assert all(got["during_backward"])

@@ -21,11 +21,15 @@ from common import DEVICE, TOL, tiny_cfg
 
 from plait import parity
 
-ZERO = (0, 1, 2, 3)  # ZeRO stage: one parameter of the matrix (plait.parity.matrix drops ZeRO at dp = 1)
-CLIP = 0.05  # below every step's gradient norm (~1-2.5) of this run: clipping is active on every step
+# ZeRO stage: one parameter of the matrix (plait.parity.matrix drops ZeRO at dp = 1)
+ZERO = (0, 1, 2, 3)
+# below every step's gradient norm (~1-2.5) of this run: clipping is active on every step
+CLIP = 0.05
 SAMPLE = os.environ.get("PLAIT_PARITY_SAMPLE", "") not in ("", "0")
-SAMPLE_8 = {parity.Layout(2, 2, 2, 1), parity.Layout(2, 2, 2, 3)}  # ZeRO-1 (the 3-D example) and ZeRO-3 (FSDP2)
-LAYOUTS = [lay for lay in parity.matrix(zeros=ZERO) if not SAMPLE or lay.world < 8 or lay in SAMPLE_8]
+# ZeRO-1 (the 3-D example) and ZeRO-3 (FSDP2)
+SAMPLE_8 = {parity.Layout(2, 2, 2, 1), parity.Layout(2, 2, 2, 3)}
+LAYOUTS = [lay for lay in parity.matrix(zeros=ZERO)
+           if not SAMPLE or lay.world < 8 or lay in SAMPLE_8]
 
 
 def base_cfg(corpus_path: str) -> dict:
@@ -58,12 +62,15 @@ def spawns(corpus_path):
 
 def _check(ref, got, what="parity"):
     assert not isinstance(got, str), f"the layout failed:\n{got}"
-    assert all(n > CLIP for n in ref["norms"]), f"clipping must be active on every step: norms {ref['norms']}"
+    assert all(n > CLIP for n in ref["norms"]), (f"clipping must be active on every step: norms "
+                                                 f"{ref['norms']}")
     assert ref["losses"][-1] < ref["losses"][0]  # the run trains: the comparison means something
     for rank, res in enumerate(got):
         e = parity.errors(ref, res)
-        assert e["loss"] <= TOL["loss"], f"rank {rank}: losses {res['losses']} vs reference {ref['losses']}"
-        assert e["norm"] <= TOL["norm"], f"rank {rank}: gradient norms {res['norms']} vs reference {ref['norms']}"
+        assert e["loss"] <= TOL["loss"], (f"rank {rank}: losses {res['losses']} vs reference "
+                                          f"{ref['losses']}")
+        assert e["norm"] <= TOL["norm"], (f"rank {rank}: gradient norms {res['norms']} vs "
+                                          f"reference {ref['norms']}")
         assert e["param"] <= TOL["param"], f"rank {rank}: parameters differ by {e}"
 
 
@@ -72,7 +79,8 @@ def test_parity_matrix(spawns, ref, layout):
     _check(ref, spawns.get(layout))
 
 
-@pytest.mark.parametrize("layout", [parity.Layout(1, 2, 1), parity.Layout(1, 1, 2), parity.Layout(1, 2, 2)],
+@pytest.mark.parametrize("layout",
+                         [parity.Layout(1, 2, 1), parity.Layout(1, 1, 2), parity.Layout(1, 2, 2)],
                          ids=lambda x: x.name)
 def test_global_grad_norm_across_tp_and_pp(spawns, ref, layout):
     # the norm that sets the clip factor: squares summed over mesh.mp, tp-replicated parameters once
@@ -80,12 +88,14 @@ def test_global_grad_norm_across_tp_and_pp(spawns, ref, layout):
     assert not isinstance(got, str), got
     for res in got:
         for a, b in zip(res["norms"], ref["norms"]):
-            assert b > CLIP and abs(a - b) / b <= TOL["norm"], f"norms {res['norms']} vs reference {ref['norms']}"
+            assert b > CLIP and abs(a - b) / b <= TOL["norm"], (f"norms {res['norms']} vs "
+                                                                f"reference {ref['norms']}")
 
 
 def test_matrix_covers_every_combination():
     full = parity.matrix(zeros=ZERO)
-    assert len(full) == 7 + 4 * len(ZERO[1:])  # 7 layouts besides the single process; ZeRO > 0 on the 4 with dp 2
-    assert {(lay.dp, lay.tp, lay.pp) for lay in full} == {(d, t, p) for d in (1, 2) for t in (1, 2) for p in (1, 2)
-                                                          if d * t * p > 1}
+    # 7 layouts besides the single process; ZeRO > 0 on the 4 with dp 2
+    assert len(full) == 7 + 4 * len(ZERO[1:])
+    assert {(lay.dp, lay.tp, lay.pp) for lay in full} == {(d, t, p) for d in (1, 2) for t in (1, 2)
+                                                          for p in (1, 2) if d * t * p > 1}
     assert all(lay.world <= 8 for lay in full)

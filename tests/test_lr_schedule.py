@@ -32,15 +32,16 @@ def test_batch_rampup_shape():
     prev, s = 0, 0
     while s < n + target:
         b = batch_at(s, target, micro, n)
-        assert b % micro == 0 and micro <= b <= target and b >= prev  # whole micro-batches, monotone
+        # whole micro-batches, monotone
+        assert b % micro == 0 and micro <= b <= target and b >= prev
         assert b <= micro + (target - micro) * s / n + 1e-9  # never above the linear ramp
         prev, s = b, s + b
     assert batch_at(n, target, micro, n) == target and batch_at(n - 1, target, micro, n) < target
 
 
 def test_rampup_accounting_and_data_order_exact():
-    # step n reads samples [s_n, s_n + B_n): consecutive, no gap, no overlap -> the data order of a run
-    # without ramp-up; the samples consumed after k steps are a pure function of k
+    # step n reads samples [s_n, s_n + B_n): consecutive, no gap, no overlap -> the data order of a
+    # run without ramp-up; the samples consumed after k steps are a pure function of k
     target, micro, n = 32, 2, 200
     s, seen = 0, []
     for k in range(40):
@@ -58,7 +59,8 @@ def test_rampup_accounting_and_data_order_exact():
 
 
 def test_rank_share_is_the_plain_split_when_it_divides():
-    assert [rank_share(100, 16, 2, 4, r) for r in range(4)] == [(100, 4), (104, 4), (108, 4), (112, 4)]
+    assert [rank_share(100, 16, 2, 4, r) for r in range(4)] == \
+           [(100, 4), (104, 4), (108, 4), (112, 4)]
     with pytest.raises(ValueError):
         rank_share(0, 15, 2, 1, 0)
 

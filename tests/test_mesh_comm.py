@@ -28,8 +28,8 @@ def test_layout_mismatch_message():
 
 def _mesh_worker():
     mesh = Mesh.build(dp=2, tp=2, pp=2)
-    out = {"rank": mesh.rank, "dp": mesh.dp.ranks, "tp": mesh.tp.ranks, "pp": mesh.pp.ranks, "mp": mesh.mp.ranks,
-           "coords": (mesh.dp_index, mesh.tp_index, mesh.pp_index)}
+    out = {"rank": mesh.rank, "dp": mesh.dp.ranks, "tp": mesh.tp.ranks, "pp": mesh.pp.ranks,
+           "mp": mesh.mp.ranks, "coords": (mesh.dp_index, mesh.tp_index, mesh.pp_index)}
     # each group really connects its members: the sum of global ranks over the group
     for name in ("dp", "tp", "pp", "mp"):
         g = getattr(mesh, name)
@@ -83,10 +83,12 @@ def _staged_p2p_worker():
     mesh = Mesh.build(dp=2)
     g, peer = mesh.dp, 1 - mesh.dp.rank
     recv = torch.zeros(3)
-    h = mesh.comm.p2p([(torch.full((3,), 10.0 + mesh.rank), peer)], [(recv, peer)], g, async_op=True)
+    h = mesh.comm.p2p([(torch.full((3,), 10.0 + mesh.rank), peer)], [(recv, peer)], g,
+                      async_op=True)
     before = recv.tolist()  # nothing written into the caller's tensor yet
     h.wait()
-    return {"before": before, "after": recv.tolist(), "by_op": mesh.comm.stats.reset_step()["by_op"]}
+    return {"before": before, "after": recv.tolist(),
+            "by_op": mesh.comm.stats.reset_step()["by_op"]}
 
 
 def test_host_staged_p2p_delivers_on_wait():

@@ -46,9 +46,10 @@ def test_single_process_within_tolerance_of_fp32(corpus_path, fp32_ref, dtype):
     assert all(v.dtype == torch.float32 for v in got["state"].values())  # fp32 master weights
 
 
-# -- two ranks ---------------------------------------------------------------------------------------
+# -- two ranks -------------------------------------------------------------------------------------
 def _overflow_run(cfg_dict, bad_rank, bad_step):
-    """fp16 training where `bad_rank` gets an inf in one local gradient at step `bad_step` (1-based)."""
+    """fp16 training where `bad_rank` gets an inf in one local gradient at step `bad_step`
+    (1-based)."""
     from plait.train import Trainer
 
     cfg = from_dict(cfg_dict)
@@ -70,7 +71,8 @@ def _overflow_run(cfg_dict, bad_rank, bad_step):
         applied.append(out["applied"])
         scales.append(out["loss_scale"])
         changed.append(any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters())))
-    return {"applied": applied, "scales": scales, "changed": changed, "skipped": tr.optimizer.scaler.skipped,
+    return {"applied": applied, "scales": scales, "changed": changed,
+            "skipped": tr.optimizer.scaler.skipped,
             "state": tr.optimizer.state_dict()["loss_scale"]}
 
 
@@ -96,7 +98,8 @@ def _worker(cases):
 @pytest.fixture(scope="module")
 def two_ranks(corpus_path):
     overflow = tiny_cfg(corpus_path, parallel={"pp": 2},
-                        train={"dtype": "fp16", "steps": 5, "loss_scale_init": 1024.0, "loss_scale_growth_interval": 2})
+                        train={"dtype": "fp16", "steps": 5, "loss_scale_init": 1024.0,
+                               "loss_scale_growth_interval": 2})
     cases = [("overflow", _overflow_run, (overflow, 1, 2)),
              ("agreement", _agreement, ()),
              ("bf16-tp2", parity.train_case, (_cfg(corpus_path, "bf16", tp=2),)),
@@ -114,7 +117,8 @@ def test_overflow_on_one_rank_skips_on_all(two_ranks):
     # pp = 2: rank 1 (the last stage) overflows at step 2; rank 0's own gradients are finite
     for r in _get(two_ranks, "overflow"):
         assert r["applied"] == [True, False, True, True, True]
-        assert r["changed"] == [True, False, True, True, True]  # step 2 left every parameter as it was
+        # step 2 left every parameter as it was
+        assert r["changed"] == [True, False, True, True, True]
         # halved at the overflow; doubled after 2 good steps in a row (growth_interval = 2)
         assert r["scales"] == [1024.0, 512.0, 512.0, 1024.0, 1024.0]
         assert r["skipped"] == 1 and r["state"] == {"scale": 1024.0, "good_steps": 1, "skipped": 1}
@@ -123,7 +127,8 @@ def test_overflow_on_one_rank_skips_on_all(two_ranks):
 def test_found_inf_agreement_is_one_tiny_all_reduce(two_ranks):
     for flags, by_op in _get(two_ranks, "agreement"):
         assert flags == [True, False, True]
-        assert by_op == {"all_reduce/world": 3 * 4.0}  # 3 calls, one fp32 each: 2(n-1)/n · 4 bytes at n = 2
+        # 3 calls, one fp32 each: 2(n-1)/n · 4 bytes at n = 2
+        assert by_op == {"all_reduce/world": 3 * 4.0}
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -132,12 +137,13 @@ def test_tensor_parallel_within_tolerance_of_fp32(two_ranks, fp32_ref, dtype):
         _close_to_fp32(fp32_ref, got, dtype)
 
 
-# -- one process -------------------------------------------------------------------------------------
+# -- one process -----------------------------------------------------------------------------------
 def test_fp16_overflow_lowers_scale_until_steps_apply(corpus_path):
     from plait.train import Trainer
 
     # 2^19: the logits' gradient overflows fp16 in backward; 2^18 does not (measured)
-    cfg = from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 3, "loss_scale_init": 2.0**19}))
+    cfg = from_dict(
+        tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 3, "loss_scale_init": 2.0**19}))
     tr = Trainer(cfg, Mesh.single())
     outs = [tr.train_step() for _ in range(3)]
     assert [o["applied"] for o in outs] == [False, True, True]
@@ -149,7 +155,8 @@ def test_loss_scaler_schedule_and_state():
     s = LossScaler(init_scale=8.0, growth_interval=3)
     for overflow in (False, False, True, False, False, False):
         s.update(overflow)
-    assert s.scale == 8.0 and s.good_steps == 0 and s.skipped == 1  # 8 -> 4 (overflow) -> 8 after 3 good
+    # 8 -> 4 (overflow) -> 8 after 3 good
+    assert s.scale == 8.0 and s.good_steps == 0 and s.skipped == 1
     g = [torch.tensor([8.0, 16.0]), torch.tensor([4.0])]
     assert float(s.unscale_(g)) == 0.0 and g[0].tolist() == [1.0, 2.0] and g[1].tolist() == [0.5]
     assert float(s.unscale_([torch.tensor([1.0, math.inf])])) == 1.0
@@ -161,13 +168,15 @@ def test_loss_scaler_schedule_and_state():
 
 
 def test_overflow_at_the_floor_stops_the_run():
-    # halving stops at min_scale; an overflow there is inf / nan at every scale: a clear error, not endless skips
+    # halving stops at min_scale; an overflow there is inf / nan at every scale:
+    # a clear error, not endless skips
     s = LossScaler(init_scale=4.0, min_scale=1.0)
     s.update(True)
     s.update(False)
     s.update(True)
     assert s.scale == 1.0 and s.skipped == 2 and s.in_a_row == 1
-    with pytest.raises(NonFiniteError, match="train.loss_scale_min = 1 .*2 overflow steps in a row, 3 in all"):
+    with pytest.raises(NonFiniteError,
+                       match="train.loss_scale_min = 1 .*2 overflow steps in a row, 3 in all"):
         s.update(True)
     with pytest.raises(ConfigError, match="train.loss_scale_min"):
         LossScaler(init_scale=4.0, min_scale=8.0)
@@ -176,7 +185,8 @@ def test_overflow_at_the_floor_stops_the_run():
 def test_fp16_run_with_gradients_nan_at_every_scale_stops(corpus_path):
     from plait.train import Trainer
 
-    cfg = from_dict(tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 6, "loss_scale_init": 4.0}))
+    cfg = from_dict(
+        tiny_cfg(corpus_path, train={"dtype": "fp16", "steps": 6, "loss_scale_init": 4.0}))
     tr = Trainer(cfg, Mesh.single())
     fb = tr.model.train_step
 
@@ -192,5 +202,6 @@ def test_fp16_run_with_gradients_nan_at_every_scale_stops(corpus_path):
 
 
 def test_loss_scale_floor_above_start_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.loss_scale_min = 8 is above train.loss_scale_init = 4"):
+    with pytest.raises(ConfigError,
+                       match="train.loss_scale_min = 8 is above train.loss_scale_init = 4"):
         from_dict({"train": {"dtype": "fp16", "loss_scale_init": 4.0, "loss_scale_min": 8.0}})

@@ -31,7 +31,8 @@ def test_noise_scale_on_synthetic_gradients():
     est = NoiseScale(beta=0.999)
     for _ in range(steps):
         g = G + sigma * torch.randn(B, d, generator=gen, dtype=torch.float64)  # (B, d)
-        small = g.view(B // b, b, d).mean(1).pow(2).sum(1).mean()  # mean ‖G_b‖² over the micro-batches
+        # mean ‖G_b‖² over the micro-batches
+        small = g.view(B // b, b, d).mean(1).pow(2).sum(1).mean()
         big = g.mean(0).pow(2).sum()
         est.update(b, float(small), B, float(big))
     assert truth == pytest.approx(50.0)
@@ -53,7 +54,8 @@ def test_noise_scale_skips_non_finite_steps(kind):
     est.update(2, kind(3.0), 8, kind(1.5))  # |G|² = 1, tr(Σ) = 4
     est.update(2, kind(float("inf")), 8, kind(float("nan")))  # an fp16 overflow step
     assert float(est.value) == pytest.approx(4.0)
-    assert est.updates == (1 if kind is float else 2)  # a tensor's finiteness is not read on the host
+    # a tensor's finiteness is not read on the host
+    assert est.updates == (1 if kind is float else 2)
 
 
 def _model_and_data():
@@ -84,7 +86,8 @@ def test_monitor_measures_each_micro_batch_exactly(clip, scale):
         (model(x[k * b:(k + 1) * b]).pow(2).sum(1).sum() / B * scale).backward()
     for p in model.parameters():  # the optimizer unscales the reduced gradient before using it
         p.grad /= scale
-    opt = types.SimpleNamespace(grad_clip=1.0 if clip else 0.0, last_grad_norm=sq_big ** 0.5 if clip else None)
+    opt = types.SimpleNamespace(grad_clip=1.0 if clip else 0.0,
+                                last_grad_norm=sq_big ** 0.5 if clip else None)
     out = mon.end_step(opt, B)
     assert (float(mon.estimate.g2), float(mon.estimate.trace)) == pytest.approx(want, rel=1e-5)
     assert metric_value(out["critical_batch"]) == pytest.approx(want[1] / want[0], rel=1e-5)
@@ -100,7 +103,8 @@ def test_monitor_single_micro_batch_reports_no_new_estimate():
     mon = NoiseScaleMonitor(list(model.parameters()), Mesh.single(), micro_batch=8)
     mon.begin_step()
     model(x).sum().backward()
-    assert mon.end_step(types.SimpleNamespace(grad_clip=0.0, last_grad_norm=None), 8) == {"critical_batch": None}
+    assert mon.end_step(types.SimpleNamespace(grad_clip=0.0, last_grad_norm=None), 8) == \
+           {"critical_batch": None}
     assert mon.estimate.updates == 0
 
 
@@ -116,6 +120,22 @@ def test_monitor_warns_once_per_direction(capsys):
     assert err.count("global batch 4 is 25× below the estimated critical batch 100") == 1
     assert err.count("plait: warning") == 2
     assert metric_value(torch.tensor(float("nan"))) is None and metric_value(None) is None
+
+
+def test_monitor_warns_only_once_the_estimate_is_reliable(capsys):
+    """Early estimates are noise (the EMAs start at zero): no warning before 3/(1-beta) updates, nor
+    while the estimate still moves by more than 2x between two checks."""
+    mon = NoiseScaleMonitor([nn.Parameter(torch.zeros(2))], Mesh.single(), micro_batch=2)
+    assert mon.warn_after == 60  # beta 0.95
+    mon.estimate.updates = 16
+    mon.check(64, 2.0)  # 32x off, but 16 updates: said nothing (make demo warned here before)
+    mon.check(64, 2.0)
+    assert capsys.readouterr().err == ""
+    mon.estimate.updates = 80
+    mon.check(64, 5.0)  # moved 2.5x since the last check: not yet
+    assert capsys.readouterr().err == ""
+    mon.check(64, 4.0)  # settled within 2x: the batch is 16x above it
+    assert "16× the estimated critical batch" in capsys.readouterr().err
 
 
 def test_supported_only_with_the_exact_global_gradient():

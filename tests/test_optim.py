@@ -1,4 +1,5 @@
-"""LAMB and LARS against plain per-tensor references; sharded (tp-like and ZeRO-like) equals unsharded."""
+"""LAMB and LARS against plain per-tensor references;
+sharded (tp-like and ZeRO-like) equals unsharded."""
 
 import math
 
@@ -19,7 +20,8 @@ STEPS = 3
 def _tensors(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ws = [torch.randn(s, generator=g, dtype=torch.float64) for s in SHAPES]
-    grads = [[torch.randn(s, generator=g, dtype=torch.float64) * (0.1 + k) for s in SHAPES] for k in range(STEPS)]
+    grads = [[torch.randn(s, generator=g, dtype=torch.float64) * (0.1 + k) for s in SHAPES]
+             for k in range(STEPS)]
     return ws, grads
 
 
@@ -82,12 +84,14 @@ def test_lamb_matches_reference():
     got = _run(lambda p: LAMB(p, lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05), ws, grads)
     _close(got, ref_lamb(ws, grads, 0.1, 0.9, 0.99, 1e-6, 0.05, adapt=[True, True, False]))
     # the trust ratio really acts: plain Adam with decoupled-style decay lands elsewhere
-    assert _norm(got[0] - ref_lamb(ws, grads, 0.1, 0.9, 0.99, 1e-6, 0.05, adapt=[False] * 3)[0]) > 1e-3
+    assert _norm(got[0] - ref_lamb(ws, grads, 0.1, 0.9, 0.99, 1e-6, 0.05,
+                                   adapt=[False] * 3)[0]) > 1e-3
 
 
 def test_lamb_explicit_adapt_groups():
     ws, grads = _tensors(1)
-    # adapt=True on every parameter (a ZeRO wrapper's flat shards would say so): the vector is adapted and decayed
+    # adapt=True on every parameter (a ZeRO wrapper's flat shards would say so):
+    # the vector is adapted and decayed
     got = _run(lambda p: LAMB(p, lr=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1), ws, grads,
                groups=lambda ps: [{"params": ps, "adapt": True}])
     _close(got, ref_lamb(ws, grads, 0.05, 0.8, 0.9, 1e-6, 0.1, adapt=[True] * 3))
@@ -95,7 +99,8 @@ def test_lamb_explicit_adapt_groups():
 
 def test_lars_matches_reference():
     ws, grads = _tensors(2)
-    got = _run(lambda p: LARS(p, lr=2.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01), ws, grads)
+    got = _run(lambda p: LARS(p, lr=2.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01),
+               ws, grads)
     _close(got, ref_lars(ws, grads, 2.0, 0.9, 1e-3, 0.01, adapt=[True, True, False]))
 
 
@@ -126,11 +131,13 @@ def test_norm_reducer_called_once_per_step_and_checked():
         LARS([p], norm_reducer=lambda params, sq: sq[:, 0]).step()
     # a rank holding no adapted piece still takes part (the reducer may be a collective)
     one = Group("dp", (0,), 0)
-    for red in (GroupNormReducer(Comm(), one), GroupNormReducer(Comm(), one, slot=lambda p: 0, n_slots=3)):
+    for red in (GroupNormReducer(Comm(), one),
+                GroupNormReducer(Comm(), one, slot=lambda p: 0, n_slots=3)):
         calls.clear()
         vec = nn.Parameter(torch.ones(3))  # 1-D: not adapted, so the reducer gets no rows
         vec.grad = torch.ones(3)
-        LAMB([vec], norm_reducer=lambda params, sq, red=red: reducer(params, red(params, sq))).step()
+        LAMB([vec],
+             norm_reducer=lambda params, sq, red=red: reducer(params, red(params, sq))).step()
         assert calls == [(0, (0, 2))]
 
 
@@ -140,14 +147,16 @@ def test_factory_builds_and_checks_config():
     opt = optimizer_factory(cfg.optim, torch.device("cpu"))(list(model.parameters()))
     assert isinstance(opt, LAMB) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     cfg = from_dict({"optim": {"name": "lars"}})
-    assert isinstance(optimizer_factory(cfg.optim, torch.device("cpu"))(list(model.parameters())), LARS)
-    with pytest.raises(ConfigError, match="optim.reference_batch"):  # caught when the config is loaded
+    assert isinstance(optimizer_factory(cfg.optim, torch.device("cpu"))(list(model.parameters())),
+                      LARS)
+    # caught when the config is loaded
+    with pytest.raises(ConfigError, match="optim.reference_batch"):
         from_dict({"optim": {"scale_lr_with_batch": True}})
     with pytest.raises(ConfigError, match="optim.name"):
         from_dict({"optim": {"name": "lion"}})
 
 
-# -- sharded == unsharded, over 2 gloo ranks through plait's Comm -----------------------------------
+# -- sharded == unsharded, over 2 gloo ranks through plait's Comm ----------------------------------
 def _sharded_worker(kind: str):
     from plait.mesh import Mesh
 
@@ -156,10 +165,12 @@ def _sharded_worker(kind: str):
     ws, grads = _tensors(3)
     make = {"lamb": lambda ps, red: LAMB(ps, lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
                                           norm_reducer=red),
-            "lars": lambda ps, red: LARS(ps, lr=2.0, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01,
-                                          norm_reducer=red)}[kind]
-    # tensor-parallel-like: each rank holds half the rows of each matrix; the vector is whole (replicated)
-    rows = [slice(r * w.shape[0] // 2, (r + 1) * w.shape[0] // 2) if w.dim() == 2 else slice(None) for w in ws]
+            "lars": lambda ps, red: LARS(ps, lr=2.0, momentum=0.9, weight_decay=1e-3,
+                                         trust_coefficient=0.01, norm_reducer=red)}[kind]
+    # tensor-parallel-like: each rank holds half the rows of each matrix;
+    # the vector is whole (replicated)
+    rows = [slice(r * w.shape[0] // 2, (r + 1) * w.shape[0] // 2) if w.dim() == 2 else slice(None)
+            for w in ws]
     tp = [nn.Parameter(w[s].float().clone()) for w, s in zip(ws, rows)]
     opt = make(tp, GroupNormReducer(mesh.comm, mesh.dp, replicated=lambda p: p.dim() < 2))
     for gs in grads:
@@ -181,7 +192,8 @@ def _sharded_worker(kind: str):
         for p, (_, a, b) in zip(pieces, spans):
             p.grad = gflat[a:b].float().clone()
         opt.step()
-    return [p.detach().double() for p in tp], [(a, b, p.detach().double()) for p, (_, a, b) in zip(pieces, spans)]
+    return ([p.detach().double() for p in tp],
+            [(a, b, p.detach().double()) for p, (_, a, b) in zip(pieces, spans)])
 
 
 @pytest.mark.parametrize("kind", ["lamb", "lars"])
@@ -194,7 +206,8 @@ def test_sharded_equals_unsharded(kind):
     (tp0, z0), (tp1, z1) = run_ranks(_sharded_worker, 2, args=(kind,), timeout=120)
     tp = [torch.cat([a, b]) if a.dim() == 2 else a for a, b in zip(tp0, tp1)]
     _close(tp, full)
-    torch.testing.assert_close(tp0[2], tp1[2])  # the replicated vector stays identical on both ranks
+    # the replicated vector stays identical on both ranks
+    torch.testing.assert_close(tp0[2], tp1[2])
     flat = torch.zeros(ws[0].numel() + ws[1].numel(), dtype=torch.float64)
     for a, b, piece in z0 + z1:
         flat[a:b] = piece

@@ -71,7 +71,8 @@ def refs(corpus_path):
 
 @pytest.fixture(scope="module")
 def two_ranks(corpus_path, tmp_path_factory):
-    cases = [(f"pp2-{s}", _case_cfg(corpus_path, 4, pp=2, schedule=s, virtual_stages=v), None) for s, v in SCHEDULES]
+    cases = [(f"pp2-{s}", _case_cfg(corpus_path, 4, pp=2, schedule=s, virtual_stages=v), None)
+             for s, v in SCHEDULES]
     run_dir = tmp_path_factory.mktemp("pp_run") / "run"
     run_dir.mkdir()
     short = _case_cfg(corpus_path, 4, pp=2, schedule="1f1b")
@@ -82,11 +83,14 @@ def two_ranks(corpus_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four_ranks(corpus_path):
-    cases = [(f"pp4-{s}", _case_cfg(corpus_path, 8, pp=4, schedule=s, virtual_stages=v), None) for s, v in SCHEDULES]
+    cases = [(f"pp4-{s}", _case_cfg(corpus_path, 8, pp=4, schedule=s, virtual_stages=v), None)
+             for s, v in SCHEDULES]
     cases.append(("pp2xdp2", _case_cfg(corpus_path, 4, pp=2, dp=2, schedule="zb_h1"), None))
     # tp: the tiny model's own depth (2 blocks), the one the tensor-parallel parity tests use
     cases.append(("pp2xtp2", _case_cfg(corpus_path, 2, pp=2, tp=2, schedule="1f1b"), None))
-    cases.append(("pp2xtp2-sp", _case_cfg(corpus_path, 2, pp=2, tp=2, schedule="zb_h1", sequence_parallel=True), None))
+    cases.append(("pp2xtp2-sp",
+                  _case_cfg(corpus_path, 2, pp=2, tp=2, schedule="zb_h1", sequence_parallel=True),
+                  None))
     return run_ranks(_cases_worker, 4, args=(cases,), timeout=300)
 
 
@@ -107,7 +111,8 @@ def test_pp2_parity(two_ranks, refs, schedule):
     expected = {"gpipe": [4, 4], "1f1b": [2, 1], "zb_h1": [2, 2]}
     if schedule in expected:
         assert peaks == expected[schedule]
-    assert len(summary["bubble_per_rank"]) == 2 and all(0 <= b < 1 for b in summary["bubble_per_rank"])
+    assert (len(summary["bubble_per_rank"]) == 2
+            and all(0 <= b < 1 for b in summary["bubble_per_rank"]))
 
 
 @pytest.mark.parametrize("schedule", [s for s, _ in SCHEDULES])
@@ -123,7 +128,8 @@ def test_pp_dp_parity(four_ranks, refs):
 
 @pytest.mark.parametrize("case", ["pp2xtp2", "pp2xtp2-sp"])
 def test_pp_tp_parity(four_ranks, refs, case):
-    _check(four_ranks, case, refs[2])  # -sp: sequence parallelism, hidden state (B, T/tp, D) between stages
+    # -sp: sequence parallelism, hidden state (B, T/tp, D) between stages
+    _check(four_ranks, case, refs[2])
 
 
 def test_run_writes_trace_gantt_and_bubble(two_ranks):
@@ -158,7 +164,8 @@ def test_partition_keeps_names_and_balances():
     costs = param_costs(spec)
     assert costs[0] == 0  # the embedding is a lookup
     sums = [sum(costs[spec.layers.index(layer)] for layer in s) for s in stages]
-    assert max(sums) <= sum(costs) / 2 + max(costs)  # no better contiguous split exists by more than a layer
+    # no better contiguous split exists by more than a layer
+    assert max(sums) <= sum(costs) / 2 + max(costs)
     keys = stage_keys(spec, stages, 2)
     assert [k for rank in keys for k, _, _ in rank] == [k for k in model.state_dict()]
     stage = PipelineStage([stages[1]], spec.shared, 1, 2)
@@ -243,7 +250,8 @@ def test_runner_single_rank_equals_plain_backward(schedule):
     plain = _gpt(2)
     total = 0.0
     for x, y in batches:
-        loss = nn.functional.cross_entropy(plain(x).flatten(0, 1), y.flatten(), reduction="sum") / 48
+        loss = nn.functional.cross_entropy(plain(x).flatten(0, 1), y.flatten(),
+                                           reduction="sum") / 48
         loss.backward()
         total += float(loss.detach())
     mesh = Mesh.single()

@@ -20,7 +20,8 @@ from plait.pipeline.schedules import (
 )
 from plait.pipeline.simulate import simulate
 
-CASES = [(name, 1) for name in ("gpipe", "1f1b", "zb_h1")] + [("interleaved_1f1b", 2), ("interleaved_1f1b", 3)]
+CASES = ([(name, 1) for name in ("gpipe", "1f1b", "zb_h1")]
+         + [("interleaved_1f1b", 2), ("interleaved_1f1b", 3)])
 GRID = [(p, m) for p in (1, 2, 3, 4, 8) for m in (p, p + 1, 2 * p, 3 * p, 17)]
 
 
@@ -40,8 +41,10 @@ def test_every_schedule_is_consistent_and_deadlock_free(name, v):
         progs = programs(name, p, m, v)
         simulate(progs, p, v, m)  # rendezvous: raises on a mismatch, a missing step or a deadlock
         for prog in progs:
-            # every forward precedes its backward, every B precedes its W, one optimizer step at the end
-            at = {(type(i).__name__, i.mb, i.chunk): k for k, i in enumerate(prog) if not isinstance(i, OptimizerStep)}
+            # every forward precedes its backward, every B precedes its W,
+            # one optimizer step at the end
+            at = {(type(i).__name__, i.mb, i.chunk): k for k, i in enumerate(prog)
+                  if not isinstance(i, OptimizerStep)}
             for mb in range(m):
                 for c in range(v):
                     f = at[("Forward", mb, c)]
@@ -168,7 +171,8 @@ def test_lockstep_pairs_messages_at_the_same_instant():
     progs = lockstep([list(one_f_one_b_order(r, p, m)) for r in range(p)], p)
     # the middle rank's steady state: a forward's send and the next backward's receive in one batch
     mid = progs[1]
-    pairs = [(a, b) for a, b in zip(mid, mid[1:]) if isinstance(a, SendActivation) and isinstance(b, RecvGrad)]
+    pairs = [(a, b) for a, b in zip(mid, mid[1:])
+             if isinstance(a, SendActivation) and isinstance(b, RecvGrad)]
     assert pairs
 
 

@@ -28,8 +28,8 @@ BYTE_CASES = {  # name: (sync settings, total_steps or None for an endless caden
     "diloco_int8": ({"strategy": "diloco", "every": 4, "quantize": "int8"}, 8),
     "diloco_fp4": ({"strategy": "diloco", "every": 4, "quantize": "fp4"}, 8),
     "streaming": ({"strategy": "streaming_diloco", "every": 4, "fragments": 2, "delay": 1}, None),
-    "streaming_int8_final": ({"strategy": "streaming_diloco", "every": 4, "fragments": 2, "delay": 1,
-                              "quantize": "int8"}, 8),
+    "streaming_int8_final": ({"strategy": "streaming_diloco", "every": 4, "fragments": 2,
+                              "delay": 1, "quantize": "int8"}, 8),
     "delayed": ({"strategy": "delayed", "delay": 1}, 8),
 }
 STEPS = 8
@@ -72,7 +72,8 @@ def _bytes_worker(cases: dict, steps: int) -> dict:
     x = torch.randn(4096, generator=g) * torch.logspace(-3, 0, 4096)
     exact = x.clone()
     mesh.comm.all_reduce(exact, mesh.dp, op="avg")
-    out["codecs"] = {q: average(x.clone(), mesh.dp, mesh.comm, make_codec(q)) for q in ("fp16", "int8", "fp4")}
+    out["codecs"] = {q: average(x.clone(), mesh.dp, mesh.comm, make_codec(q))
+                     for q in ("fp16", "int8", "fp4")}
     out["exact"] = exact
     return out
 
@@ -101,11 +102,14 @@ def test_sync_bytes_match_the_formulas(byte_runs):
         got = r0[f"diloco_{q}"]["bytes"]
         sync_q = RING * _padded(N, 1, q) * B_PER_ELEM[q]
         assert got == [0, 0, 0, sync_q] * 2, q
-        assert sum(got) / STEPS == pytest.approx(full / H * B_PER_ELEM[q] / 4, rel=0.04)  # padding only
-    # streaming, P = 2, H = 4, τ = 1: fragments sent at 2, 4, 6, 8 and counted when applied a step later
+        # padding only
+        assert sum(got) / STEPS == pytest.approx(full / H * B_PER_ELEM[q] / 4, rel=0.04)
+    # streaming, P = 2, H = 4, τ = 1: fragments sent at 2, 4, 6, 8
+    # and counted when applied a step later
     frag = RING * 4 * _padded(N, 2, "none")
     assert 2 * frag == full  # each fragment's peak is 1/P of the full sync
-    assert r0["streaming"]["bytes"] == [0, 0, frag, 0, frag, 0, frag, frag]  # the last one by flush()
+    # the last one by flush()
+    assert r0["streaming"]["bytes"] == [0, 0, frag, 0, frag, 0, frag, frag]
     assert sum(r0["streaming"]["bytes"]) / STEPS == full / H
     # with a known run length the last step also syncs the fragment not in flight (consensus)
     frag_q = RING * _padded(N, 2, "int8") * B_PER_ELEM["int8"]
@@ -124,7 +128,8 @@ def test_replicas_end_equal_and_quantized_means_are_close(byte_runs):
     for name, (_, total) in BYTE_CASES.items():
         if total is not None:
             for r in byte_runs[1:]:
-                torch.testing.assert_close(r[name]["params"], byte_runs[0][name]["params"], rtol=0, atol=0)
+                torch.testing.assert_close(r[name]["params"], byte_runs[0][name]["params"],
+                                           rtol=0, atol=0)
     exact = byte_runs[0]["exact"]
     for q, tol in (("fp16", 1e-3), ("int8", 2e-2), ("fp4", 0.25)):
         got = byte_runs[0]["codecs"][q]
@@ -153,7 +158,8 @@ def _cases_worker(cases: list) -> list:
 
 def _cfg(corpus_path, sync, steps=6, optim=None, parallel=None, train=None):
     return tiny_cfg(corpus_path, parallel={"dp": 2, **(parallel or {})},
-                    train={"steps": steps, "micro_batch": 2, **(train or {})}, optim=optim or {}, sync=sync)
+                    train={"steps": steps, "micro_batch": 2, **(train or {})}, optim=optim or {},
+                    sync=sync)
 
 
 SGD = {"name": "sgd", "momentum": 0.0, "grad_clip": 0.0}
@@ -173,13 +179,16 @@ def dp_runs(corpus_path):
     cases = [
         ("steps", _cfg(corpus_path, {"strategy": "local_sgd", "every": 1}, optim=SGD)),
         ("steps", _cfg(corpus_path, {"strategy": "local_sgd", "every": 2})),
-        ("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2, "outer_lr": 1.0, "outer_momentum": 0.0})),
+        ("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2, "outer_lr": 1.0,
+                                     "outer_momentum": 0.0})),
         ("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2})),
         ("steps", _cfg(corpus_path, {"strategy": "delayed"})),
         ("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2}, optim=SGD_M)),
-    ] + [("run", _cfg(corpus_path, s, steps=12, train={"val_samples": 16})) for s in STRATEGIES.values()]
+    ] + [("run", _cfg(corpus_path, s, steps=12, train={"val_samples": 16}))
+         for s in STRATEGIES.values()]
     got = run_ranks(_cases_worker, 2, args=(cases,), timeout=300)
-    names = ["local1", "local2", "diloco_avg", "diloco", "delayed", "diloco_sgd", *(f"run_{n}" for n in STRATEGIES)]
+    names = ["local1", "local2", "diloco_avg", "diloco", "delayed", "diloco_sgd",
+             *(f"run_{n}" for n in STRATEGIES)]
     return dict(zip(names, zip(*got)))  # name -> (rank 0's result, rank 1's result)
 
 
@@ -191,18 +200,22 @@ def test_local_sgd_h1_with_sgd_is_plain_data_parallelism(corpus_path, dp_runs):
 
 
 def test_diloco_outer_lr1_no_momentum_is_parameter_averaging(dp_runs):
-    # θ_g − lr·mean(θ_g − θ_local) with lr 1 is mean(θ_local): local SGD, whatever the inner optimizer (AdamW)
+    # θ_g − lr·mean(θ_g − θ_local) with lr 1 is mean(θ_local): local SGD,
+    # whatever the inner optimizer (AdamW)
     for a, b in zip(dp_runs["diloco_avg"], dp_runs["local2"]):
         assert_parity(b, a)
     # the Nesterov outer step is something else
-    d = dp_runs["diloco"][0]["state"]["lm_head.weight"] - dp_runs["local2"][0]["state"]["lm_head.weight"]
+    d = (dp_runs["diloco"][0]["state"]["lm_head.weight"]
+         - dp_runs["local2"][0]["state"]["lm_head.weight"])
     assert float(d.norm()) > 1e-4
 
 
 def test_delayed_matches_its_single_process_run(corpus_path, dp_runs):
-    # every replica steps on the same summed (one-step-old) gradient: the layout does not change the run
+    # every replica steps on the same summed (one-step-old) gradient:
+    # the layout does not change the run
     ref = single_process(_cfg(corpus_path, {"strategy": "delayed"}))
-    # between agreements (every sync.every steps) each replica logs its own loss: their mean is the run's
+    # between agreements (every sync.every steps) each replica logs its own loss:
+    # their mean is the run's
     mean = [sum(x) / len(x) for x in zip(*(r["losses"] for r in dp_runs["delayed"]))]
     for r in dp_runs["delayed"]:
         assert_parity(ref, {**r, "losses": mean})
@@ -223,17 +236,20 @@ def test_every_strategy_trains_through_the_trainer(dp_runs, name):
 # -- composed with tensor and pipeline parallelism: dp 2 × tp 2 and dp 2 × pp 2 ----------------
 @pytest.mark.parametrize("inner", ["tp", "pp"])
 def test_diloco_and_delayed_compose_with_model_parallelism(corpus_path, dp_runs, inner):
-    cases = [("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2}, optim=SGD_M, parallel={inner: 2})),
+    cases = [("steps", _cfg(corpus_path, {"strategy": "diloco", "every": 2}, optim=SGD_M,
+                            parallel={inner: 2})),
              ("steps", _cfg(corpus_path, {"strategy": "delayed"}, parallel={inner: 2}))]
     got = run_ranks(_cases_worker, 4, args=(cases,), timeout=300)
-    for rank in got:  # the same run as dp 2 alone (the parameters gathered back to full shape), replica by replica
+    # the same run as dp 2 alone (the parameters gathered back to full shape), replica by replica
+    for rank in got:
         assert_parity(dp_runs["diloco_sgd"][rank[0]["dp_index"]], rank[0])
         assert_parity(dp_runs["delayed"][rank[1]["dp_index"]], rank[1])
 
 
 # -- single process: checkpointed outer state, straggler option, config errors ---------------
 @pytest.mark.parametrize("sync", [{"strategy": "diloco", "every": 2},
-                                  {"strategy": "streaming_diloco", "every": 2, "fragments": 2, "delay": 1}])
+                                  {"strategy": "streaming_diloco", "every": 2, "fragments": 2,
+                                   "delay": 1}])
 def test_outer_state_round_trips_through_a_checkpoint(corpus_path, sync):
     from plait.mesh import Mesh
     from plait.train import Trainer
@@ -268,13 +284,15 @@ def test_flush_applies_in_flight_exchanges_and_training_goes_on():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     sync = SyncConfig(strategy="streaming_diloco", every=2, fragments=2, delay=1)
-    pm, opt = parallelize(model, lambda ps: torch.optim.SGD(ps, lr=0.1), Mesh.single(), ParallelOptions(sync=sync))
+    pm, opt = parallelize(model, lambda ps: torch.optim.SGD(ps, lr=0.1), Mesh.single(),
+                          ParallelOptions(sync=sync))
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     for t in range(1, 8):
         pm(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-        if t == 3:  # fragment 0 sends at 1, 3, ...; fragment 1 at 2 (applied at 3): only (0, 3) is in flight
+        # fragment 0 sends at 1, 3, ...; fragment 1 at 2 (applied at 3): only (0, 3) is in flight
+        if t == 3:
             assert list(opt.sync.pending) == [(0, 3)]
             opt.sync.flush()
             assert not opt.sync.pending and opt.sync.flushed == {(0, 3)}
@@ -286,7 +304,8 @@ def test_flush_applies_in_flight_exchanges_and_training_goes_on():
 def test_slow_rank_option_stretches_its_steps():
     from plait.sync import build_strategy
 
-    s = build_strategy(SyncConfig(slow_rank=0, slow_factor=3.0), [], __import__("plait").Mesh.single())
+    s = build_strategy(SyncConfig(slow_rank=0, slow_factor=3.0), [],
+                       __import__("plait").Mesh.single())
     s.step(lambda: None)
     time.sleep(0.05)  # "compute" between two optimizer steps
     t0 = time.perf_counter()
@@ -296,14 +315,18 @@ def test_slow_rank_option_stretches_its_steps():
 
 @pytest.mark.parametrize("sync,extra,match", [
     ({"strategy": "ring"}, {}, "sync.strategy = 'ring': choose one of"),
-    ({"strategy": "streaming_diloco", "every": 2, "fragments": 4}, {}, "sync.every = 2 < sync.fragments = 4"),
-    ({"strategy": "streaming_diloco", "every": 4, "fragments": 2, "delay": 4}, {}, "sync.delay = 4"),
-    ({"strategy": "local_sgd", "quantize": "int8"}, {}, "sync.quantize = 'int8' applies to outer gradients"),
+    ({"strategy": "streaming_diloco", "every": 2, "fragments": 4}, {},
+     "sync.every = 2 < sync.fragments = 4"),
+    ({"strategy": "streaming_diloco", "every": 4, "fragments": 2, "delay": 4}, {},
+     "sync.delay = 4"),
+    ({"strategy": "local_sgd", "quantize": "int8"}, {},
+     "sync.quantize = 'int8' applies to outer gradients"),
     ({"strategy": "diloco", "outer_momentum": 1.0}, {}, "sync.outer_momentum"),
     ({"strategy": "diloco"}, {"parallel": {"zero": 1}}, "set parallel.zero=0"),
     ({"strategy": "delayed"}, {"compression": {"name": "int8"}}, "set compression.name=none"),
     ({"strategy": "delayed", "delay": 0}, {}, "sync.delay = 0 with sync.strategy = delayed"),
-    ({"strategy": "diloco"}, {"train": {"batch_rampup_samples": 64}}, "set train.batch_rampup_samples=0"),
+    ({"strategy": "diloco"}, {"train": {"batch_rampup_samples": 64}},
+     "set train.batch_rampup_samples=0"),
 ])
 def test_bad_sync_settings_name_the_field(sync, extra, match):
     with pytest.raises(ConfigError, match=match):

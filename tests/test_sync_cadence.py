@@ -15,7 +15,8 @@ from plait.sync.cadence import (
     streaming_schedule,
 )
 
-LAYOUTS = [(1, 1, 0), (4, 1, 0), (4, 2, 1), (8, 4, 3), (6, 4, 2), (12, 3, 5), (5, 5, 4), (7, 2, 0)]  # (H, P, τ)
+# (H, P, τ)
+LAYOUTS = [(1, 1, 0), (4, 1, 0), (4, 2, 1), (8, 4, 3), (6, 4, 2), (12, 3, 5), (5, 5, 4), (7, 2, 0)]
 
 
 def _sends(steps):
@@ -79,20 +80,24 @@ def test_streaming_offsets_are_staggered_evenly():
 
 @pytest.mark.parametrize("every,fragments,delay", LAYOUTS)
 @pytest.mark.parametrize("extra", [0, 1, 2])
-def test_streaming_last_step_leaves_nothing_in_flight_and_every_fragment_final(every, fragments, delay, extra):
+def test_streaming_last_step_leaves_nothing_in_flight_and_every_fragment_final(
+        every, fragments, delay, extra):
     T = 2 * every + extra
     steps = list(streaming_schedule(every, fragments, delay, steps=T))
     assert len(steps) == T
     sends, applies = _sends(steps), _applies(steps)
     # every send is applied exactly once, never before it was sent
-    assert sorted((s.fragment, s.step) for s in sends) == sorted((a.fragment, a.sent) for a in applies)
+    assert sorted((s.fragment, s.step) for s in sends) == \
+           sorted((a.fragment, a.sent) for a in applies)
     assert all(a.step >= a.sent for a in applies)
     last = [a for a in applies if a.step == T]
     assert sorted(a.fragment for a in last) == list(range(fragments))
     assert all(a.final for a in last) and not any(a.final for a in applies if a.step < T)
-    # in the last step the sends come before the applies (FIFO: new exchanges queue after older ones)
+    # in the last step the sends come before the applies
+    # (FIFO: new exchanges queue after older ones)
     kinds = [type(i).__name__ for i in steps[-1]]
-    assert kinds == ["InnerStep"] + ["Send"] * kinds.count("Send") + ["Apply"] * kinds.count("Apply")
+    assert kinds == \
+           ["InnerStep"] + ["Send"] * kinds.count("Send") + ["Apply"] * kinds.count("Apply")
 
 
 def test_streaming_tau_zero_sends_and_applies_in_the_same_step():
@@ -107,7 +112,8 @@ def test_delayed_applies_the_gradient_of_tau_steps_ago():
     assert steps[0] == (Send(1, 0),)  # the first step has no old gradient: no update
     for t in range(2, 5):
         assert steps[t - 1] == (Send(t, 0), Apply(t, 0, t - 1))
-    assert steps[4] == (Send(5, 0), Apply(5, 0, 4, final=True), Apply(5, 0, 5, final=True))  # drained
+    # drained
+    assert steps[4] == (Send(5, 0), Apply(5, 0, 4, final=True), Apply(5, 0, 5, final=True))
     for tau in (1, 2, 3):
         applies = _applies(delayed_schedule(tau, steps=10))
         assert [a.sent for a in applies] == list(range(1, 11))  # 10 steps, 10 updates, in order
@@ -120,7 +126,8 @@ def test_delayed_applies_the_gradient_of_tau_steps_ago():
 def test_resume_continues_the_same_cadence(make):
     whole = list(make(20, 1))
     assert list(make(20, 8)) == whole[7:]
-    assert list(islice(make(None, 5), 6)) == [s for s in whole[4:10] if not any(getattr(i, "final", 0) for i in s)]
+    assert list(islice(make(None, 5), 6)) == [s for s in whole[4:10]
+                                              if not any(getattr(i, "final", 0) for i in s)]
 
 
 def test_bad_cadences_raise():

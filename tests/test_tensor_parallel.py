@@ -53,7 +53,8 @@ def _linear_checks(mesh: Mesh, sp: bool) -> dict:
     y.backward(gy[..., rows])
     out[f"column{tag}"] = max(_err(y, ref(x).detach()[..., rows]),
                               _err(xl.grad, x.grad[:, seq] if sp else x.grad),
-                              _err(col.weight.grad, ref.weight.grad[rows]), _err(col.bias.grad, ref.bias.grad[rows]))
+                              _err(col.weight.grad, ref.weight.grad[rows]),
+                              _err(col.bias.grad, ref.bias.grad[rows]))
 
     torch.manual_seed(0)
     ref = nn.Linear(n_out, n_in)
@@ -66,7 +67,8 @@ def _linear_checks(mesh: Mesh, sp: bool) -> dict:
     y.backward(gy[:, seq] if sp else gy)
     want = ref(x).detach()
     out[f"row{tag}"] = max(_err(y, want[:, seq] if sp else want), _err(xl.grad, x.grad[..., feats]),
-                           _err(row.weight.grad, ref.weight.grad[:, feats]), _err(row.bias.grad, ref.bias.grad))
+                           _err(row.weight.grad, ref.weight.grad[:, feats]),
+                           _err(row.bias.grad, ref.bias.grad))
     return out
 
 
@@ -86,7 +88,8 @@ def _embedding_and_loss_checks(mesh: Mesh, sp: bool) -> dict:
     y.backward(gy[:, seq] if sp else gy)
     want = ref(idx).detach()
     wgrad = torch.cat([ref.weight.grad, torch.zeros(1, D)])[r * 5:(r + 1) * 5]
-    out[f"embedding{tag}"] = max(_err(y, want[:, seq] if sp else want), _err(emb.weight.grad, wgrad))
+    out[f"embedding{tag}"] = max(_err(y, want[:, seq] if sp else want),
+                                 _err(emb.weight.grad, wgrad))
     if sp:
         return out
     logits = _rand(B, T, V, seed=7).requires_grad_()
@@ -113,8 +116,8 @@ def _layers_worker():
     return out
 
 
-LAYER_CHECKS = ["column", "column_sp", "row", "row_sp", "embedding", "embedding_sp", "cross_entropy_sum",
-                "cross_entropy_mean"]
+LAYER_CHECKS = ["column", "column_sp", "row", "row_sp", "embedding", "embedding_sp",
+                "cross_entropy_sum", "cross_entropy_mean"]
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +128,13 @@ def layer_errors():
 @pytest.mark.parametrize("check", LAYER_CHECKS)
 def test_layer_matches_torch(layer_errors, check):
     for rank, errors in enumerate(layer_errors):
-        assert errors[check] <= TOL, f"rank {rank}: {check} differs from torch by {errors[check]:.3e}"
+        assert errors[check] <= TOL, (f"rank {rank}: {check} differs from torch by "
+                                      f"{errors[check]:.3e}")
 
 
 # -- one transformer layer: Megatron's bytes; parameters per rank ------------------------------
-BLOCK_PLAN = tuple((p.removeprefix("blocks.*."), s) for p, s in GPT_PLAN if p.startswith("blocks.*."))
+BLOCK_PLAN = tuple((p.removeprefix("blocks.*."), s) for p, s in GPT_PLAN
+                   if p.startswith("blocks.*."))
 
 
 def _block_worker():
@@ -159,15 +164,16 @@ def _block_worker():
     full = GPT(gcfg)
     expect = 0
     for name, p in full.named_parameters():  # named_parameters counts the tied matrix once
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
-                          "up_proj.weight", "down_proj.weight")):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                          "gate_proj.weight", "up_proj.weight", "down_proj.weight")):
             expect += p.numel() // t
         elif name == "tok_emb.weight":
             expect += 258 // t * gcfg.d_model
         else:
             expect += p.numel()
     tp_model = apply_tensor_parallel(full, mesh, GPT_PLAN).model
-    out["params"] = {"local": count_params(tp_model), "expect": expect, "full": count_params(GPT(gcfg)),
+    out["params"] = {"local": count_params(tp_model), "expect": expect,
+                     "full": count_params(GPT(gcfg)),
                      "tied": tp_model.lm_head.weight is tp_model.tok_emb.weight}
     return out
 
@@ -206,12 +212,14 @@ def test_parameters_per_rank_are_the_sharded_share(block_results):
 # -- clear errors, no processes needed ---------------------------------------------------------
 def _fake_mesh(tp: int) -> Mesh:
     g = {n: single(n) for n in ("dp", "pp", "mp", "world")}
-    tp_g = Group("tp", tuple(range(tp)), 0, None)  # sizes only: the checks run before any collective
+    # sizes only: the checks run before any collective
+    tp_g = Group("tp", tuple(range(tp)), 0, None)
     return Mesh(1, tp, 1, 0, g["dp"], tp_g, g["pp"], g["mp"], g["world"])
 
 
-@pytest.mark.parametrize("tp,overrides,field", [(3, {}, "model.n_heads"), (4, {}, "model.n_kv_heads"),
-                                                (4, {"n_kv_heads": 4, "ffn_hidden": 66}, "model.ffn_hidden")])
+@pytest.mark.parametrize("tp,overrides,field",
+                         [(3, {}, "model.n_heads"), (4, {}, "model.n_kv_heads"),
+                          (4, {"n_kv_heads": 4, "ffn_hidden": 66}, "model.ffn_hidden")])
 def test_non_divisible_sizes_are_config_errors(tp, overrides, field):
     with pytest.raises(ConfigError, match=field):
         apply_tensor_parallel(GPT(build_config("tiny", **overrides)), _fake_mesh(tp), GPT_PLAN)
@@ -227,19 +235,22 @@ def test_bad_plans_are_config_errors(plan, message):
 
 def test_sequence_not_divisible_is_a_config_error():
     with pytest.raises(ConfigError, match="train.seq_len"):
-        reduce_scatter_seq(torch.zeros(1, 5, 4, requires_grad=True), Comm(), Group("tp", (0, 1), 0, None))
+        reduce_scatter_seq(torch.zeros(1, 5, 4, requires_grad=True), Comm(),
+                           Group("tp", (0, 1), 0, None))
 
 
 # -- the whole GPT against the single-process run -----------------------------------------------
 def _both_sp(cfg: dict) -> list[dict]:
     """Train without and with sequence parallelism in the same ranks (one spawn for both)."""
-    return [train_run({**cfg, "parallel": {**cfg["parallel"], "sequence_parallel": sp}}) for sp in (False, True)]
+    return [train_run({**cfg, "parallel": {**cfg["parallel"], "sequence_parallel": sp}})
+            for sp in (False, True)]
 
 
 @pytest.mark.parametrize("dp,tp,model", [
     (1, 2, {}),
     # 4 kv heads: the tiny preset's 2 kv heads cannot be split over 4 ranks; vocabulary 258 is
-    # not a multiple of 4 either, so this layout also checks that vocab padding leaves the loss exact
+    # not a multiple of 4 either, so this layout also checks that vocab
+    # padding leaves the loss exact
     (1, 4, {"n_kv_heads": 4, "vocab_size": 258}),
     (2, 2, {"tie_embeddings": True}),
 ])

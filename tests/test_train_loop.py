@@ -15,7 +15,8 @@ from plait.config import from_dict
 from plait.testing import run_ranks
 
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "numpy", "__index__"}
-ALLOWED_READS = 1  # the step guard's agreement (or, between syncs, its local verdict): the loop's only one
+# the step guard's agreement (or, between syncs, its local verdict): the loop's only one
+ALLOWED_READS = 1
 
 
 class HostReads(TorchFunctionMode):
@@ -46,14 +47,16 @@ def _reads_worker(cases: dict) -> dict:
     out = {}
     for name, d in cases.items():
         cfg = from_dict(d)
-        tr = Trainer(cfg, Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu"))
+        tr = Trainer(cfg,
+                     Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device="cpu"))
         steps = []
         for _ in range(cfg.train.steps):
             tr.mesh.comm.stats.reset_step()
             with HostReads() as reads:
                 o = tr.train_step()
-            steps.append({"reads": reads.seen, "bytes": tr.mesh.comm.stats.reset_step()["comm_bytes"],
-                          "local": o["loss_is_local"], "loss": float(o["loss"])})
+            steps.append(
+                {"reads": reads.seen, "bytes": tr.mesh.comm.stats.reset_step()["comm_bytes"],
+                 "local": o["loss_is_local"], "loss": float(o["loss"])})
         out[name] = steps
     return out
 
@@ -75,7 +78,8 @@ def two_ranks(corpus_path):
 def test_a_step_reads_the_device_once(two_ranks, case):
     for rank, got in enumerate(two_ranks):
         for i, step in enumerate(got[case]):
-            assert len(step["reads"]) <= ALLOWED_READS, f"rank {rank} step {i + 1}: host reads {step['reads']}"
+            assert len(step["reads"]) <= ALLOWED_READS, (f"rank {rank} step {i + 1}: host reads "
+                                                         f"{step['reads']}")
 
 
 def test_diloco_inner_steps_make_no_collective(two_ranks):
@@ -119,24 +123,31 @@ def test_diloco_metrics_mark_local_losses_and_zero_bytes(corpus_path, tmp_path):
         assert (r["comm_bytes"] == 0) == (not sync), r
 
 
-def test_metrics_drop_a_crashed_sessions_steps_and_write_tensorboard(tmp_path):
+def _session(run, start_step: int, steps, loss_scale: float):
     from plait.train.metrics import Metrics
 
+    m = Metrics(run, total_steps=8, log_every=1, seq_len=4, world=1, flops_per_token=1.0,
+                peak_flops=1.0, progress=False, tensorboard=True, start_step=start_step)
+    for step in steps:
+        m.step_done(2, 0.0)
+        m.log({"step": step, "loss": loss_scale / step, "lr": 0.1, "grad_norm": 1.0,
+               "critical_batch": None})
+    m.close()
+
+
+def test_a_resumed_run_logs_each_step_once_in_jsonl_and_tensorboard(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))
-    m = Metrics(run, total_steps=8, log_every=1, seq_len=4, world=1, flops_per_token=1.0, peak_flops=1.0,
-                progress=False, tensorboard=True, start_step=4)  # resumed from the checkpoint of step 4
-    for step in (5, 6):
-        m.step_done(2, 0.0)
-        m.log({"step": step, "loss": 2.0 / step, "lr": 0.1, "grad_norm": 1.0, "critical_batch": None})
-    m.close()
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    _session(run, 0, range(1, 7), 1.0)  # crashed after step 6; its checkpoint is step 4
+    _session(run, 4, (5, 6), 2.0)  # resumed from step 4: steps 5 and 6 again
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in recs][4:] == [2.0 / 5, 2.0 / 6]  # the resumed session's records
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tensorboard"))
     ea.Reload()
-    assert [(e.step, round(e.value, 6)) for e in ea.Scalars("loss")] == [(5, 0.4), (6, round(2.0 / 6, 6))]
+    got = [(e.step, round(e.value, 6)) for e in ea.Scalars("loss")]
+    assert got == [(s, round(1.0 / s, 6)) for s in range(1, 5)] + [(5, 0.4), (6, round(2.0 / 6, 6))]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "comm_bytes"} <= set(ea.Tags()["scalars"])

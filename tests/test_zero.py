@@ -1,4 +1,5 @@
-"""ZeRO-1/2/3 over dp: parity with one process, bit-exact element-wise steps, memory and bytes by formula."""
+"""ZeRO-1/2/3 over dp: parity with one process, bit-exact element-wise steps,
+memory and bytes by formula."""
 
 import contextlib
 import math
@@ -14,7 +15,7 @@ from plait.errors import ConfigError
 from plait.testing import run_ranks
 
 
-# -- parity with the single-process run (gradient accumulation and clipping on) ---------------------
+# -- parity with the single-process run (gradient accumulation and clipping on) --------------------
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_zero_parity_dp2(corpus_path, zero):
     # global batch 8, micro-batch 2, dp 2: two accumulated micro-batches per rank; grad_clip 1.0
@@ -69,19 +70,21 @@ def _factory(name: str):
     return build
 
 
-def _train_odd(mesh, zero: int, opt_name: str, steps: int = 3, bucket_mb: float = 64 / 2**20, clip: float = 0.0,
-               micro: int = 1):
+def _train_odd(mesh, zero: int, opt_name: str, steps: int = 3, bucket_mb: float = 64 / 2**20,
+               clip: float = 0.0, micro: int = 1):
     """Returns (full parameters after each step, model, optimizer, comm bytes by op per step)."""
     from plait.parallelize import ParallelOptions, parallelize
 
     torch.manual_seed(0)
     par = ParallelConfig(dp=mesh.dp_size, zero=zero, bucket_mb=bucket_mb)
-    model, opt = parallelize(Odd(), _factory(opt_name), mesh, ParallelOptions(parallel=par, grad_clip=clip))
+    model, opt = parallelize(Odd(), _factory(opt_name), mesh,
+                             ParallelOptions(parallel=par, grad_clip=clip))
     history, by_op = [], []
     for step in range(steps):
         mesh.comm.stats.reset_step()
         x, y = _data(mesh.dp_index, step)
-        for k in range(micro):  # gradient accumulation: all but the last micro-batch inside no_sync()
+        # gradient accumulation: all but the last micro-batch inside no_sync()
+        for k in range(micro):
             with model.no_sync() if k < micro - 1 else contextlib.nullcontext():
                 xs, ys = x[k::micro], y[k::micro]
                 (model(xs) - ys).pow(2).sum().div(4 * mesh.dp_size).backward()
@@ -105,17 +108,20 @@ def _bitwise_worker():
         for zero in (1, 2, 3):
             got, *_ = _train_odd(mesh, zero, name)
             same = all(torch.equal(a[k], b[k]) for a, b in zip(got, plain) for k in a)
-            err = max(float((a[k] - b[k]).norm() / b[k].norm()) for a, b in zip(got, plain) for k in a)
+            err = max(float((a[k] - b[k]).norm() / b[k].norm()) for a, b in zip(got, plain)
+                      for k in a)
             out[(name, zero)] = (same, err)
     return out
 
 
 def test_zero_elementwise_steps_are_bit_exact():
-    """AdamW and SGD on pieces = on full tensors, bit for bit; LAMB / LARS (norm reducer over dp) within 1e-6."""
+    """AdamW and SGD on pieces = on full tensors, bit for bit;
+    LAMB / LARS (norm reducer over dp) within 1e-6."""
     for res in run_ranks(_bitwise_worker, 2, timeout=180):
         for (name, zero), (same, err) in res.items():
             if name in ("adamw", "sgd"):
-                assert same, f"{name} ZeRO-{zero}: not bit-identical to plain DP (max rel err {err:.2e})"
+                assert same, (f"{name} ZeRO-{zero}: not bit-identical to plain DP "
+                              f"(max rel err {err:.2e})")
             else:
                 assert err < 1e-6, f"{name} ZeRO-{zero}: relative error {err:.2e} against plain DP"
 
@@ -126,8 +132,9 @@ def _owned_and_padding(zero: int, n: int, r: int, model, opt):
     if zero == 3:
         shapes = [p.shape for p in model.parameters()]
         pad = sum((math.ceil(s[0] / n) * n - s[0]) * math.prod(s[1:]) for s in shapes)
-        owned = sum(max(0, min(math.ceil(s[0] / n), s[0] - r * math.ceil(s[0] / n))) * math.prod(s[1:])
-                    for s in shapes)
+        owned = sum(
+            max(0, min(math.ceil(s[0] / n), s[0] - r * math.ceil(s[0] / n))) * math.prod(s[1:])
+            for s in shapes)
         return owned, pad
     sizes = [b.numel for b in opt.reducer.buckets]
     pad = sum(math.ceil(m / n) * n - m for m in sizes)
@@ -136,12 +143,14 @@ def _owned_and_padding(zero: int, n: int, r: int, model, opt):
 
 
 class _CountFSDP:
-    """Counts the bytes torch.distributed is asked to all-gather / reduce-scatter (FSDP2's own traffic;
-    plait.comm keeps references of its own, so its calls are not counted). Logical array sizes."""
+    """Counts the bytes torch.distributed is asked to all-gather / reduce-scatter (FSDP2's own
+    traffic; plait.comm keeps references of its own, so its calls are not counted). Logical array
+    sizes."""
 
     # torch 2.13 names them all_gather_single / reduce_scatter_single, 2.11 *_into_tensor / *_tensor
     NAMES = (("all_gather_single", "all_gather"), ("all_gather_into_tensor", "all_gather"),
-             ("reduce_scatter_single", "reduce_scatter"), ("reduce_scatter_tensor", "reduce_scatter"))
+             ("reduce_scatter_single", "reduce_scatter"),
+             ("reduce_scatter_tensor", "reduce_scatter"))
 
     def __enter__(self):
         import torch.distributed as dist
@@ -155,7 +164,8 @@ class _CountFSDP:
 
     def _counting(self, fn, op):
         def call(*a, **k):
-            out, inp = [t for t in (*a, *k.values()) if torch.is_tensor(t)][:2]  # output first in both
+            # output first in both
+            out, inp = [t for t in (*a, *k.values()) if torch.is_tensor(t)][:2]
             self.seen[op] += (out if op == "all_gather" else inp).numel() * inp.element_size()
             return fn(*a, **k)
 
@@ -183,8 +193,8 @@ def _memory_worker():
         owned, pad = (psi, 0) if zero == 0 else _owned_and_padding(zero, n, r, model.module, opt)
         n_pieces = len(opt.optimizer.pieces) if zero else len(list(model.parameters()))
         rows[zero if micro == 1 else "3/2"] = {
-            "mem": mem, "expect": zero_formula(zero, psi, n, pad, owned), "scalars": 4 * n_pieces, "owned": owned,
-            "pad": pad, "by_op": by_op[-1], "fsdp_traffic": traffic.seen}
+            "mem": mem, "expect": zero_formula(zero, psi, n, pad, owned), "scalars": 4 * n_pieces,
+            "owned": owned, "pad": pad, "by_op": by_op[-1], "fsdp_traffic": traffic.seen}
     return rows
 
 
@@ -193,14 +203,16 @@ def test_zero_memory_and_bytes_equal_formulas():
     optimizer step, equal the fp32 ZeRO formulas with the padding counted; bytes per step too."""
     results = run_ranks(_memory_worker, 2, timeout=180)
     psi, n = 129, 2
-    wire = lambda elems: (n - 1) / n * 4 * elems  # noqa: E731 - ring all-gather / reduce-scatter bytes
+    # ring all-gather / reduce-scatter bytes
+    wire = lambda elems: (n - 1) / n * 4 * elems  # noqa: E731
     for rank, rows in enumerate(results):
         for zero, row in rows.items():
             if zero == "3/2":
                 continue
             mem, exp = row["mem"], row["expect"]
             for key in ("parameters", "gradients", "optimizer_state"):
-                assert mem[key] == exp[key], f"rank {rank} ZeRO-{zero} {key}: {mem[key]} B, formula {exp[key]} B"
+                assert mem[key] == exp[key], (f"rank {rank} ZeRO-{zero} {key}: {mem[key]} B, "
+                                              f"formula {exp[key]} B")
             assert mem["optimizer_scalars"] == row["scalars"]
             assert mem["psi"] == psi and mem["padding"] == row["pad"]
             full = psi + row["pad"]
@@ -208,13 +220,16 @@ def test_zero_memory_and_bytes_equal_formulas():
                 assert exp["parameters"] + exp["gradients"] + exp["optimizer_state"] == 16 * psi
                 assert row["by_op"] == {"all_reduce/dp": 2 * wire(psi)}
             elif zero in (1, 2):
-                assert row["by_op"] == {"reduce_scatter/dp": wire(full), "all_gather/dp": wire(full)}
+                assert row["by_op"] == {"reduce_scatter/dp": wire(full),
+                                        "all_gather/dp": wire(full)}
             else:  # one micro-batch: gathered in forward and again in backward, reduced once: 3Ψ
                 assert row["by_op"]["all_gather/dp"] == 2 * wire(full)
                 assert row["by_op"]["reduce_scatter/dp"] == wire(full)
                 # plait's records equal what FSDP2 really moved (two steps, logical array sizes)
-                assert row["fsdp_traffic"] == {"all_gather": 2 * 2 * 4 * full, "reduce_scatter": 2 * 4 * full}
-        # two micro-batches: gathered twice each, gradients reduce-scattered once (no_sync on the first)
+                assert row["fsdp_traffic"] == {"all_gather": 2 * 2 * 4 * full,
+                                               "reduce_scatter": 2 * 4 * full}
+        # two micro-batches: gathered twice each, gradients reduce-scattered once
+        # (no_sync on the first)
         acc = rows["3/2"]
         assert acc["by_op"]["all_gather/dp"] == 4 * wire(psi + acc["pad"])
         assert acc["by_op"]["reduce_scatter/dp"] == wire(psi + acc["pad"])
@@ -224,10 +239,11 @@ def test_zero_memory_and_bytes_equal_formulas():
         assert sum(rows[zero]["owned"] for rows in results) == psi
         assert sum(rows[zero]["mem"]["optimizer_state"] for rows in results) == 8 * psi
     z2 = results[0][2]["mem"]
-    assert z2["gradients"] == 4 * (psi + results[0][2]["pad"]) // n  # ZeRO-2 holds only the gradient shard
+    # ZeRO-2 holds only the gradient shard
+    assert z2["gradients"] == 4 * (psi + results[0][2]["pad"]) // n
 
 
-# -- checkpoints: sharded <-> full-shape optimizer state --------------------------------------------
+# -- checkpoints: sharded <-> full-shape optimizer state -------------------------------------------
 def _shard_state(z) -> dict:
     return {id(pc.leaf): {k: v.clone() for k, v in z.state[pc.leaf].items()} for pc in z.pieces}
 
@@ -262,7 +278,8 @@ def test_zero_state_dict_full_shape_round_trip():
     for ref, out in run_ranks(_state_worker, 2, timeout=180):
         for zero, (full, again) in out.items():
             assert again, f"ZeRO-{zero}: load_full_state_dict(full_state_dict()) changed the shard"
-            assert [g["params"] for g in full["param_groups"]] == [g["params"] for g in ref["param_groups"]]
+            assert [g["params"] for g in full["param_groups"]] == \
+                   [g["params"] for g in ref["param_groups"]]
             assert [g["weight_decay"] for g in full["param_groups"]] == [0.1, 0.0]
             assert full["state"].keys() == ref["state"].keys()
             for i, st in ref["state"].items():
@@ -290,7 +307,7 @@ def test_zero_config_errors():
         from_dict({"parallel": {"zero": 1}, "sync": {"strategy": "diloco"}})
 
 
-# -- the run summary's per-rank breakdown -----------------------------------------------------------
+# -- the run summary's per-rank breakdown ----------------------------------------------------------
 def _summary_worker(cfg_dict):
     from plait.config import from_dict
     from plait.mesh import Mesh
@@ -309,11 +326,13 @@ def test_summary_reports_memory_breakdown(corpus_path):
     cfg = tiny_cfg(corpus_path, parallel={"dp": 2}, train={"steps": 2})
     for res in run_ranks(_summary_worker, 2, args=(cfg,), timeout=180):
         psi = res[0]["psi"]
-        assert res[0]["parameters"] == res[0]["gradients"] == 4 * psi and res[0]["optimizer_state"] == 8 * psi
+        assert (res[0]["parameters"] == res[0]["gradients"] == 4 * psi
+                and res[0]["optimizer_state"] == 8 * psi)
         for zero, mem in res.items():
             assert mem["zero"] == zero and mem["dp"] == 2 and mem["psi"] == psi
             for key in ("parameters", "gradients"):
                 assert mem[key] == mem["formula"][key], (zero, key, mem)
-            assert mem["optimizer_state"] == 8 * mem["owned"]  # AdamW: two fp32 moments per owned element
+            # AdamW: two fp32 moments per owned element
+            assert mem["optimizer_state"] == 8 * mem["owned"]
         assert res[2]["gradients"] == 4 * (psi + res[2]["padding"]) // 2
         assert res[3]["parameters"] == 4 * (psi + res[3]["padding"]) // 2

@@ -3,10 +3,10 @@
     plait bench compression --bandwidth 100mbit --ranks 4 --steps 200 --reps 3 --json out.json
 
 As root, the ranks run inside a private network namespace whose loopback is rate-limited
-(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
-latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C. Without root (or
-without `ip` / `tc`) it says so and exits with status 2. `--bandwidth none` runs on the
-machine's unthrottled loopback instead.
+(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf
+rate R burst 256kb latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C.
+Without root (or without `ip` / `tc`) it says so and exits with status 2. `--bandwidth none` runs on
+the machine's unthrottled loopback instead.
 
 Configurations, alternating within each repetition so machine noise hits all alike: plait with
 compression.name = none / fp16 / powersgd / topk / sign, then torch DDP with its fp16 hook and
@@ -32,16 +32,17 @@ import torch
 from plait.bench.netns import drive, median, setup, time_to, timed_training
 
 CONFIGS = ("none", "fp16", "powersgd", "topk", "sign", "ddp_fp16", "ddp_powersgd")
-RANK, TOPK, WARMUP = 4, 0.01, 10  # PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
+# PowerSGD rank and warm-up, top-k fraction: the same for plait and torch
+RANK, TOPK, WARMUP = 4, 0.01, 10
 
 
 # -- the network namespace ---------------------------------------------------------------------
 
 
 def _argv(args) -> list[str]:
-    out = ["bench", "compression", "--bandwidth", args.bandwidth, "--ranks", args.ranks, "--reps", str(args.reps),
-           "--steps", str(args.steps), "--preset", args.preset, "--batch", str(args.batch),
-           "--seq-len", str(args.seq_len), "--bucket-mb", str(args.bucket_mb)]
+    out = ["bench", "compression", "--bandwidth", args.bandwidth, "--ranks", args.ranks, "--reps",
+           str(args.reps), "--steps", str(args.steps), "--preset", args.preset, "--batch",
+           str(args.batch), "--seq-len", str(args.seq_len), "--bucket-mb", str(args.bucket_mb)]
     return out + (["--json", os.path.abspath(args.json)] if args.json else [])
 
 
@@ -93,7 +94,8 @@ def _run(spec: dict) -> dict:
         comp = CompressionConfig(name=name, rank=RANK, topk_fraction=TOPK, warmup_steps=WARMUP)
         par = ParallelConfig(dp=world, bucket_mb=spec["bucket_mb"])
         net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh,
-                               ParallelOptions(parallel=par, grad_clip=ocfg.grad_clip, compression=comp))
+                               ParallelOptions(parallel=par, grad_clip=ocfg.grad_clip,
+                                               compression=comp))
         module = net.module
 
         def step(x, y):
@@ -130,7 +132,8 @@ def _run(spec: dict) -> dict:
         if mesh is not None:
             mesh.comm.stats.reset_step()  # validation is not a training step's traffic
 
-    out = timed_training(step, evaluate, opt, train, spec, world, rank, barrier, count_step, drop_eval)
+    out = timed_training(step, evaluate, opt, train, spec, world, rank, barrier, count_step,
+                         drop_eval)
     out["comm_bytes_per_step"] = formula[0] / steps if mesh is not None else None
     return out
 
@@ -141,29 +144,33 @@ def _run(spec: dict) -> dict:
 def run_all(args) -> dict:
     from plait.testing import run_ranks
 
-    out = {"bandwidth": args.bandwidth, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "command": "plait " + " ".join(_argv(args)), "powersgd_rank": RANK, "topk_fraction": TOPK,
-           "warmup_steps": WARMUP, "results": {}}
+    out = {"bandwidth": args.bandwidth, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "torch": torch.__version__,
+           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                      f"{os.cpu_count()} cores",
+           "command": "plait " + " ".join(_argv(args)), "powersgd_rank": RANK,
+           "topk_fraction": TOPK, "warmup_steps": WARMUP, "results": {}}
     for world in [int(w) for w in args.ranks.split(",") if w.strip()]:
-        spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-                "bucket_mb": args.bucket_mb, "seed": 1337, "val_samples": 32,
+        spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+                "steps": args.steps, "bucket_mb": args.bucket_mb, "seed": 1337, "val_samples": 32,
                 "threads": max(1, (os.cpu_count() or 1) // world)}
         reps = {c: [] for c in CONFIGS}
         for rep in range(args.reps):
             for name in CONFIGS:
-                res = run_ranks(_run, world, args=({**spec, "name": name},), threads=spec["threads"],
-                                timeout=max(600.0, 60.0 * args.steps))[0]
+                res = run_ranks(_run, world, args=({**spec, "name": name},),
+                                threads=spec["threads"], timeout=max(600.0, 60.0 * args.steps))[0]
                 reps[name].append(res)
-                print(f"ranks {world} rep {rep + 1}/{args.reps} {name:>13}: step {res['step_s'] * 1e3:8.1f} ms, "
-                      f"val {res['final_val']:.4f}", flush=True)
+                print(f"ranks {world} rep {rep + 1}/{args.reps} {name:>13}: step "
+                      f"{res['step_s'] * 1e3:8.1f} ms, val {res['final_val']:.4f}", flush=True)
         rows = {}
         for name in CONFIGS:
-            ttt = [time_to(r["curve"], base["final_val"]) for r, base in zip(reps[name], reps["none"])]
+            ttt = [time_to(r["curve"], base["final_val"])
+                   for r, base in zip(reps[name], reps["none"])]
             rows[name] = {
                 "step_s": median([r["step_s"] for r in reps[name]]),
                 "comm_bytes_per_step": median([r["comm_bytes_per_step"] for r in reps[name]]),
-                "loopback_bytes_per_step": median([r["loopback_bytes_per_step"] for r in reps[name]]),
+                "loopback_bytes_per_step": median(
+                    [r["loopback_bytes_per_step"] for r in reps[name]]),
                 "final_val_loss": median([r["final_val"] for r in reps[name]]),
                 "time_to_target_s": median(ttt) if all(t is not None for t in ttt) else None,
                 "reached_target": sum(t is not None for t in ttt), "reps": args.reps,
@@ -181,19 +188,20 @@ def _fmt(v, scale=1.0, spec=".1f") -> str:
 def _print_table(world: int, rows: dict, bandwidth: str) -> None:
     base = rows["none"]["time_to_target_s"]
     print(f"\n{world} ranks, bandwidth {bandwidth}: medians over repetitions")
-    print(f"{'config':>13} {'step ms':>9} {'plait KB/step':>14} {'lo KB/step':>11} {'final val':>10} "
-          f"{'to target s':>12} {'speed-up':>9}")
+    print(f"{'config':>13} {'step ms':>9} {'plait KB/step':>14} {'lo KB/step':>11} "
+          f"{'final val':>10} {'to target s':>12} {'speed-up':>9}")
     for name, r in rows.items():
         t = r["time_to_target_s"]
         speed = f"{base / t:.2f}x" if base and t else "-"
         print(f"{name:>13} {_fmt(r['step_s'], 1e3):>9} {_fmt(r['comm_bytes_per_step'], 1e-3):>14} "
-              f"{_fmt(r['loopback_bytes_per_step'], 1e-3):>11} {_fmt(r['final_val_loss'], 1, '.4f'):>10} "
-              f"{_fmt(t, 1, '.2f'):>12} {speed:>9}")
+              f"{_fmt(r['loopback_bytes_per_step'], 1e-3):>11} "
+              f"{_fmt(r['final_val_loss'], 1, '.4f'):>10} {_fmt(t, 1, '.2f'):>12} {speed:>9}")
 
 
 def add_arguments(ap) -> None:
     """plait bench compression: each compressor beside DDP's hooks, over an emulated network."""
-    ap.add_argument("--bandwidth", default="100mbit", help="emulated network rate (tc rate, e.g. 100mbit, 1gbit; "
+    ap.add_argument("--bandwidth", default="100mbit",
+                    help="emulated network rate (tc rate, e.g. 100mbit, 1gbit; "
                     "needs root), or none for the plain loopback")
     ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
     ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")

@@ -58,7 +58,8 @@ def _worker(opts: dict) -> dict:
 
     pm = GPT(cfg)
     pm.load_state_dict(ref.state_dict())
-    reducer = GradReducer(list(pm.parameters()), mesh.dp, mesh.comm, bucket_bytes=bucket, average=True)
+    reducer = GradReducer(list(pm.parameters()), mesh.dp, mesh.comm, bucket_bytes=bucket,
+                          average=True)
     popt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     dm = GPT(cfg)
     dm.load_state_dict(ref.state_dict())
@@ -117,18 +118,20 @@ def main(args) -> int:
     threads = lambda n: max(1, (os.cpu_count() or 1) // n)
     rows = []
     for n in world_sizes:
-        opts = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len + 1, "bucket_mb": args.bucket_mb,
-                "reps": args.reps, "steps": args.steps}
-        print(f"bench dp: {n} gloo ranks, preset {args.preset}, {args.batch}×{args.seq_len} tokens per rank, "
-              f"bucket {args.bucket_mb} MiB, {args.reps} alternating reps × {args.steps} steps", flush=True)
+        opts = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len + 1,
+                "bucket_mb": args.bucket_mb, "reps": args.reps, "steps": args.steps}
+        print(f"bench dp: {n} gloo ranks, preset {args.preset}, {args.batch}×{args.seq_len} tokens "
+              f"per rank, bucket {args.bucket_mb} MiB, {args.reps} alternating reps × {args.steps} "
+              "steps", flush=True)
         res = run_ranks(_worker, n, args=(opts,), timeout=3600, threads=threads(n))[0]
-        res.update(preset=args.preset, batch_per_rank=args.batch, seq_len=args.seq_len, bucket_mb=args.bucket_mb,
-                   threads_per_rank=threads(n), torch=torch.__version__)
+        res.update(preset=args.preset, batch_per_rank=args.batch, seq_len=args.seq_len,
+                   bucket_mb=args.bucket_mb, threads_per_rank=threads(n), torch=torch.__version__)
         rows.append(res)
-        print(f"  plait {res['plait_step_s'] * 1e3:8.1f} ms/step   DDP {res['ddp_step_s'] * 1e3:8.1f} ms/step   "
-              f"ratio {res['ratio']:.3f}   bytes/step plait {human_bytes(res['plait_bytes_per_step'])} "
-              f"DDP {human_bytes(res['ddp_bytes_per_step'])}   final loss plait {res['final_loss']['plait']:.4f} "
-              f"DDP {res['final_loss']['ddp']:.4f}", flush=True)
+        print(f"  plait {res['plait_step_s'] * 1e3:8.1f} ms/step   DDP "
+              f"{res['ddp_step_s'] * 1e3:8.1f} ms/step   ratio {res['ratio']:.3f}   bytes/step "
+              f"plait {human_bytes(res['plait_bytes_per_step'])} DDP "
+              f"{human_bytes(res['ddp_bytes_per_step'])}   final loss plait "
+              f"{res['final_loss']['plait']:.4f} DDP {res['final_loss']['ddp']:.4f}", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -24,8 +24,9 @@ import warnings
 
 import torch
 
-# sequences per step at T = 1024. 350m at 8 was launch-bound on an H200 (the CPU's enqueue time, 57-61 ms,
-# equalled the device step, so both sides' times followed CPU jitter: 55-67 ms); at 16 the device sets the pace
+# sequences per step at T = 1024. 350m at 8 was launch-bound on an H200 (the CPU's enqueue time,
+# 57-61 ms, equalled the device step, so both sides' times followed CPU jitter: 55-67 ms); at 16 the
+# device sets the pace
 PRESET_BATCH = {"tiny": 8, "10m": 16, "124m": 16, "350m": 16, "1.3b": 4}
 
 
@@ -39,8 +40,9 @@ def _plain(cfg, batch, seq_len, compile_blocks, device):
             b.compile()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, seq_len + 1), generator=g).to(device)
     inp, tgt = x[:, :-1], x[:, 1:]
@@ -74,8 +76,9 @@ def _plait(preset, vocab, batch, seq_len, compile_blocks, device, data_path):
     tr = Trainer(cfg, Mesh.single(device))
     # `plait train`'s own loop body: the step guard's agreement, logging every train.log_every steps
     # (the host reads of loss, gradient norm and critical batch happen there), metrics, no files
-    metrics = Metrics(None, total_steps=cfg.train.steps, log_every=cfg.train.log_every, seq_len=seq_len, world=1,
-                      flops_per_token=tr.flops_per_token, peak_flops=1.0, progress=False, tensorboard=False)
+    metrics = Metrics(None, total_steps=cfg.train.steps, log_every=cfg.train.log_every,
+                      seq_len=seq_len, world=1, flops_per_token=tr.flops_per_token, peak_flops=1.0,
+                      progress=False, tensorboard=False)
     return lambda: tr.step(metrics), tr
 
 
@@ -113,8 +116,8 @@ def _syncs(fn, device) -> list[str]:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    # torch warns "called a synchronizing CUDA operation" per sync; its one-time notice that the mode is
-    # a prototype also mentions synchronizing, and is not a sync
+    # torch warns "called a synchronizing CUDA operation" per sync; its one-time notice that the
+    # mode is a prototype also mentions synchronizing, and is not a sync
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught
             if "called a synchronizing" in str(w.message)]
 
@@ -145,7 +148,8 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
     tokens = batch * seq_len
     fpt = flops_per_token(cfg, seq_len)
     peak = peak_flops(device, "bf16")
-    row = {"preset": preset, "batch": batch, "seq_len": seq_len, "compile": compile_blocks, "device": str(device),
+    row = {"preset": preset, "batch": batch, "seq_len": seq_len, "compile": compile_blocks,
+           "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "peak_flops": peak}
     for name in runs:
@@ -157,7 +161,8 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
         row[f"{name}_host_s"] = diag[name]["host_s"]
         row[f"{name}_syncs"] = diag[name]["syncs"]
     row["ratio"] = row["plait_tokens_per_s"] / row["plain_tokens_per_s"]
-    row["peak_memory_bytes_both_models"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+    row["peak_memory_bytes_both_models"] = (torch.cuda.max_memory_allocated(device)
+                                            if device.type == "cuda" else 0)
     del plain_model, trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -166,14 +171,16 @@ def bench_preset(preset: str, args, device: torch.device) -> dict:
 
 def add_arguments(ap) -> None:
     """plait bench gpu: plait's training loop beside a plain PyTorch loop on one GPU."""
-    ap.add_argument("--presets", default="124m,350m,1.3b", help="model presets to run (tiny runs in seconds on CPU)")
+    ap.add_argument("--presets", default="124m,350m,1.3b",
+                    help="model presets to run (tiny runs in seconds on CPU)")
     ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
     ap.add_argument("--batch", type=int, default=0, help="sequences per step (0: per preset)")
     ap.add_argument("--seq-len", type=int, default=128, help="pass 1024 for the GPT-2 setting")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     ap.add_argument("--no-compile", action="store_true", help="eager mode")
-    ap.add_argument("--data", default="", help="data.path for plait's trainer (default corpus if empty)")
+    ap.add_argument("--data", default="",
+                    help="data.path for plait's trainer (default corpus if empty)")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
 
 
@@ -188,15 +195,17 @@ def main(args) -> int:
     rows = []
     for preset in args.presets.split(","):
         torch._dynamo.reset()  # each preset compiles for its own static shapes
-        print(f"bench gpu: {preset} on {device} ({'compiled' if not args.no_compile else 'eager'})", flush=True)
+        print(f"bench gpu: {preset} on {device} ({'compiled' if not args.no_compile else 'eager'})",
+              flush=True)
         row = bench_preset(preset, args, device)
         rows.append(row)
-        print(f"  plain {row['plain_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plain_mfu']:.1f}%)   "
-              f"plait {row['plait_tokens_per_s']:,.0f} tok/s (MFU {100 * row['plait_mfu']:.1f}%)   "
-              f"ratio {row['ratio']:.3f}", flush=True)
+        print(f"  plain {row['plain_tokens_per_s']:,.0f} tok/s (MFU "
+              f"{100 * row['plain_mfu']:.1f}%)   plait {row['plait_tokens_per_s']:,.0f} tok/s (MFU "
+              f"{100 * row['plait_mfu']:.1f}%)   ratio {row['ratio']:.3f}", flush=True)
         for name in ("plain", "plait"):
             print(f"  {name}: device step {1e3 * row[f'{name}_step_s']:.1f} ms, host enqueue "
-                  f"{1e3 * row[f'{name}_host_s']:.1f} ms, {len(row[f'{name}_syncs'])} synchronizing calls"
+                  f"{1e3 * row[f'{name}_host_s']:.1f} ms, {len(row[f'{name}_syncs'])} "
+                  "synchronizing calls"
                   + "".join(f"\n    {w}" for w in row[f"{name}_syncs"][:8]), flush=True)
         if args.json:  # write as we go: a later preset may not fit the time or memory
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -22,14 +22,16 @@ import torch
 def cannot(bench: str, bandwidth: str) -> str | None:
     """Why `plait bench <bench> --bandwidth <bandwidth>` cannot run here, or None."""
     if not re.fullmatch(r"\d+(\.\d+)?[kmg]?bit", bandwidth):
-        return f"--bandwidth {bandwidth!r}: give a tc rate such as 10mbit, 100mbit or 1gbit, or none"
+        return (f"--bandwidth {bandwidth!r}: give a tc rate such as 10mbit, 100mbit or 1gbit, "
+                "or none")
     if os.geteuid() != 0:
-        return (f"plait bench {bench}: emulating a network needs root (a private network namespace with a "
-                "rate-limited loopback); run it as root, or pass --bandwidth none for the unthrottled loopback")
+        return (f"plait bench {bench}: emulating a network needs root (a private network namespace "
+                "with a rate-limited loopback); run it as root, or pass --bandwidth none for the "
+                "unthrottled loopback")
     missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
     if missing:
-        return (f"plait bench {bench}: {' and '.join(missing)} not found (package iproute2); install it, or pass "
-                f"--bandwidth none for the unthrottled loopback")
+        return (f"plait bench {bench}: {' and '.join(missing)} not found (package iproute2); "
+                f"install it, or pass --bandwidth none for the unthrottled loopback")
     return None
 
 
@@ -91,10 +93,10 @@ def timed_training(step, evaluate, opt, train, spec: dict, world: int, rank: int
     """The slow-network benchmarks' loop, the same for every contestant.
 
     Each rank reads its own B samples of step s (disjoint across ranks); the LR follows the default
-    warm-up + cosine schedule; `step(x, y)` is timed alone, and the validation loss is taken 20 times
-    (not timed). `after_step()` / `after_eval()` let a contestant account its own traffic. Returns
-    the median steady step time, the (step, training seconds, val loss) curve and the loopback
-    bytes per step per rank (inside a benchmark namespace).
+    warm-up + cosine schedule; `step(x, y)` is timed alone, and the validation loss is taken 20
+    times (not timed). `after_step()` / `after_eval()` let a contestant account its own traffic.
+    Returns the median steady step time, the (step, training seconds, val loss) curve and the
+    loopback bytes per step per rank (inside a benchmark namespace).
     """
     from plait.config import OptimConfig
     from plait.optim import lr_factor
@@ -124,8 +126,10 @@ def timed_training(step, evaluate, opt, train, spec: dict, world: int, rank: int
     sync_point()
     tx = loopback_tx_bytes() - tx0
     steady = times[2:] or times
-    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2], "train_s": elapsed,
-            "loopback_bytes_per_step": tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS") else None}
+    return {"step_s": statistics.median(steady), "curve": curve, "final_val": curve[-1][2],
+            "train_s": elapsed,
+            "loopback_bytes_per_step": (tx / world / steps if os.environ.get("PLAIT_BENCH_NETNS")
+                                        else None)}
 
 
 def drive(bench: str, args, argv: list[str], run_all) -> int:

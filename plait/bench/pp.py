@@ -76,8 +76,8 @@ def _worker(opts: dict) -> dict:
     if m % p == 0 and opts["blocks"] >= 2 * p:
         schedules.insert(2, ("interleaved_1f1b", 2))
     for name, v in schedules:
-        stage, runner, _ = build_pipeline(copy.deepcopy(model), mesh, ParallelConfig(pp=p, schedule=name,
-                                                                                     virtual_stages=v),
+        stage, runner, _ = build_pipeline(copy.deepcopy(model), mesh,
+                                          ParallelConfig(pp=p, schedule=name, virtual_stages=v),
                                           mse_sum, measure_memory=True)
         opt = sgd(stage.parameters())
 
@@ -90,7 +90,8 @@ def _worker(opts: dict) -> dict:
         runs[f"plait/{name}"] = step
         plait_runners[f"plait/{name}"] = runner
     for name, cls in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)):
-        stage, _, _ = build_pipeline(copy.deepcopy(model), mesh, ParallelConfig(pp=p, schedule=name), mse_sum)
+        stage, _, _ = build_pipeline(copy.deepcopy(model), mesh,
+                                     ParallelConfig(pp=p, schedule=name), mse_sum)
         tstage = PipelineStage(stage, mesh.pp_index, p, torch.device("cpu"), group=mesh.pp.pg)
         sched = cls(tstage, n_microbatches=m, loss_fn=lambda out, tgt: mse_sum(out, tgt, "mean"))
         opt = sgd(stage.parameters())
@@ -125,7 +126,8 @@ def _worker(opts: dict) -> dict:
                 bubbles[name] += [[s["bubble"] for s in step] for step in recent]
     out = {"pp": p, "m": m, "blocks": opts["blocks"], "runs": {}}
     for name in runs:
-        row = {"step_s": statistics.median(times[name]), "times": times[name], "first_loss": first[name]}
+        row = {"step_s": statistics.median(times[name]), "times": times[name],
+               "first_loss": first[name]}
         if name in plait_runners:
             r = plait_runners[name]
             per_rank = [statistics.median(b[i] for b in bubbles[name]) for i in range(p)]
@@ -144,7 +146,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--reps", type=int, default=5, help="alternating repetitions")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
     ap.add_argument("--preset", default="10m", help="model preset of the blocks")
-    ap.add_argument("--batch", type=int, default=0, help="micro-batches per step (0: the benchmark's choice)")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="micro-batches per step (0: the benchmark's choice)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--json", default=None, help="write the results as JSON here")
 
@@ -163,9 +166,9 @@ def main(args) -> int:
         threads = max(1, (os.cpu_count() or 1) // p)
         opts = {"pp": p, "m": m, "preset": args.preset, "seq_len": args.seq_len, "blocks": blocks,
                 "reps": args.reps, "steps": args.steps, "lr": 1e-3}
-        print(f"bench pp: p={p} gloo ranks × {threads} threads, {blocks} identical {args.preset} blocks "
-              f"({blocks // p} per stage), m={m} micro-batches of 1×{args.seq_len}, {args.reps} alternating reps "
-              f"× {args.steps} steps", flush=True)
+        print(f"bench pp: p={p} gloo ranks × {threads} threads, {blocks} identical {args.preset} "
+              f"blocks ({blocks // p} per stage), m={m} micro-batches of 1×{args.seq_len}, "
+              f"{args.reps} alternating reps × {args.steps} steps", flush=True)
         res = run_ranks(_worker, p, args=(opts,), timeout=3600, threads=threads)
         last = res[-1]  # the last stage holds torch's losses
         runs = last["runs"]
@@ -175,18 +178,22 @@ def main(args) -> int:
                 if peer is not None:
                     row["torch_step_s"] = peer["step_s"]
                     row["ratio"] = row["step_s"] / peer["step_s"]
-                    row["same_loss"] = abs(row["first_loss"] - peer["first_loss"]) <= 1e-5 * abs(peer["first_loss"])
+                    row["same_loss"] = (abs(row["first_loss"] - peer["first_loss"])
+                                        <= 1e-5 * abs(peer["first_loss"]))
                     ok &= row["same_loss"]
-        last.update(preset=args.preset, seq_len=args.seq_len, threads_per_rank=threads, torch=torch.__version__)
+        last.update(preset=args.preset, seq_len=args.seq_len, threads_per_rank=threads,
+                    torch=torch.__version__)
         rows.append(last)
         for name, row in runs.items():
             line = f"  {name:<24} {row['step_s'] * 1e3:9.1f} ms/step"
             if "ratio" in row:
-                line += f"   ratio {row['ratio']:.3f}   loss {'same' if row['same_loss'] else 'DIFFERENT'}"
+                line += (f"   ratio {row['ratio']:.3f}   "
+                         f"loss {'same' if row['same_loss'] else 'DIFFERENT'}")
             if "bubble" in row:
                 saved = "/".join(f"{b / 2**20:.1f}" for b in row["peak_saved_bytes_per_stage"])
-                line += (f"   bubble {100 * row['bubble']:.1f}% (theory {100 * row['bubble_theory']:.1f}%)"
-                         f"   in flight per stage {row['peak_in_flight_per_stage']}   saved MiB {saved}")
+                line += (f"   bubble {100 * row['bubble']:.1f}% (theory "
+                         f"{100 * row['bubble_theory']:.1f}%)   in flight per stage "
+                         f"{row['peak_in_flight_per_stage']}   saved MiB {saved}")
             print(line, flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,12 +1,13 @@
-"""`plait bench sync`: the sync strategies on an emulated slow network, beside torch's post-local SGD.
+"""`plait bench sync`: the sync strategies on an emulated slow network,
+beside torch's post-local SGD.
 
     plait bench sync --bandwidth 10mbit --json runs/bench_sync.json
 
 As root, the ranks run inside a private network namespace whose loopback is rate-limited
-(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf rate R burst 256kb
-latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C. Without root (or
-without `ip` / `tc`) it says so and exits with status 2; `--bandwidth none` runs on the
-unthrottled loopback.
+(docs/architecture.md, "Slow networks": `ip netns add`, `lo` up with MTU 1500, `tc qdisc ... tbf
+rate R burst 256kb latency 50ms`); the namespace is deleted afterwards, also on failure or Ctrl-C.
+Without root (or without `ip` / `tc`) it says so and exits with status 2; `--bandwidth none` runs on
+the unthrottled loopback.
 
 Configurations, alternating within each repetition: plait with sync.strategy = every_step,
 local_sgd, diloco, diloco with int8 outer gradients, streaming_diloco (τ = 1, P = 4 fragments) and
@@ -39,10 +40,12 @@ import torch
 
 from plait.bench.netns import drive, median, setup, time_to, timed_training
 
-CONFIGS = ("every_step", "local_sgd", "diloco", "diloco_int8", "streaming_diloco", "delayed", "torch_postlocal")
+CONFIGS = ("every_step", "local_sgd", "diloco", "diloco_int8", "streaming_diloco", "delayed",
+           "torch_postlocal")
 SYNC = {  # config -> SyncConfig fields beyond strategy / every
     "diloco_int8": {"strategy": "diloco", "quantize": "int8"},
-    "streaming_diloco": {"strategy": "streaming_diloco", "fragments": 4, "delay": 1},  # fragments: at most H
+    # fragments: at most H
+    "streaming_diloco": {"strategy": "streaming_diloco", "fragments": 4, "delay": 1},
 }
 SLOW_RANK, SLOW_FACTOR = 1, 2.0
 
@@ -72,10 +75,12 @@ def _run(spec: dict) -> dict:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         mesh = None
-        own, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])  # each replica alone
+        # each replica alone
+        own, _ = dist.new_subgroups_by_enumeration([[r] for r in range(world)])
         net = DDP(model)
-        net.register_comm_hook(PostLocalSGDState(process_group=None, subgroup=own, start_localSGD_iter=0),
-                               post_localSGD_hook)
+        net.register_comm_hook(
+            PostLocalSGDState(process_group=None, subgroup=own, start_localSGD_iter=0),
+            post_localSGD_hook)
         averager = PeriodicModelAverager(period=H, warmup_steps=0)
         inner_avg = averager.average_parameters
 
@@ -85,7 +90,8 @@ def _run(spec: dict) -> dict:
             waited[0] += time.perf_counter() - t0
 
         averager.average_parameters = timed_average
-        opt = PostLocalSGDOptimizer(optimizer_factory(ocfg, torch.device("cpu"))(list(net.parameters())), averager)
+        opt = PostLocalSGDOptimizer(
+            optimizer_factory(ocfg, torch.device("cpu"))(list(net.parameters())), averager)
         module = net.module
         last = [None]
 
@@ -109,7 +115,8 @@ def _run(spec: dict) -> dict:
         fields["fragments"] = min(fields.get("fragments", 1), H)
         sync = SyncConfig(**fields)
         net, opt = parallelize(model, optimizer_factory(ocfg, mesh.device), mesh,
-                               ParallelOptions(parallel=ParallelConfig(dp=world), grad_clip=ocfg.grad_clip, sync=sync,
+                               ParallelOptions(parallel=ParallelConfig(dp=world),
+                                               grad_clip=ocfg.grad_clip, sync=sync,
                                                total_steps=steps))
         module = net.module
 
@@ -132,7 +139,8 @@ def _run(spec: dict) -> dict:
 
     counted = [0.0]
 
-    def start():  # every rank is ready: the clock starts together, and the barrier is no step's traffic
+    # every rank is ready: the clock starts together, and the barrier is no step's traffic
+    def start():
         allreduce(torch.zeros(1))
         if mesh is not None:
             mesh.comm.stats.reset_step()
@@ -150,8 +158,10 @@ def _run(spec: dict) -> dict:
         else:
             last[0] = time.perf_counter() if last[0] is not None else None
 
-    out = timed_training(step, evaluate, opt, train, spec, world, rank, start, count_step, after_eval)
-    out.update(samples_per_s=steps * world * B / out["train_s"], wait_fraction=waited[0] / out["train_s"],
+    out = timed_training(step, evaluate, opt, train, spec, world, rank, start, count_step,
+                         after_eval)
+    out.update(samples_per_s=steps * world * B / out["train_s"],
+               wait_fraction=waited[0] / out["train_s"],
                comm_bytes_per_step=counted[0] / steps if mesh is not None else None)
     return out
 
@@ -164,9 +174,9 @@ def _resolve(args) -> None:
 
 
 def _argv(args) -> list[str]:
-    out = ["bench", "sync", "--bandwidth", args.bandwidth, "--ranks", str(args.ranks), "--reps", str(args.reps),
-           "--steps", str(args.steps), "--preset", args.preset, "--batch", str(args.batch),
-           "--seq-len", str(args.seq_len), "--every", str(args.every)]
+    out = ["bench", "sync", "--bandwidth", args.bandwidth, "--ranks", str(args.ranks), "--reps",
+           str(args.reps), "--steps", str(args.steps), "--preset", args.preset, "--batch",
+           str(args.batch), "--seq-len", str(args.seq_len), "--every", str(args.every)]
     return out + (["--json", os.path.abspath(args.json)] if args.json else [])
 
 
@@ -174,18 +184,21 @@ def run_all(args) -> dict:
     from plait.testing import run_ranks
 
     world = int(str(args.ranks).split(",")[-1])
-    out = {"bandwidth": args.bandwidth, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    out = {"bandwidth": args.bandwidth, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "torch": torch.__version__,
+           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                      f"{os.cpu_count()} cores",
            "command": "plait " + " ".join(_argv(args)), "ranks": world, "every": args.every,
            "slow_rank": SLOW_RANK, "slow_factor": SLOW_FACTOR, "results": {}}
-    spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-            "every": args.every, "seed": 1337, "val_samples": 32, "threads": max(1, (os.cpu_count() or 1) // world)}
+    spec = {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
+            "steps": args.steps, "every": args.every, "seed": 1337, "val_samples": 32,
+            "threads": max(1, (os.cpu_count() or 1) // world)}
     reps: dict[tuple[str, bool], list] = {(c, s): [] for c in CONFIGS for s in (False, True)}
     for rep in range(args.reps):
         for slow in (False, True):
             for name in CONFIGS:
-                res = run_ranks(_run, world, args=({**spec, "name": name, "slow": slow},), threads=spec["threads"],
-                                timeout=max(900.0, 30.0 * args.steps))
+                res = run_ranks(_run, world, args=({**spec, "name": name, "slow": slow},),
+                                threads=spec["threads"], timeout=max(900.0, 30.0 * args.steps))
                 reps[(name, slow)].append(res)
                 print(f"rep {rep + 1}/{args.reps} {'straggler ' if slow else ''}{name:>17}: step "
                       f"{res[0]['step_s'] * 1e3:8.1f} ms, val {res[0]['final_val']:.4f}, "
@@ -193,7 +206,8 @@ def run_all(args) -> dict:
     rows = {}
     for name in CONFIGS:
         runs = [r[0] for r in reps[(name, False)]]
-        ttt = [time_to(r["curve"], base[0]["final_val"]) for r, base in zip(runs, reps[("every_step", False)])]
+        ttt = [time_to(r["curve"], base[0]["final_val"])
+               for r, base in zip(runs, reps[("every_step", False)])]
         rows[name] = {
             "step_s": median([r["step_s"] for r in runs]),
             "comm_bytes_per_step": median([r["comm_bytes_per_step"] for r in runs]),
@@ -202,8 +216,10 @@ def run_all(args) -> dict:
             "time_to_target_s": median(ttt) if all(t is not None for t in ttt) else None,
             "wait_fraction": median([r["wait_fraction"] for r in runs]),
             "samples_per_s": median([r["samples_per_s"] for r in runs]),
-            # the straggler run: rank 1 slowed 2×; each rank's own throughput, the slowest one reported
-            "straggler_samples_per_s": median([min(x["samples_per_s"] for x in r) for r in reps[(name, True)]]),
+            # the straggler run: rank 1 slowed 2×;
+            # each rank's own throughput, the slowest one reported
+            "straggler_samples_per_s": median(
+                [min(x["samples_per_s"] for x in r) for r in reps[(name, True)]]),
             "curves": [r["curve"] for r in runs],
         }
     out["results"] = rows
@@ -217,22 +233,25 @@ def _fmt(v, scale=1.0, spec=".1f") -> str:
 
 def _print_table(rows: dict, bandwidth: str, world: int) -> None:
     base = rows["every_step"]["time_to_target_s"]
-    print(f"\n{world} replicas, bandwidth {bandwidth}: medians over repetitions; straggler: rank {SLOW_RANK} "
-          f"{SLOW_FACTOR:g}× slower")
-    print(f"{'config':>17} {'step ms':>8} {'plait KB/step':>13} {'lo KB/step':>10} {'final val':>9} "
-          f"{'to target s':>11} {'speed-up':>8} {'wait %':>7} {'samples/s':>9} {'straggler':>9}")
+    print(f"\n{world} replicas, bandwidth {bandwidth}: medians over repetitions; straggler: rank "
+          f"{SLOW_RANK} {SLOW_FACTOR:g}× slower")
+    print(f"{'config':>17} {'step ms':>8} {'plait KB/step':>13} {'lo KB/step':>10} "
+          f"{'final val':>9} {'to target s':>11} {'speed-up':>8} {'wait %':>7} {'samples/s':>9} "
+          f"{'straggler':>9}")
     for name, r in rows.items():
         t = r["time_to_target_s"]
         speed = f"{base / t:.1f}x" if base and t else "-"
         print(f"{name:>17} {_fmt(r['step_s'], 1e3):>8} {_fmt(r['comm_bytes_per_step'], 1e-3):>13} "
-              f"{_fmt(r['loopback_bytes_per_step'], 1e-3):>10} {_fmt(r['final_val_loss'], 1, '.4f'):>9} "
-              f"{_fmt(t, 1, '.2f'):>11} {speed:>8} {_fmt(r['wait_fraction'], 100):>7} "
-              f"{_fmt(r['samples_per_s']):>9} {_fmt(r['straggler_samples_per_s']):>9}")
+              f"{_fmt(r['loopback_bytes_per_step'], 1e-3):>10} "
+              f"{_fmt(r['final_val_loss'], 1, '.4f'):>9} {_fmt(t, 1, '.2f'):>11} {speed:>8} "
+              f"{_fmt(r['wait_fraction'], 100):>7} {_fmt(r['samples_per_s']):>9} "
+              f"{_fmt(r['straggler_samples_per_s']):>9}")
 
 
 def add_arguments(ap) -> None:
     """plait bench sync: each sync strategy beside post-local SGD, over an emulated network."""
-    ap.add_argument("--bandwidth", default="100mbit", help="emulated network rate (tc rate, e.g. 10mbit; needs "
+    ap.add_argument("--bandwidth", default="100mbit",
+                    help="emulated network rate (tc rate, e.g. 10mbit; needs "
                     "root), or none for the plain loopback")
     ap.add_argument("--ranks", default="4", help="world size")
     ap.add_argument("--reps", type=int, default=1, help="repetitions")

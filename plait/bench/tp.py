@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class _CountCollectives(TorchDispatchMode):
-    """Bytes on the wire (ring formulas, plait.comm.wire_bytes) of DTensor's functional collectives."""
+    """Bytes on the wire (ring formulas, plait.comm.wire_bytes) of DTensor's functional
+    collectives."""
 
     def __init__(self, n: int):
         super().__init__()
@@ -41,24 +42,29 @@ class _CountCollectives(TorchDispatchMode):
         if isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **(kwargs or {}))
         if any(t is DTensor for t in types):
-            return NotImplemented  # let DTensor lower the op to local ops and collectives, seen next
+            # let DTensor lower the op to local ops and collectives, seen next
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
         if func.namespace not in ("_c10d_functional", "c10d_functional"):
             return out
         name = func._overloadpacket.__name__
         t = args[0]
         size = t.numel() * t.element_size()
-        for prefix, op, whole in (("all_reduce", "all_reduce", size), ("all_gather", "all_gather", size * self.n),
-                                  ("reduce_scatter", "reduce_scatter", size), ("all_to_all", "all_to_all", size),
+        for prefix, op, whole in (("all_reduce", "all_reduce", size),
+                                  ("all_gather", "all_gather", size * self.n),
+                                  ("reduce_scatter", "reduce_scatter", size),
+                                  ("all_to_all", "all_to_all", size),
                                   ("broadcast", "broadcast", size)):
-            if name.startswith(prefix):  # all_gather's input is this rank's shard: the whole is n times it
+            # all_gather's input is this rank's shard: the whole is n times it
+            if name.startswith(prefix):
                 self.bytes += wire_bytes(op, whole, self.n)
                 self.calls[name] = self.calls.get(name, 0) + 1
         return out
 
 
 def torch_tp_plan() -> dict:
-    """torch's DTensor plan for plait's GPT (the torchtitan layout, without sequence parallelism)."""
+    """torch's DTensor plan for plait's GPT (the torchtitan layout, without sequence
+    parallelism)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
@@ -96,7 +102,8 @@ def _worker(opts: dict) -> dict:
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     adamw = lambda params: torch.optim.AdamW(params, lr=1e-3)
 
-    pm, popt = parallelize(copy.deepcopy(ref), adamw, mesh, ParallelOptions(parallel=ParallelConfig(dp=1, tp=tp)))
+    pm, popt = parallelize(copy.deepcopy(ref), adamw, mesh,
+                           ParallelOptions(parallel=ParallelConfig(dp=1, tp=tp)))
     tm = parallelize_module(copy.deepcopy(ref), mesh.to_device_mesh()["tp"], torch_tp_plan())
     topt = adamw(tm.parameters())
 
@@ -126,7 +133,8 @@ def _worker(opts: dict) -> dict:
     times: dict[str, list[float]] = {k: [] for k in runs}
     last: dict[str, float] = {}
     for rep in range(opts["reps"]):
-        for name in (("plait", "torch") if rep % 2 == 0 else ("torch", "plait")):  # alternate who goes first
+        # alternate who goes first
+        for name in (("plait", "torch") if rep % 2 == 0 else ("torch", "plait")):
             mesh.comm.barrier(mesh.tp)
             t0 = time.perf_counter()
             for _ in range(opts["steps"]):
@@ -163,7 +171,8 @@ def _model_overrides(preset: str, sizes: list[int], seq_len: int) -> dict:
         fits = [h for h in range(cfg.n_heads, cfg.d_model + 1)
                 if h % lcm == 0 and cfg.d_model % h == 0 and (cfg.d_model // h) % 2 == 0]
         if not fits:
-            raise SystemExit(f"bench tp: no head count of preset {preset!r} divides by tp sizes {sizes}")
+            raise SystemExit(f"bench tp: no head count of preset {preset!r} divides by tp sizes "
+                             f"{sizes}")
         over.update(n_heads=fits[0], n_kv_heads=fits[0])
     return over
 
@@ -189,20 +198,25 @@ def main(args) -> int:
     threads = lambda n: max(1, (os.cpu_count() or 1) // n)
     rows = []
     for tp in sizes:
-        opts = {"tp": tp, "preset": args.preset, "model": model, "batch": batch, "seq_len": args.seq_len,
-                "reps": args.reps, "steps": args.steps}
-        heads = (f", n_heads = n_kv_heads = {model['n_heads']} (the preset's do not divide by every tp size)"
+        opts = {"tp": tp, "preset": args.preset, "model": model, "batch": batch,
+                "seq_len": args.seq_len, "reps": args.reps, "steps": args.steps}
+        heads = (f", n_heads = n_kv_heads = {model['n_heads']} (the preset's do not divide by "
+                 "every tp size)"
                  if "n_heads" in model else "")
-        print(f"bench tp: tp={tp} gloo ranks, preset {args.preset}{heads}, {batch}×{args.seq_len} tokens "
-              f"(the same on every rank), {args.reps} alternating reps × {args.steps} steps", flush=True)
+        print(f"bench tp: tp={tp} gloo ranks, preset {args.preset}{heads}, {batch}×{args.seq_len} "
+              f"tokens (the same on every rank), {args.reps} alternating reps × {args.steps} steps",
+              flush=True)
         res = run_ranks(_worker, tp, args=(opts,), timeout=3600, threads=threads(tp))[0]
         res.update(preset=args.preset, model_overrides=model, batch=batch, seq_len=args.seq_len,
-                   threads_per_rank=threads(tp), torch=torch.__version__, same_loss=res["first_loss_rel_diff"] <= 1e-5)
+                   threads_per_rank=threads(tp), torch=torch.__version__,
+                   same_loss=res["first_loss_rel_diff"] <= 1e-5)
         rows.append(res)
-        print(f"  plait {res['plait_step_s'] * 1e3:8.1f} ms/step   torch DTensor {res['torch_step_s'] * 1e3:8.1f} "
-              f"ms/step   ratio {res['ratio']:.3f}   bytes/step plait {human_bytes(res['plait_bytes_per_step'])} "
-              f"torch {human_bytes(res['torch_bytes_per_step'])}   first loss plait {res['first_loss']['plait']:.5f} "
-              f"torch {res['first_loss']['torch']:.5f} ({'same' if res['same_loss'] else 'DIFFERENT'})", flush=True)
+        print(f"  plait {res['plait_step_s'] * 1e3:8.1f} ms/step   torch DTensor "
+              f"{res['torch_step_s'] * 1e3:8.1f} ms/step   ratio {res['ratio']:.3f}   bytes/step "
+              f"plait {human_bytes(res['plait_bytes_per_step'])} torch "
+              f"{human_bytes(res['torch_bytes_per_step'])}   first loss plait "
+              f"{res['first_loss']['plait']:.5f} torch {res['first_loss']['torch']:.5f} "
+              f"({'same' if res['same_loss'] else 'DIFFERENT'})", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

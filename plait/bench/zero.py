@@ -46,7 +46,8 @@ RATIOS = (("plait_z1", "torch_zero1"), ("plait_z1", "fsdp2_noreshard"), ("plait_
 
 
 def _contestant(name: str, opts: dict, mesh, dev_mesh):
-    """(step, model-state bytes, zero_grad) functions of one contestant, built from the shared weights."""
+    """(step, model-state bytes, zero_grad) functions of one contestant,
+    built from the shared weights."""
     from plait.config import ParallelConfig
     from plait.data_parallel.zero_memory import memory_breakdown, optimizer_bytes, storage_bytes
     from plait.models import GPT, build_config, lm_loss
@@ -57,13 +58,15 @@ def _contestant(name: str, opts: dict, mesh, dev_mesh):
     model = GPT(cfg).to(mesh.device)
     n = mesh.dp_size
     g = torch.Generator().manual_seed(100 + mesh.rank)
-    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq_len"] + 1), generator=g).to(mesh.device)
+    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq_len"] + 1),
+                        generator=g).to(mesh.device)
     x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-3)  # noqa: E731
     if name.startswith("plait"):
         par = ParallelConfig(dp=n, zero=int(name[-1]), bucket_mb=opts["bucket_mb"])
         pm, po = parallelize(model, adamw, mesh, ParallelOptions(parallel=par))
-        tokens = x.numel() * n  # plait's contract: each rank divides its summed loss by the global count
+        # plait's contract: each rank divides its summed loss by the global count
+        tokens = x.numel() * n
 
         def step():
             (lm_loss(pm(x), y, reduction="sum") / tokens).backward()
@@ -76,7 +79,8 @@ def _contestant(name: str, opts: dict, mesh, dev_mesh):
 
         net = DDP(model, bucket_cap_mb=opts["bucket_mb"], gradient_as_bucket_view=True)
         opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
-        state = lambda: opt.optim.state  # noqa: E731 - the local optimizer over this rank's parameters
+        # the local optimizer over this rank's parameters
+        state = lambda: opt.optim.state  # noqa: E731
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -114,7 +118,8 @@ def _timing_worker(opts: dict) -> dict:
         state_bytes[name] = measure()
         zero_grad()
         runs[name] = (step, zero_grad)
-    sync = (lambda: torch.cuda.synchronize(mesh.device)) if mesh.device.type == "cuda" else (lambda: None)
+    sync = ((lambda: torch.cuda.synchronize(mesh.device)) if mesh.device.type == "cuda"
+            else (lambda: None))
     times = {k: [] for k in runs}
     for _ in range(opts["reps"]):
         for name, (step, zero_grad) in runs.items():
@@ -150,7 +155,8 @@ def _peak_worker(opts: dict, name: str) -> int:
 
 
 def saved_bytes(cfg, seq_len: int, device) -> int:
-    """Bytes autograd saves in one sequence's forward + loss: distinct storages, parameters excluded."""
+    """Bytes autograd saves in one sequence's forward + loss:
+    distinct storages, parameters excluded."""
     from plait.models import GPT, lm_loss
 
     torch.manual_seed(0)
@@ -173,18 +179,21 @@ def saved_bytes(cfg, seq_len: int, device) -> int:
 
 
 def activation_bytes(preset: str, seq_len: int, device="cpu") -> int:
-    """Activation bytes per sequence of a preset, from real 1- and 2-layer copies (same width, heads,
-    vocabulary): blocks are identical, so A(L) = A(1) + (L − 1)·(A(2) − A(1)) exactly."""
+    """Activation bytes per sequence of a preset, from real 1- and 2-layer copies (same width,
+    heads, vocabulary): blocks are identical, so A(L) = A(1) + (L − 1)·(A(2) − A(1)) exactly."""
     from plait.models import build_config
 
     cfg = build_config(preset, max_seq_len=max(seq_len, 256))
-    one = saved_bytes(build_config(preset, max_seq_len=cfg.max_seq_len, n_layers=1), seq_len, device)
-    two = saved_bytes(build_config(preset, max_seq_len=cfg.max_seq_len, n_layers=2), seq_len, device)
+    one = saved_bytes(build_config(preset, max_seq_len=cfg.max_seq_len, n_layers=1), seq_len,
+                      device)
+    two = saved_bytes(build_config(preset, max_seq_len=cfg.max_seq_len, n_layers=2), seq_len,
+                      device)
     return one + (cfg.n_layers - 1) * (two - one)
 
 
 def fits(state_per_param: dict[str, float], cap: float, seq_len: int) -> dict:
-    """The table of the module docstring: per preset and ZeRO stage, the largest micro-batch in `cap`."""
+    """The table of the module docstring: per preset and ZeRO stage,
+    the largest micro-batch in `cap`."""
     from plait.models import GPT, build_config, count_params
     from plait.models.gpt import PRESETS
 
@@ -194,9 +203,10 @@ def fits(state_per_param: dict[str, float], cap: float, seq_len: int) -> dict:
             psi = count_params(GPT(build_config(preset, max_seq_len=max(seq_len, 256))))
         act = activation_bytes(preset, seq_len)  # on CPU: plain SDPA's saved tensors
         rows[preset] = {"params": psi, "activation_bytes_per_seq": act,
-                        "max_micro_batch": {k: max(0, int((cap - b * psi) // act)) for k, b in state_per_param.items()}}
-    largest = {k: max((p for p in rows if rows[p]["max_micro_batch"][k] > 0), key=lambda p: rows[p]["params"],
-                      default=None) for k in state_per_param}
+                        "max_micro_batch": {k: max(0, int((cap - b * psi) // act))
+                                            for k, b in state_per_param.items()}}
+    largest = {k: max((p for p in rows if rows[p]["max_micro_batch"][k] > 0),
+                      key=lambda p: rows[p]["params"], default=None) for k in state_per_param}
     bound = {k: int(cap // b) for k, b in state_per_param.items()}
     return {"presets": rows, "largest_preset": largest, "max_params_no_activations": bound}
 
@@ -210,7 +220,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--bucket-mb", type=float, default=25.0)
-    ap.add_argument("--mem-cap-gb", type=float, default=80.0, help="memory per rank for the what-fits table")
+    ap.add_argument("--mem-cap-gb", type=float, default=80.0,
+                    help="memory per rank for the what-fits table")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
 
 
@@ -224,40 +235,45 @@ def main(args) -> int:
     threads = lambda n: max(1, (os.cpu_count() or 1) // n)  # noqa: E731
     rows = []
     for n in world_sizes:
-        opts = {"preset": args.preset, "batch": batch, "seq_len": args.seq_len, "bucket_mb": args.bucket_mb,
-                "reps": args.reps, "steps": args.steps, "names": NAMES}
-        print(f"bench zero: {n} gloo ranks, preset {args.preset}, {batch}×{args.seq_len} tokens per rank, "
-              f"{args.reps} alternating reps × {args.steps} steps of {len(NAMES)} contestants", flush=True)
+        opts = {"preset": args.preset, "batch": batch, "seq_len": args.seq_len,
+                "bucket_mb": args.bucket_mb, "reps": args.reps, "steps": args.steps, "names": NAMES}
+        print(f"bench zero: {n} gloo ranks, preset {args.preset}, {batch}×{args.seq_len} tokens "
+              f"per rank, {args.reps} alternating reps × {args.steps} steps of {len(NAMES)} "
+              "contestants", flush=True)
         res = run_ranks(_timing_worker, n, args=(opts,), timeout=3600, threads=threads(n))[0]
         med = {k: statistics.median(v) for k, v in res["times"].items()}
-        peaks = {name: max(run_ranks(_peak_worker, n, args=(opts, name), timeout=3600, threads=threads(n)))
+        peaks = {name: max(run_ranks(_peak_worker, n, args=(opts, name), timeout=3600,
+                                     threads=threads(n)))
                  for name in NAMES}
         from plait.models import GPT, build_config, count_params
 
         with torch.device("meta"):
             psi = count_params(GPT(build_config(args.preset, max_seq_len=max(args.seq_len, 256))))
         per_param = {f"zero{k}": res["model_state_bytes"][f"plait_z{k}"] / psi for k in range(4)}
-        row = {"ranks": n, "preset": args.preset, "params": psi, "batch_per_rank": batch, "seq_len": args.seq_len,
-               "bucket_mb": args.bucket_mb, "device": res["device"], "torch": torch.__version__,
-               "threads_per_rank": threads(n), "step_s": med, "times": res["times"],
-               "ratio": {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS},
-               "model_state_bytes": res["model_state_bytes"], "model_state_bytes_per_param": per_param,
+        row = {"ranks": n, "preset": args.preset, "params": psi, "batch_per_rank": batch,
+               "seq_len": args.seq_len, "bucket_mb": args.bucket_mb, "device": res["device"],
+               "torch": torch.__version__, "threads_per_rank": threads(n), "step_s": med,
+               "times": res["times"], "ratio": {f"{a}/{b}": med[a] / med[b] for a, b in RATIOS},
+               "model_state_bytes": res["model_state_bytes"],
+               "model_state_bytes_per_param": per_param,
                "peak_memory_bytes": peaks, "mem_cap_bytes": cap,
                # the extrapolation of the fit table, checked against the whole benchmarked model
-               "activation_bytes_per_seq_measured": saved_bytes(build_config(args.preset, max_seq_len=max(
-                   args.seq_len, 256)), args.seq_len, "cpu"),
+               "activation_bytes_per_seq_measured": saved_bytes(build_config(
+                   args.preset, max_seq_len=max(args.seq_len, 256)), args.seq_len, "cpu"),
                "fit": fits(per_param, cap, args.seq_len)}
         rows.append(row)
         for name in NAMES:
             state = human_bytes(res["model_state_bytes"][name])
-            print(f"  {name:16s} {med[name] * 1e3:9.1f} ms/step  model state {state}  peak {human_bytes(peaks[name])}",
+            print(f"  {name:16s} {med[name] * 1e3:9.1f} ms/step  model state {state}  peak "
+                  f"{human_bytes(peaks[name])}",
                   flush=True)
         print("  " + "   ".join(f"{k} {v:.3f}" for k, v in row["ratio"].items()), flush=True)
         f = row["fit"]
-        print(f"  fits in {human_bytes(cap)} per rank (max micro-batch of {args.seq_len} tokens; largest preset): "
-              + "   ".join(f"ZeRO-{k[-1]}: {f['largest_preset'][k]} "
-                           f"({', '.join(str(r['max_micro_batch'][k]) for r in f['presets'].values())})"
-                           for k in per_param), flush=True)
+        print(f"  fits in {human_bytes(cap)} per rank (max micro-batch of {args.seq_len} tokens; "
+              "largest preset): " + "   ".join(
+                  f"ZeRO-{k[-1]}: {f['largest_preset'][k]} "
+                  f"({', '.join(str(r['max_micro_batch'][k]) for r in f['presets'].values())})"
+                  for k in per_param), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -1,4 +1,5 @@
-"""`Checkpointer`: when to save, saving (atomic, optionally asynchronous), and resuming a run's state objects.
+"""`Checkpointer`: when to save, saving (atomic, optionally asynchronous),
+and resuming a run's state objects.
 
 Communication contract (every rank creates one Checkpointer and calls the same methods in the
 same order, from the training thread):
@@ -48,20 +49,22 @@ class Checkpointer:
         c, t = self.cfg.checkpoint, self.cfg.train
         self.root = root_of(self.cfg, run_dir)
         self.periodic = c.every > 0 or c.every_minutes > 0
-        needs = [k for k, v in (("checkpoint.every", c.every), ("checkpoint.every_minutes", c.every_minutes),
+        needs = [k for k, v in (("checkpoint.every", c.every),
+                                ("checkpoint.every_minutes", c.every_minutes),
                                 ("train.exit_after_steps", t.exit_after_steps),
                                 ("train.exit_after_minutes", t.exit_after_minutes),
                                 ("train.fault", t.fault in ("kill", "kill_in_save"))) if v]
         if needs and self.root is None:
-            raise ConfigError(f"{needs[0]} saves checkpoints, but this run has no folder for them: give --run-dir "
-                              f"(or log.run_dir) or checkpoint.dir")
+            raise ConfigError(f"{needs[0]} saves checkpoints, but this run has no folder for them: "
+                              f"give --run-dir (or log.run_dir) or checkpoint.dir")
         self.lead = self.mesh.rank == 0
         self.shards = Shards(self.mesh)
         self.group = None
         if c.async_save and self.mesh.world_size > 1:  # DCP's background thread gets its own group
             import torch.distributed as dist
 
-            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=t.timeout_s))
+            self.group = dist.new_group(backend="gloo",
+                                        timeout=datetime.timedelta(seconds=t.timeout_s))
         self.asynchronous = c.async_save
         self.pending = None  # (future, tmp, final, manifest) of an asynchronous save in flight
         self.last_path: Path | None = None
@@ -77,15 +80,15 @@ class Checkpointer:
         both = torch.tensor([step, -step], dtype=torch.float64, device=self.mesh.device)
         self.mesh.comm.all_reduce(both, self.mesh.world, op="max")
         if int(both[0]) != -int(both[1]):
-            raise CheckpointError(f"ranks see different latest checkpoints in {str(self.root)!r} (steps "
-                                  f"{-int(both[1])} to {int(both[0])}): checkpoint.dir must be one folder every rank "
-                                  f"reads (a shared filesystem)")
+            raise CheckpointError(f"ranks see different latest checkpoints in {str(self.root)!r} "
+                                  f"(steps {-int(both[1])} to {int(both[0])}): checkpoint.dir must "
+                                  f"be one folder every rank reads (a shared filesystem)")
         return path
 
     def _newest_good(self) -> tuple[Path, dict] | None:
-        """The newest complete checkpoint whose files verify. Damaged newer ones are then moved aside
-        to `<name>.damaged` (kept, never deleted; their steps will be saved again), saying so. When
-        none verifies, the newest one's damage is the error and nothing changes."""
+        """The newest complete checkpoint whose files verify. Damaged newer ones are then moved
+        aside to `<name>.damaged` (kept, never deleted; their steps will be saved again), saying so.
+        When none verifies, the newest one's damage is the error and nothing changes."""
         candidates = store.complete(self.root) if self.root is not None else []
         damaged: list[tuple[Path, CheckpointError]] = []
         while True:
@@ -93,7 +96,8 @@ class Checkpointer:
             if path is None:
                 if len(damaged) > 1:
                     older = ", ".join(d.name for d, _ in damaged[1:])
-                    raise CheckpointError(f"{damaged[0][1]}; no older checkpoint verifies either ({older})")
+                    raise CheckpointError(f"{damaged[0][1]}; no older checkpoint verifies either "
+                                          f"({older})")
                 if damaged:
                     raise damaged[0][1]
                 return None
@@ -106,14 +110,17 @@ class Checkpointer:
             for bad, e in damaged:
                 aside = bad.with_name(bad.name + ".damaged")
                 if self.lead:
-                    print(f"plait: warning: {e}. Falling back to {path.name}; the damaged checkpoint is kept as "
-                          f"{aside}", flush=True)
+                    # the fallback is the remedy it names
+                    what = str(e).split(". Nothing was changed")[0]
+                    print(f"plait: warning: {what}. Falling back to {path.name}; the damaged "
+                          f"checkpoint is kept as {aside}", flush=True)
                     bad.rename(aside)
             self.mesh.comm.barrier(self.mesh.world)
             return path, manifest
 
     def verify(self, path: Path, manifest: dict) -> None:
-        """Check every file's size and sha256 against the manifest (spread over ranks; all agree)."""
+        """Check every file's size and sha256 against the manifest
+        (spread over ranks; all agree)."""
         files = manifest.get("files") or []
         mesh = self.mesh
         codes = torch.zeros(max(1, len(files)), device=mesh.device)
@@ -123,7 +130,8 @@ class Checkpointer:
                 problem = store.check_file(path, entry)
                 if problem is not None:
                     local[i] = problem
-                    codes[i] = 1.0 if problem == "is missing" else 2.0 if "bytes" in problem else 3.0
+                    codes[i] = (1.0 if problem == "is missing" else 2.0 if "bytes" in problem
+                                else 3.0)
         mesh.comm.all_reduce(codes, mesh.world)
         bad = [i for i, v in enumerate(codes.tolist()) if v]
         if bad:
@@ -132,13 +140,15 @@ class Checkpointer:
                      3: "does not match its sha256 (corrupted)"}
             why = local.get(i, kinds[int(codes[i])])  # the rank that checked it has the details
             raise CheckpointError(f"checkpoint file {str(path / files[i]['name'])!r} {why}; "
-                                  f"{len(bad)} of {len(files)} files are damaged. Nothing was changed: remove or "
-                                  f"move {str(path)!r} to resume from an older checkpoint")
+                                  f"{len(bad)} of {len(files)} files are damaged. Nothing was "
+                                  f"changed: remove or move {str(path)!r} to resume from an older "
+                                  "checkpoint")
 
     def resume(self) -> dict | None:
         """Continue from the newest complete checkpoint under the root, if any (collective).
 
-        Else, with checkpoint.init_from, take the initial weights from there. Returns what was loaded.
+        Else, with checkpoint.init_from, take the initial weights from there.
+        Returns what was loaded.
         """
         tr, mesh = self.tr, self.mesh
         found = self._newest_good()
@@ -155,8 +165,9 @@ class Checkpointer:
             keep = " ".join(f"parallel.{k}={saved[k]}" for k in ("dp", "tp", "pp", "zero"))
             why = ("its replicas differ between syncs" if saved["sync"] in DIVERGENT
                    else "it holds exchanges in flight, per rank")
-            raise CheckpointError(f"checkpoint {str(path)!r} was saved with sync.strategy = {saved['sync']} under "
-                                  f"dp={saved['dp']} tp={saved['tp']} pp={saved['pp']}, and {why}: resume it with "
+            raise CheckpointError(f"checkpoint {str(path)!r} was saved with sync.strategy = "
+                                  f"{saved['sync']} under dp={saved['dp']} tp={saved['tp']} "
+                                  f"pp={saved['pp']}, and {why}: resume it with "
                                   f"sync.strategy={saved['sync']} under the same layout ({keep}, "
                                   f"parallel.bucket_mb={saved['bucket_mb']}, the same world size)")
         same_optim = manifest.get("config", {}).get("optim", {}).get("name") == self.cfg.optim.name
@@ -166,19 +177,22 @@ class Checkpointer:
         if self.lead:
             notes = []
             if not same:
-                changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in here.items() if saved.get(k) != v)
-                notes.append(f"layout changed ({changed}): RNG states, compression residuals and per-rank state "
-                             f"start fresh")
+                changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in here.items()
+                                    if saved.get(k) != v)
+                notes.append(f"layout changed ({changed}): RNG states, compression residuals and "
+                             f"per-rank state start fresh")
             if not same_optim:
-                notes.append(f"optim.name changed ({manifest['config']['optim']['name']} -> {self.cfg.optim.name}): "
-                             f"the optimizer state starts fresh")
-            print(f"plait: resuming from {path} (step {step}, {tr.state.samples} samples, saved under dp={saved['dp']} "
-                  f"tp={saved['tp']} pp={saved['pp']})" + "".join(f"; {n}" for n in notes), flush=True)
+                notes.append(f"optim.name changed ({manifest['config']['optim']['name']} -> "
+                             f"{self.cfg.optim.name}): the optimizer state starts fresh")
+            print(f"plait: resuming from {path} (step {step}, {tr.state.samples} samples, saved "
+                  f"under dp={saved['dp']} tp={saved['tp']} pp={saved['pp']})"
+                  + "".join(f"; {n}" for n in notes), flush=True)
         mesh.comm.stats.reset_step(step)  # the loading traffic is no training step's
         return {"path": path, "step": step, "same_layout": same, **info}
 
     def init_weights(self, source: str) -> None:
-        """Initial weights from a plait checkpoint or a safetensors export (no optimizer state, step 0)."""
+        """Initial weights from a plait checkpoint or a safetensors export
+        (no optimizer state, step 0)."""
         if is_safetensors(source):
             load_safetensors(self.tr.model, source, self.mesh, self.model_cfg)
         else:
@@ -195,9 +209,10 @@ class Checkpointer:
     # -- saving --------------------------------------------------------------------------------
     def manifest(self, reason: str) -> dict:
         st = self.tr.state
-        return {"step": st.step, "samples": st.samples, "skipped_steps": st.skipped_steps, "reason": reason,
-                "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                "layout": layout_of(self.cfg, self.mesh), "model": store.model_record(self.model_cfg),
+        return {"step": st.step, "samples": st.samples, "skipped_steps": st.skipped_steps,
+                "reason": reason, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "layout": layout_of(self.cfg, self.mesh),
+                "model": store.model_record(self.model_cfg),
                 "config": to_dict(self.cfg), "torch": torch.__version__}
 
     def save(self, reason: str) -> Path:
@@ -218,7 +233,8 @@ class Checkpointer:
         sd = collect(tr, self.shards, copy=self.asynchronous)
         manifest = self.manifest(reason)
         if self.asynchronous:
-            alone = {"no_dist": True} if single_process() else {}  # (torch 2.11's async_save may lack no_dist)
+            # (torch 2.11's async_save may lack no_dist)
+            alone = {"no_dist": True} if single_process() else {}
             fut = dcp.async_save(sd, checkpoint_id=str(tmp), process_group=self.group, **alone)
             self.pending = (fut, tmp, final, manifest)
         else:
@@ -238,7 +254,8 @@ class Checkpointer:
 
     def _fault_in_save(self) -> None:
         t = self.cfg.train
-        if t.fault == "kill_in_save" and t.fault_rank == self.mesh.rank and t.fault_step == self.tr.state.step:
+        if (t.fault == "kill_in_save" and t.fault_rank == self.mesh.rank
+                and t.fault_step == self.tr.state.step):
             if store.fault_once(self.root, "kill_in_save"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -259,18 +276,21 @@ class Checkpointer:
 
     # -- the run's decisions -------------------------------------------------------------------
     def clock(self) -> tuple[bool, bool]:
-        """(save due by checkpoint.every_minutes, stop due by train.exit_after_minutes), on this rank's clock."""
+        """(save due by checkpoint.every_minutes, stop due by train.exit_after_minutes),
+        on this rank's clock."""
         c, t = self.cfg.checkpoint, self.cfg.train
         now = time.monotonic()
         save = c.every_minutes > 0 and now - self.last_time >= 60 * c.every_minutes
         stop = t.exit_after_minutes > 0 and now - self.started >= 60 * t.exit_after_minutes
         return save, stop
 
-    def after_step(self, *, save_due: bool = False, stop_due: bool = False, skipped: bool = False) -> str | None:
+    def after_step(self, *, save_due: bool = False, stop_due: bool = False,
+                   skipped: bool = False) -> str | None:
         """Save when due; returns the reason to stop now (a planned stop, after saving), or None.
 
         `save_due` / `stop_due`: the step's agreed clock decisions; `skipped`: the step's update was
-        skipped (its compression residuals may not be good: a save due now waits for the next good step).
+        skipped (its compression residuals may not be good: a save due now waits for the next good
+        step).
         """
         self.poll()
         t, c = self.cfg.train, self.cfg.checkpoint

@@ -1,4 +1,5 @@
-"""A run's state objects as one DCP state dict (`collect`), and back (`restore`). Key layout: plait.checkpoint.state.
+"""A run's state objects as one DCP state dict (`collect`), and back (`restore`). Key layout:
+plait.checkpoint.state.
 
 The state objects (`Parts`): the parallel model and optimizer, the loop's TrainState (step,
 samples, skipped steps) and any extras with `state_dict()` / `load_state_dict()` (the gradient
@@ -32,9 +33,10 @@ from plait.checkpoint.state import (
 )
 from plait.checkpoint.store import CheckpointError
 
-# DCP warns on every single-process save and load (also from an asynchronous save's thread) that it runs
-# single-process; a one-rank run does so on purpose
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable", category=UserWarning)
+# DCP warns on every single-process save and load (also from an asynchronous save's thread) that it
+# runs single-process; a one-rank run does so on purpose
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable",
+                        category=UserWarning)
 
 
 def single_process() -> bool:
@@ -63,11 +65,13 @@ def replica_prefix(strategy: str, mesh) -> str:
 
 
 def _names(module: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in module.named_parameters()}  # each parameter once, under its first name
+    # each parameter once, under its first name
+    return {id(p): n for n, p in module.named_parameters()}
 
 
 def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
-    """Everything needed to continue `tr` exactly, as a flat state dict for dcp.save (every rank calls it).
+    """Everything needed to continue `tr` exactly,
+    as a flat state dict for dcp.save (every rank calls it).
 
     `copy`: clone tensors (an asynchronous save writes while training goes on). ZeRO optimizers
     gather their state over mesh.dp here (a collective); nothing else communicates.
@@ -88,13 +92,15 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
         name = names[id(p)]
         for k, v in st.items():
             key = f"{pre}optim/{name}/{k}"
-            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):  # one value per element
+            # one value per element
+            if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
                 sd[key] = shards.wrap(keep(v), split[name])
             else:
                 sd[key] = keep(v) if torch.is_tensor(v) else v
     for k, v in tr.state.state_dict().items():
         sd[f"trainer/{k}"] = v
-    for name, obj in tr.extras.items():  # e.g. the gradient noise scale's running estimate (a metric)
+    # e.g. the gradient noise scale's running estimate (a metric)
+    for name, obj in tr.extras.items():
         flatten(f"trainer/{name}", obj.state_dict(), sd)
     scaler = getattr(tr.optimizer, "scaler", None)
     if scaler is not None:  # fp16: the loss scale and its schedule
@@ -110,23 +116,26 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
 
 
 def read_index(path: Path):
-    """DCP's index of a checkpoint folder (keys, shapes); CheckpointError naming the file when unreadable."""
+    """DCP's index of a checkpoint folder (keys, shapes);
+    CheckpointError naming the file when unreadable."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
         return FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - a damaged index can fail in many ways (pickle, I/O)
-        raise CheckpointError(f"checkpoint file {str(Path(path) / '.metadata')!r} cannot be read ({type(e).__name__}:"
-                              f" {e}): the checkpoint is damaged") from e
+        raise CheckpointError(f"checkpoint file {str(Path(path) / '.metadata')!r} cannot be read "
+                              f"({type(e).__name__}: {e}): the checkpoint is damaged") from e
 
 
 def load_model(tr: Parts, shards: Shards, path: Path, prefix: str = "") -> None:
-    """Load only the model's tensors from a checkpoint folder into `tr`, in place, in any layout (collective)."""
+    """Load only the model's tensors from a checkpoint folder into `tr`, in place,
+    in any layout (collective)."""
     import torch.distributed.checkpoint as dcp
 
     index = read_index(path)
     entries = shards.entries(tr.model.module)
-    raise_agreed(check_entries(entries, index, prefix, f"checkpoint {path}"), tr.mesh, "checkpoint does not fit")
+    raise_agreed(check_entries(entries, index, prefix, f"checkpoint {path}"), tr.mesh,
+                 "checkpoint does not fit")
     tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}
     dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
     params = dict(tr.model.module.named_parameters())
@@ -135,7 +144,8 @@ def load_model(tr: Parts, shards: Shards, path: Path, prefix: str = "") -> None:
             _scatter_dp(params[e.name], e.tensor, tr.mesh)
 
 
-def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: bool, with_optimizer: bool) -> dict:
+def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: bool,
+            with_optimizer: bool) -> dict:
     """Load a checkpoint into `tr` (collective over every rank). Returns what was restored.
 
     Model and optimizer state load under any layout; per-rank state (RNG, compression residuals,
@@ -147,8 +157,10 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
     pre = replica_prefix(manifest["layout"]["sync"], mesh)
     index = read_index(path)
     entries = shards.entries(tr.model.module)
-    raise_agreed(check_entries(entries, index, pre, f"checkpoint {path}"), mesh, "checkpoint does not fit this model")
-    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}  # loaded in place
+    raise_agreed(check_entries(entries, index, pre, f"checkpoint {path}"), mesh,
+                 "checkpoint does not fit this model")
+    # loaded in place
+    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}
     split = {e.name: e.split for e in entries}
     shapes = {e.name: e.global_shape for e in entries}
     opt = tr.optimizer.optimizer
@@ -156,7 +168,8 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
     names = _names(tr.model.module)
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    pending: dict[int, dict] = {}  # slot -> state key -> the tensor DCP fills (or the key of a loaded object)
+    # slot -> state key -> the tensor DCP fills (or the key of a loaded object)
+    pending: dict[int, dict] = {}
     if with_optimizer:
         for slot, p in enumerate(slots):
             name = names[id(p)]
@@ -166,9 +179,11 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
                 if not key.startswith(base) or "/" in key[len(base):]:
                     continue
                 k = key[len(base):]
-                if isinstance(md, TensorStorageMetadata) and tuple(md.size) == shapes[name] and len(md.size) > 0:
+                if (isinstance(md, TensorStorageMetadata) and tuple(md.size) == shapes[name]
+                        and len(md.size) > 0):
                     # p.shape: the tp-local shape (for ZeRO-3 DTensors the shape gathered over dp)
-                    local = torch.zeros(tuple(p.shape), dtype=md.properties.dtype, device=mesh.device)
+                    local = torch.zeros(tuple(p.shape), dtype=md.properties.dtype,
+                                        device=mesh.device)
                     tmpl[key] = shards.wrap(local, split[name])
                     st[k] = local
                 else:  # a step count or another small value: loaded as saved
@@ -211,7 +226,8 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
             comp.load_state_dict(_move(unflatten(tmpl, f"{own}/compressor"), mesh.device))
         if tr.optimizer.sync is not None and any(k.startswith(f"{own}/sync") for k in tmpl):
             tr.optimizer.sync.load_state_dict(_move(unflatten(tmpl, f"{own}/sync"), mesh.device))
-    elif comp is not None and "rank0/compressor/name" in tmpl and tmpl["rank0/compressor/name"] == comp.name:
+    elif (comp is not None and "rank0/compressor/name" in tmpl
+            and tmpl["rank0/compressor/name"] == comp.name):
         comp.load_state_dict(scalars_into(comp.state_dict(), unflatten(tmpl, "rank0/compressor")))
     return out
 

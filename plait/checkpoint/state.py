@@ -1,13 +1,14 @@
-"""What a checkpoint holds, as one flat torch.distributed.checkpoint (DCP) state dict, and how it comes back.
+"""What a checkpoint holds, as one flat torch.distributed.checkpoint (DCP) state dict,
+and how it comes back.
 
 Keys (flat; "/" separates levels, parameter names keep their dots):
 
-    model/<name>                  each parameter under its original model name (a pipeline stage keeps them)
-    optim/<name>/<state key>      per-parameter optimizer state (Adam's moments, momentum, step counts)
-    trainer/<field>               step, samples, skipped steps, noise-scale estimate, fp16 loss scale
-    rank<R>/rng/...               rank R's RNG states                        } layout-dependent: restored
-    rank<R>/compressor/...        its error-feedback residuals, PowerSGD Q   } only under the same layout
-    rank<R>/sync/...              its sync strategy's state (DiLoCo's outer state, exchanges in flight)
+    model/<name>              each parameter under its original model name (kept by pipeline stages)
+    optim/<name>/<state key>  per-parameter optimizer state (Adam's moments, momentum, step counts)
+    trainer/<field>           step, samples, skipped steps, noise-scale estimate, fp16 loss scale
+    rank<R>/rng/...           rank R's RNG states                      } layout-dependent: restored
+    rank<R>/compressor/...    its error-feedback residuals, PowerSGD Q } only under the same layout
+    rank<R>/sync/...          its sync strategy's state (DiLoCo's outer state, exchanges in flight)
 
 Resharding. A tensor-parallel shard is saved as a DTensor on a 1-D DeviceMesh over `mesh.tp`
 with placement Shard(dim) and the unpadded full shape as global shape: DTensor's chunks (ceil
@@ -41,12 +42,13 @@ DIVERGENT = ("local_sgd", "diloco", "streaming_diloco")  # replicas differ betwe
 
 
 def layout_of(cfg, mesh) -> dict:
-    """Everything that decides which rank holds what: per-rank state is restored only when it matches."""
+    """Everything that decides which rank holds what:
+    per-rank state is restored only when it matches."""
     p = cfg.parallel
     compression = "onebit_adam" if cfg.optim.name == "onebit_adam" else cfg.compression.name
-    return {"world_size": mesh.world_size, "dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size,
-            "zero": p.zero, "virtual_stages": p.virtual_stages, "bucket_mb": p.bucket_mb,
-            "compression": compression, "sync": cfg.sync.strategy}
+    return {"world_size": mesh.world_size, "dp": mesh.dp_size, "tp": mesh.tp_size,
+            "pp": mesh.pp_size, "zero": p.zero, "virtual_stages": p.virtual_stages,
+            "bucket_mb": p.bucket_mb, "compression": compression, "sync": cfg.sync.strategy}
 
 
 # -- flat keys ----------------------------------------------------------------------------------
@@ -95,7 +97,8 @@ def template(metadata, prefix: str, tensors: bool = True) -> dict:
 # -- tensor-parallel shards as DTensors -----------------------------------------------------------
 @dataclass
 class Entry:
-    """One model tensor: its name, the tensor this rank holds, its tp split (dim, unpadded size) or None."""
+    """One model tensor: its name, the tensor this rank holds,
+    its tp split (dim, unpadded size) or None."""
 
     name: str
     tensor: torch.Tensor
@@ -110,7 +113,8 @@ class Entry:
 
 
 class Shards:
-    """Wraps this rank's tensors for DCP. No communication (the DeviceMesh reuses mesh.tp's group)."""
+    """Wraps this rank's tensors for DCP. No communication
+    (the DeviceMesh reuses mesh.tp's group)."""
 
     def __init__(self, mesh):
         self.mesh = mesh
@@ -118,7 +122,8 @@ class Shards:
 
     @property
     def dm(self):
-        """The 1-D DeviceMesh over mesh.tp (made on first use: runs that never save never touch DTensor)."""
+        """The 1-D DeviceMesh over mesh.tp (made on first use: runs that never save never touch
+        DTensor)."""
         if self._dm is None and self.mesh.tp_size > 1:
             from torch.distributed.device_mesh import DeviceMesh
 
@@ -142,14 +147,16 @@ class Shards:
         return out
 
     def wrap(self, local: torch.Tensor, split: tuple[int, int] | None) -> torch.Tensor:
-        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor; `local` itself if whole."""
+        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor;
+        `local` itself if whole."""
         if split is None or self.mesh.tp_size == 1:
             return local
         from torch.distributed.tensor import DTensor, Shard
 
         dim, full = split
         c = local.shape[dim]
-        n = max(0, min(c, full - self.mesh.tp_index * c))  # rows of real data: the last chunk may be short
+        # rows of real data: the last chunk may be short
+        n = max(0, min(c, full - self.mesh.tp_index * c))
         shape = list(local.shape)
         shape[dim] = full
         stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
@@ -164,8 +171,9 @@ def _is_dtensor(t) -> bool:
 
 
 def _dp_full(p: torch.Tensor, mesh) -> torch.Tensor:
-    """A parameter as this rank's tp-local tensor: ZeRO-3 shards it over dp too (a DTensor), gathered here
-    (an all-gather on mesh.dp); otherwise the tensor itself (loads write into it in place)."""
+    """A parameter as this rank's tp-local tensor: ZeRO-3 shards it over dp too (a DTensor),
+    gathered here (an all-gather on mesh.dp);
+    otherwise the tensor itself (loads write into it in place)."""
     if not _is_dtensor(p):
         return p.detach()
     local = p.to_local().detach()
@@ -179,7 +187,8 @@ def _dp_full(p: torch.Tensor, mesh) -> torch.Tensor:
 
 
 def _scatter_dp(p: torch.Tensor, full: torch.Tensor, mesh) -> None:
-    """Copy this rank's dp rows of `full` into a ZeRO-3 parameter's local shard (no communication)."""
+    """Copy this rank's dp rows of `full` into a ZeRO-3 parameter's local shard
+    (no communication)."""
     if not _is_dtensor(p):
         return
     local = p.to_local()
@@ -188,20 +197,23 @@ def _scatter_dp(p: torch.Tensor, full: torch.Tensor, mesh) -> None:
         local.copy_(full[mesh.dp_index * c: mesh.dp_index * c + local.shape[0]])
 
 
-# -- the optimizer, per parameter -------------------------------------------------------------------
+# -- the optimizer, per parameter ------------------------------------------------------------------
 def optimizer_slots(opt) -> list[torch.Tensor]:
-    """The parameters in the optimizer's state-dict numbering (a sharding wrapper names its full ones)."""
+    """The parameters in the optimizer's state-dict numbering
+    (a sharding wrapper names its full ones)."""
     full = getattr(opt, "full_params", None)
     return list(full) if full is not None else [p for g in opt.param_groups for p in g["params"]]
 
 
 def optimizer_state(opt) -> dict:
-    """torch's layout {"state": {slot: {key: value}}, "param_groups": ...} over full (tp-local) parameters."""
+    """torch's layout {"state": {slot: {key: value}}, "param_groups": ...} over full (tp-local)
+    parameters."""
     return opt.full_state_dict() if hasattr(opt, "full_state_dict") else opt.state_dict()
 
 
 def load_optimizer_state(opt, state: dict) -> None:
-    groups = opt.original_groups() if hasattr(opt, "original_groups") else opt.state_dict()["param_groups"]
+    groups = (opt.original_groups() if hasattr(opt, "original_groups")
+              else opt.state_dict()["param_groups"])
     sd = {"state": state, "param_groups": groups}
     if hasattr(opt, "load_full_state_dict"):
         opt.load_full_state_dict(sd)
@@ -209,9 +221,10 @@ def load_optimizer_state(opt, state: dict) -> None:
         opt.load_state_dict(sd)
 
 
-# -- per-rank state ---------------------------------------------------------------------------------
+# -- per-rank state --------------------------------------------------------------------------------
 def rng_state(device: torch.device) -> dict:
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "numpy": np.random.get_state()}
     if device.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state(device)
     return s
@@ -233,8 +246,8 @@ def compressor_of(model, popt):
 
 
 def scalars_into(fresh: dict, saved: dict) -> dict:
-    """`fresh` (a state dict) with every non-tensor value found in `saved` taken from it: the counters
-    of a compressor without its per-layout buffers."""
+    """`fresh` (a state dict) with every non-tensor value found in `saved` taken from it: the
+    counters of a compressor without its per-layout buffers."""
     flat = flatten("s", fresh, {})
     for k, v in flatten("s", saved, {}).items():
         if not torch.is_tensor(v) and k in flat:
@@ -252,10 +265,11 @@ def check_entries(entries: list[Entry], metadata, prefix: str, where: str) -> li
         key = f"{prefix}model/{e.name}"
         got = md.get(key)
         if not isinstance(got, TensorStorageMetadata):
-            problems.append(f"{where} has no tensor {e.name!r} (this model has one of shape {list(e.global_shape)})")
+            problems.append(f"{where} has no tensor {e.name!r} (this model has one of shape "
+                            f"{list(e.global_shape)})")
         elif tuple(got.size) != e.global_shape:
-            problems.append(f"{where}: {e.name} has shape {list(got.size)} there, {list(e.global_shape)} in this "
-                            f"model")
+            problems.append(f"{where}: {e.name} has shape {list(got.size)} there, "
+                            f"{list(e.global_shape)} in this model")
     return problems
 
 

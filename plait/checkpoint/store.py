@@ -5,7 +5,8 @@
         .metadata             torch.distributed.checkpoint's index (keys, shapes, chunks)
         __0_0.distcp ...      one data file per rank that wrote something
         manifest.json         written last: step, samples, layout, model, file sizes and sha256
-      .tmp-step-00000060/     a save in progress (or one killed midway): never read, removed by the next save
+      .tmp-step-00000060/     a save in progress (or one killed midway):
+                              never read, removed by the next save
 
 Atomicity: every rank writes into the temporary folder; rank 0 then writes the manifest (to a
 temporary name, fsync, rename) and renames the folder to its final name (fsync of the parent).
@@ -58,18 +59,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest of checkpoint folder `path`; CheckpointError naming the file when it is unusable."""
+    """The manifest of checkpoint folder `path`;
+    CheckpointError naming the file when it is unusable."""
     f = Path(path) / MANIFEST
     if not f.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} is missing, so the checkpoint is incomplete "
-                              f"(a save that did not finish) or this is not a plait checkpoint folder")
+        raise CheckpointError(f"checkpoint {str(path)!r}: {MANIFEST} is missing, so the checkpoint "
+                              "is incomplete (a save that did not finish) or this is not a plait "
+                              "checkpoint folder")
     try:
         m = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {str(f)!r} is not valid JSON ({e}): the manifest is corrupted") from e
+        raise CheckpointError(f"checkpoint file {str(f)!r} is not valid JSON ({e}): the manifest "
+                              "is corrupted") from e
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint file {str(f)!r}: format {m.get('format') if isinstance(m, dict) else m!r}"
-                              f", expected {FORMAT!r}")
+        raise CheckpointError(f"checkpoint file {str(f)!r}: format "
+                              f"{m.get('format') if isinstance(m, dict) else m!r}, expected "
+                              f"{FORMAT!r}")
     return m
 
 
@@ -96,7 +101,8 @@ def latest(root: Path | None) -> Path | None:
 
 
 def find(path: str | Path) -> Path:
-    """A checkpoint folder from what a user gives: the folder itself, or a run / checkpoints folder (its latest)."""
+    """A checkpoint folder from what a user gives:
+    the folder itself, or a run / checkpoints folder (its latest)."""
     p = Path(path)
     if (p / MANIFEST).exists() or (p / ".metadata").exists():
         return p
@@ -105,9 +111,10 @@ def find(path: str | Path) -> Path:
         if found is not None:
             return found
     if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist: give a checkpoint folder (step-NNNNNNNN), "
-                              f"a checkpoints folder or a run folder")
-    raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (no step-NNNNNNNN folder with a {MANIFEST})")
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist: give a checkpoint folder "
+                              f"(step-NNNNNNNN), a checkpoints folder or a run folder")
+    raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (no step-NNNNNNNN folder with "
+                          f"a {MANIFEST})")
 
 
 def digest(path: Path) -> tuple[int, str]:
@@ -139,7 +146,8 @@ def check_file(path: Path, entry: dict) -> str | None:
 
 
 def commit(tmp: Path, final: Path, manifest: dict) -> Path:
-    """Checksum the files of `tmp`, write the manifest last, then rename `tmp` to `final` (rank 0 only)."""
+    """Checksum the files of `tmp`, write the manifest last,
+    then rename `tmp` to `final` (rank 0 only)."""
     manifest = dict(manifest, format=FORMAT, files=[
         {"name": name, "bytes": size, "sha256": sha}
         for name in data_files(tmp) for size, sha in [digest(tmp / name)]])
@@ -151,7 +159,8 @@ def commit(tmp: Path, final: Path, manifest: dict) -> Path:
         os.fsync(f.fileno())
     part.replace(tmp / MANIFEST)
     _fsync_dir(tmp)
-    if final.exists():  # the same step saved before (e.g. a resumed run stopping again at once): keep that one
+    # the same step saved before (e.g. a resumed run stopping again at once): keep that one
+    if final.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         return final
     tmp.rename(final)
@@ -160,7 +169,8 @@ def commit(tmp: Path, final: Path, manifest: dict) -> Path:
 
 
 def remove_stale(root: Path) -> None:
-    """Delete temporary folders of saves that never finished (killed runs). Rank 0, before a save."""
+    """Delete temporary folders of saves that never finished (killed runs).
+    Rank 0, before a save."""
     if not Path(root).is_dir():
         return
     for d in Path(root).iterdir():
@@ -169,12 +179,14 @@ def remove_stale(root: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond the newest `keep` (0: keep all). Returns what went."""
+    """Delete the oldest complete checkpoints beyond the newest `keep` (0: keep all).
+    Returns what went."""
     if keep <= 0:
         return []
     old = complete(root)[:-keep]
     for d in old:
-        # rename first so that a kill midway never leaves a half-deleted folder under a complete name
+        # rename first so that a kill midway never leaves a half-deleted folder under a
+        # complete name
         doomed = d.with_name(f"{TMP_PREFIX}deleted-{d.name}")
         d.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -182,8 +194,9 @@ def prune(root: Path, keep: int) -> list[Path]:
 
 
 # model fields that decide tensor shapes -> the config key that sets them
-SHAPE_FIELDS = {"vocab_size": "model.vocab_size", "n_layers": "model.n_layers", "d_model": "model.d_model",
-                "n_heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "ffn": "model.ffn_hidden",
+SHAPE_FIELDS = {"vocab_size": "model.vocab_size", "n_layers": "model.n_layers",
+                "d_model": "model.d_model", "n_heads": "model.n_heads",
+                "kv_heads": "model.n_kv_heads", "ffn": "model.ffn_hidden",
                 "tie_embeddings": "model.tie_embeddings"}
 
 
@@ -192,18 +205,22 @@ def model_record(model_cfg) -> dict:
 
 
 def check_model(saved: dict, model_cfg, source: Path) -> None:
-    """CheckpointError naming `source` and every shape-deciding field that differs from this run's model."""
+    """CheckpointError naming `source` and every shape-deciding field that differs from this run's
+    model."""
     diffs = [(f, key, saved.get(f), getattr(model_cfg, f)) for f, key in SHAPE_FIELDS.items()
              if saved.get(f) != getattr(model_cfg, f)]
     if diffs:
         what = ", ".join(f"{f} = {a} there, {b} here" for f, _, a, b in diffs)
-        fix = " ".join(f"{key}={str(a).lower() if isinstance(a, bool) else a}" for _, key, a, _ in diffs)
-        raise CheckpointError(f"checkpoint {str(source)!r} holds another model shape ({what}): run with the saved "
-                              f"model's settings ({fix}), or use another run folder / checkpoint.dir")
+        fix = " ".join(f"{key}={str(a).lower() if isinstance(a, bool) else a}"
+                       for _, key, a, _ in diffs)
+        raise CheckpointError(f"checkpoint {str(source)!r} holds another model shape ({what}): run "
+                              f"with the saved model's settings ({fix}), or use another run folder "
+                              "/ checkpoint.dir")
 
 
 def fault_once(root: Path, kind: str) -> bool:
-    """True the first time a debug fault fires for this checkpoint folder (a marker file makes it once)."""
+    """True the first time a debug fault fires for this checkpoint folder
+    (a marker file makes it once)."""
     marker = Path(root) / f".fault-{kind}-done"
     if marker.exists():
         return False

@@ -16,13 +16,19 @@ means the reducer's plain all-reduce.
 
 from __future__ import annotations
 
-from plait.compression.base import BF16Compressor, Compressor, FP16Compressor, NoCompression, Pending
+from plait.compression.base import (
+    BF16Compressor,
+    Compressor,
+    FP16Compressor,
+    NoCompression,
+    Pending,
+)
 from plait.compression.build import NAMES, build_compressor, make_compressor
 from plait.compression.onebit import OneBitExchange
 from plait.compression.powersgd import PowerSGDCompressor
 from plait.compression.quantized import Int8Compressor, SignCompressor
 from plait.compression.topk import TopKCompressor
 
-__all__ = ["NAMES", "BF16Compressor", "Compressor", "FP16Compressor", "Int8Compressor", "NoCompression",
-           "OneBitExchange", "Pending", "PowerSGDCompressor", "SignCompressor", "TopKCompressor",
-           "build_compressor", "make_compressor"]
+__all__ = ["NAMES", "BF16Compressor", "Compressor", "FP16Compressor", "Int8Compressor",
+           "NoCompression", "OneBitExchange", "Pending", "PowerSGDCompressor", "SignCompressor",
+           "TopKCompressor", "build_compressor", "make_compressor"]

@@ -85,9 +85,10 @@ class Compressor:
             if e is not None:
                 if e.numel() != length:  # a residual restored from a checkpoint of other settings
                     raise ValueError(
-                        f"{self.name} compression: bucket {key}'s error-feedback residual has {e.numel()} elements, "
-                        f"this run's bucket needs {length}: resume with the compression.*, parallel.bucket_mb and "
-                        f"parallel.dp settings the checkpoint was saved with")
+                        f"{self.name} compression: bucket {key}'s error-feedback residual has "
+                        f"{e.numel()} elements, this run's bucket needs {length}: resume with the "
+                        "compression.*, parallel.bucket_mb and parallel.dp settings the "
+                        "checkpoint was saved with")
                 x.add_(e)
         return x
 
@@ -103,8 +104,8 @@ class Compressor:
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("name") != self.name:
-            raise ValueError(f"compressor state of {sd.get('name')!r} cannot be loaded into {self.name!r}: "
-                             f"resume with the same compression.name")
+            raise ValueError(f"compressor state of {sd.get('name')!r} cannot be loaded into "
+                             f"{self.name!r}: resume with the same compression.name")
         self.steps = int(sd["steps"])
         self.errors = {k: v.clone() for k, v in sd["errors"].items()}
 

@@ -12,8 +12,9 @@ from plait.errors import ConfigError
 NAMES = ("none", "fp16", "bf16", "int8", "topk", "sign", "powersgd")
 
 
-def make_compressor(name: str, rank: int = 4, topk_fraction: float = 0.01, error_feedback: bool = True,
-                    warmup_steps: int = 0, sign_chunk: int = 256) -> Compressor:
+def make_compressor(name: str, rank: int = 4, topk_fraction: float = 0.01,
+                    error_feedback: bool = True, warmup_steps: int = 0,
+                    sign_chunk: int = 256) -> Compressor:
     if name == "none":
         return NoCompression()
     if name == "fp16":
@@ -41,18 +42,20 @@ def build_compressor(cfg=None, owner: OneBitExchange | None = None) -> Compresso
     """
     if owner is not None:
         if cfg is not None and cfg.name != "none":
-            raise ConfigError(f"compression.name = {cfg.name!r} with optim.name = onebit_adam: 1-bit Adam "
-                              f"compresses the data-parallel exchange itself; set compression.name=none")
+            raise ConfigError(f"compression.name = {cfg.name!r} with optim.name = onebit_adam: "
+                              "1-bit Adam compresses the data-parallel exchange itself; set "
+                              "compression.name=none")
         if cfg is not None:
             try:
                 owner.configure(cfg.warmup_steps, cfg.error_feedback)
             except ValueError as e:
-                raise ConfigError(f"compression.warmup_steps = {cfg.warmup_steps}: {e}; set it to 1 or more") from e
+                raise ConfigError(f"compression.warmup_steps = {cfg.warmup_steps}: {e}; set it to "
+                                  "1 or more") from e
         return owner
     if cfg is None:
         return None
     try:
-        return make_compressor(cfg.name, cfg.rank, cfg.topk_fraction, cfg.error_feedback, cfg.warmup_steps,
-                               cfg.sign_chunk)
+        return make_compressor(cfg.name, cfg.rank, cfg.topk_fraction, cfg.error_feedback,
+                               cfg.warmup_steps, cfg.sign_chunk)
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -25,7 +25,8 @@ def _scale_bytes(scales: torch.Tensor) -> torch.Tensor:
 
 
 def _bytes_scale(raw: torch.Tensor, count: int) -> torch.Tensor:
-    # (rows, 4·count) uint8 -> (rows, count) fp32; clone: a slice of a row need not be 4-byte aligned
+    # (rows, 4·count) uint8 -> (rows, count) fp32;
+    # clone: a slice of a row need not be 4-byte aligned
     return raw.reshape(-1).clone().view(torch.float32).view(raw.shape[0], count)
 
 
@@ -48,12 +49,13 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
 
 
 def encode_sign(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """(rows, L) float -> (rows, 4·s + L/8) uint8: s scales (mean|x| per chunk; s = 1 when chunk = 0), then
-    the sign bits."""
+    """(rows, L) float -> (rows, 4·s + L/8) uint8: s scales (mean|x| per chunk; s = 1 when
+    chunk = 0), then the sign bits."""
     rows, length = x.shape
     c = chunk or length
     if length % 8 or length % c:
-        raise ValueError(f"sign encoding needs a row length divisible by 8 and by the chunk {chunk}, got {length}")
+        raise ValueError("sign encoding needs a row length divisible by 8 and by the chunk "
+                         f"{chunk}, got {length}")
     scale = x.abs().float().view(rows, length // c, c).mean(dim=-1)  # (rows, s)
     return torch.cat([_scale_bytes(scale), pack_bits(x >= 0)], dim=1)
 
@@ -76,7 +78,8 @@ def encode_int8(x: torch.Tensor, chunk: int) -> torch.Tensor:
     """(rows, L) float -> (rows, 4·L/chunk + L) uint8: per-chunk scales, then int8 codes."""
     rows, length = x.shape
     if length % chunk:
-        raise ValueError(f"int8 encoding needs a row length divisible by the chunk {chunk}, got {length}")
+        raise ValueError(f"int8 encoding needs a row length divisible by the chunk {chunk}, got "
+                         f"{length}")
     xc = x.float().view(rows, length // chunk, chunk)
     scale = xc.abs().amax(dim=-1) / 127.0  # (rows, chunks)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -95,7 +98,8 @@ def decode_int8(payload: torch.Tensor, length: int, chunk: int) -> torch.Tensor:
 
 # -- top-k -------------------------------------------------------------------------------------
 def topk_counts(numels: list[int], fraction: float) -> list[int]:
-    """k per tensor: ceil(fraction · numel), at least 1 and at most numel (the same on every rank)."""
+    """k per tensor: ceil(fraction · numel),
+    at least 1 and at most numel (the same on every rank)."""
     out = []
     for n in numels:
         k = int(-(-n * fraction // 1))  # ceil without float surprises on exact products
@@ -103,7 +107,8 @@ def topk_counts(numels: list[int], fraction: float) -> list[int]:
     return out
 
 
-def encode_topk(x: torch.Tensor, spans: list[tuple[int, int]], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_topk(x: torch.Tensor, spans: list[tuple[int, int]],
+                counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest-|x| entries of each span (offset, numel) of flat fp32 `x`.
 
     Returns (payload, picked): payload is int32 [2K] = K indices into `x`, then K fp32 value bits;

@@ -46,7 +46,8 @@ Matrix = tuple[int, int, int, int, int]  # (view index, offset, m, n, r)
 
 
 def matrix_plan(flat: torch.Tensor, views, rank: int) -> tuple[list[Span], list[Matrix]]:
-    """Split a bucket into uncompressed spans (offset, numel) and matrices (index, offset, m, n, r)."""
+    """Split a bucket into uncompressed spans (offset, numel) and matrices
+    (index, offset, m, n, r)."""
     dense, mats = [], []
     for i, v in enumerate(views):
         off = v.storage_offset() - flat.storage_offset()
@@ -66,7 +67,8 @@ class PowerSGDCompressor(Compressor):
     linear = True
     biased = True
 
-    def __init__(self, rank: int = 4, warmup_steps: int = 0, error_feedback: bool = True, seed: int = 0):
+    def __init__(self, rank: int = 4, warmup_steps: int = 0, error_feedback: bool = True,
+                 seed: int = 0):
         super().__init__(error_feedback)
         if rank < 1:
             raise ValueError(f"compression.rank = {rank}: must be a positive integer")
@@ -111,7 +113,8 @@ class PowerSGDCompressor(Compressor):
                 x[off: off + n].zero_()  # sent exactly: nothing left over
                 pos += n
             if mats:
-                second = torch.empty(sum(n * r for _, _, _, n, r in mats), dtype=torch.float32, device=flat.device)
+                second = torch.empty(sum(n * r for _, _, _, n, r in mats), dtype=torch.float32,
+                                     device=flat.device)
                 qs, pos = [], 0
                 for p, (_, off, m, n, r) in zip(ps, mats):
                     orthogonalize(p)

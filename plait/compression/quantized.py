@@ -32,7 +32,8 @@ class SignCodec:
 
     def __init__(self, chunk: int = 0):
         if chunk < 0 or chunk % 8:
-            raise ValueError(f"a sign chunk must be a multiple of 8 (or 0: one scale per shard), got {chunk}")
+            raise ValueError("a sign chunk must be a multiple of 8 (or 0: one scale per shard), "
+                             f"got {chunk}")
         self.chunk = chunk
         self.align = chunk or 8
 
@@ -77,7 +78,8 @@ class TwoPhaseExchange:
         self.length = x.numel() // n
         self.sent = codec.encode(x.view(n, self.length))  # (n, P) uint8
         self.recv = torch.empty_like(self.sent)
-        self.handle: Handle = comm.all_to_all(self.recv.view(-1), self.sent.view(-1), group, async_op=True)
+        self.handle: Handle = comm.all_to_all(self.recv.view(-1), self.sent.view(-1), group,
+                                              async_op=True)
 
     def local_decoded(self) -> torch.Tensor:
         """What this rank's own encoding decodes to (for the worker residual), flat n·L."""
@@ -87,7 +89,8 @@ class TwoPhaseExchange:
         """Phase 2 (blocking). Returns (the summed vector n·L, the new server residual L)."""
         self.handle.wait()
         L, n = self.length, self.group.size
-        part = self.codec.decode(self.recv, L).sum(0)  # rows in rank order: the same sum on every rank
+        # rows in rank order: the same sum on every rank
+        part = self.codec.decode(self.recv, L).sum(0)
         if server_error is not None:
             part.add_(server_error)
         enc = self.codec.encode(part.view(1, L))
@@ -116,7 +119,8 @@ class TwoPhaseCompressor(Compressor):
             self.keep_error(key, x.sub_(ex.local_decoded()))
 
         def then():
-            result, residual = ex.finish(self.server_errors.get(str(key)) if self.error_feedback else None)
+            result, residual = ex.finish(self.server_errors.get(str(key)) if self.error_feedback
+                                         else None)
             if self.error_feedback:
                 self.server_errors[str(key)] = residual
             flat.copy_(result[:d])

@@ -49,6 +49,7 @@ class TopKCompressor(Compressor):
             if flat.dtype == torch.float32:
                 codecs.decode_topk_into(flat, gathered)
             else:
-                flat.copy_(codecs.decode_topk_into(torch.empty(flat.numel(), device=flat.device), gathered))
+                flat.copy_(codecs.decode_topk_into(torch.empty(flat.numel(), device=flat.device),
+                                                   gathered))
 
         return Pending(h, then)

@@ -1,7 +1,10 @@
-"""One frozen, typed configuration tree: `schema` (the sections) -> `checks` -> `load` (TOML + overrides).
+"""One frozen, typed configuration tree: `schema` (the sections) -> `checks` -> `load`
+(TOML + overrides).
 
-    cfg = plait.config.load("my.toml", ["parallel.dp=2"])   # validated; ConfigError names key and fix
-    plait.config.validate_layout(cfg, world_size)           # the checks that need the world size
+    # validated; ConfigError names key and fix
+    cfg = plait.config.load("my.toml", ["parallel.dp=2"])
+    # the checks that need the world size
+    plait.config.validate_layout(cfg, world_size)
 """
 
 from plait.config.checks import (

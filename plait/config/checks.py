@@ -25,14 +25,17 @@ from plait.pipeline.schedules import check as check_schedule
 
 
 def check_choice(key: str, value) -> None:
-    """ConfigError unless `value` is one of CHOICES[key] (e.g. check_choice("train.dtype", "bf16"))."""
+    """ConfigError unless `value` is one of CHOICES[key]
+    (e.g. check_choice("train.dtype", "bf16"))."""
     choices = CHOICES[key]
     if value not in choices:
-        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(choices)}{suggest(str(value), choices)}")
+        raise ConfigError(f"{key} = {value!r}: choose one of "
+                          f"{', '.join(choices)}{suggest(str(value), choices)}")
 
 
-def check_options(parallel: ParallelConfig, compression: CompressionConfig | None, sync: SyncConfig | None, *,
-                  dtype: str, activation_checkpointing: str, onebit: bool = False) -> None:
+def check_options(parallel: ParallelConfig, compression: CompressionConfig | None,
+                  sync: SyncConfig | None, *, dtype: str, activation_checkpointing: str,
+                  onebit: bool = False) -> None:
     """What `parallelize()` is given, checked by the same rules as a config file."""
     check_choice("train.dtype", dtype)
     check_choice("train.activation_checkpointing", activation_checkpointing)
@@ -65,18 +68,21 @@ def validate(cfg: Config) -> None:
                batch_rampup_samples=cfg.train.batch_rampup_samples)
     check_compression(cfg.compression, onebit=onebit)
     if cfg.optim.scale_lr_with_batch and cfg.optim.reference_batch <= 0:
-        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set it to the global "
-                          "batch (in samples) at which optim.lr was tuned")
+        raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set "
+                          "it to the global batch (in samples) at which optim.lr was tuned")
     t = cfg.train
     if t.loss_scale_min > t.loss_scale_init:
-        raise ConfigError(f"train.loss_scale_min = {t.loss_scale_min:g} is above train.loss_scale_init = "
-                          f"{t.loss_scale_init:g}: the floor must be at most the starting scale")
+        raise ConfigError(f"train.loss_scale_min = {t.loss_scale_min:g} is above "
+                          f"train.loss_scale_init = {t.loss_scale_init:g}: the floor must be at "
+                          "most the starting scale")
     if t.global_batch % t.micro_batch:
-        raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
-                          f"{t.micro_batch}: make the global batch a multiple of the micro-batch")
+        raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by "
+                          f"train.micro_batch = {t.micro_batch}: make the global batch a multiple "
+                          "of the micro-batch")
     if cfg.data.path and not Path(cfg.data.path).exists():
-        raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, a folder "
-                          f"of text files, or a .bin of token ids (or leave it empty for the default corpus)")
+        raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, "
+                          "a folder of text files, or a .bin of token ids (or leave it empty for "
+                          "the default corpus)")
 
 
 def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:
@@ -85,21 +91,25 @@ def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> N
         return
     check_choice("compression.name", c.name)
     if c.sign_chunk % 8:
-        raise ConfigError(f"compression.sign_chunk = {c.sign_chunk}: must be a multiple of 8 (the bit packing's "
-                          f"unit), e.g. 256, or 0 for one scale per rank's shard")
+        raise ConfigError(f"compression.sign_chunk = {c.sign_chunk}: must be a multiple of 8 (the "
+                          f"bit packing's unit), e.g. 256, or 0 for one scale per rank's shard")
     if not 0.0 < c.topk_fraction <= 1.0:
-        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], e.g. 0.01")
+        raise ConfigError(f"compression.topk_fraction = {c.topk_fraction}: must be in (0, 1], "
+                          "e.g. 0.01")
     if onebit and c.name != "none":
-        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit Adam compresses "
-                          f"the data-parallel exchange itself; set compression.name=none")
+        raise ConfigError(f"compression.name = {c.name!r} with optim.name = onebit_adam: 1-bit "
+                          "Adam compresses the data-parallel exchange itself; set "
+                          "compression.name=none")
     if onebit and c.warmup_steps < 1:
-        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam warm-up needs at "
-                          "least one step (15-25% of train.steps is typical)")
+        raise ConfigError("compression.warmup_steps = 0 with optim.name = onebit_adam: its Adam "
+                          "warm-up needs at least one step (15-25% of train.steps is typical)")
 
 
-def check_sync(s: SyncConfig | None, parallel: ParallelConfig, compression: CompressionConfig | None = None, *,
+def check_sync(s: SyncConfig | None, parallel: ParallelConfig,
+               compression: CompressionConfig | None = None, *,
                onebit: bool = False, batch_rampup_samples: int = 0) -> None:
-    """The [sync] section and its combinations with the layout, compression and batch ramp-up (plait.sync)."""
+    """The [sync] section and its combinations with the layout,
+    compression and batch ramp-up (plait.sync)."""
     if s is None:
         return
     check_choice("sync.strategy", s.strategy)
@@ -108,39 +118,46 @@ def check_sync(s: SyncConfig | None, parallel: ParallelConfig, compression: Comp
         if v < 1:
             raise ConfigError(f"{key} = {v}: must be a positive integer")
     if not 0.0 <= s.outer_momentum < 1.0:
-        raise ConfigError(f"sync.outer_momentum = {s.outer_momentum}: must be in [0, 1) (0.9 in DiLoCo)")
+        raise ConfigError(f"sync.outer_momentum = {s.outer_momentum}: must be in [0, 1) (0.9 in "
+                          "DiLoCo)")
     if s.outer_lr <= 0:
-        raise ConfigError(f"sync.outer_lr = {s.outer_lr}: must be positive (0.7 in DiLoCo; 1.0 with no momentum "
-                          f"is plain parameter averaging)")
+        raise ConfigError(f"sync.outer_lr = {s.outer_lr}: must be positive (0.7 in DiLoCo; 1.0 "
+                          f"with no momentum is plain parameter averaging)")
     if not 0.0 <= s.alpha <= 1.0:
-        raise ConfigError(f"sync.alpha = {s.alpha}: must be in [0, 1] (0: replace local weights by the global ones)")
+        raise ConfigError(f"sync.alpha = {s.alpha}: must be in [0, 1] (0: replace local weights by "
+                          "the global ones)")
     if s.slow_factor < 1.0:
-        raise ConfigError(f"sync.slow_factor = {s.slow_factor}: must be >= 1 (2.0: the slow rank takes twice as long)")
+        raise ConfigError(f"sync.slow_factor = {s.slow_factor}: must be >= 1 (2.0: the slow rank "
+                          "takes twice as long)")
     if s.strategy == "streaming_diloco":
         if s.every < s.fragments:
-            raise ConfigError(f"sync.every = {s.every} < sync.fragments = {s.fragments}: each fragment syncs once "
-                              f"every H steps on its own offset, so H must be at least P; raise sync.every")
+            raise ConfigError(f"sync.every = {s.every} < sync.fragments = {s.fragments}: each "
+                              "fragment syncs once every H steps on its own offset, so H must be "
+                              "at least P; raise sync.every")
         if not 0 <= s.delay < s.every:
-            raise ConfigError(f"sync.delay = {s.delay}: must be in [0, sync.every) = [0, {s.every}) so a fragment is "
-                              f"applied before it is sent again")
+            raise ConfigError(f"sync.delay = {s.delay}: must be in [0, sync.every) = [0, "
+                              f"{s.every}) so a fragment is applied before it is sent again")
     if s.strategy == "delayed" and s.delay < 1:
-        raise ConfigError(f"sync.delay = {s.delay} with sync.strategy = delayed: must be >= 1 (0 is every_step)")
+        raise ConfigError(f"sync.delay = {s.delay} with sync.strategy = delayed: must be >= 1 "
+                          "(0 is every_step)")
     if s.quantize != "none" and s.strategy not in ("diloco", "streaming_diloco"):
-        raise ConfigError(f"sync.quantize = {s.quantize!r} applies to outer gradients (sync.strategy = diloco or "
-                          f"streaming_diloco), not to {s.strategy}: set sync.quantize=none (compress per-step "
-                          f"gradients with [compression])")
+        raise ConfigError(f"sync.quantize = {s.quantize!r} applies to outer gradients "
+                          f"(sync.strategy = diloco or streaming_diloco), not to {s.strategy}: set "
+                          f"sync.quantize=none (compress per-step gradients with [compression])")
     if s.strategy != "every_step":
         if parallel.zero:
-            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {parallel.zero}: replicas that "
-                              f"step on their own need their whole optimizer state; set parallel.zero=0")
+            raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {parallel.zero}: "
+                              "replicas that step on their own need their whole optimizer state; "
+                              "set parallel.zero=0")
         if (compression is not None and compression.name != "none") or onebit:
-            raise ConfigError(f"sync.strategy = {s.strategy} replaces the per-step gradient exchange that "
-                              f"compression.name / optim.name = onebit_adam compress: set compression.name=none "
-                              f"and a plain optimizer, or sync.strategy=every_step")
+            raise ConfigError(f"sync.strategy = {s.strategy} replaces the per-step gradient "
+                              "exchange that compression.name / optim.name = onebit_adam "
+                              "compress: set compression.name=none and a plain optimizer, or "
+                              "sync.strategy=every_step")
     if s.strategy in ("local_sgd", "diloco", "streaming_diloco") and batch_rampup_samples:
-        raise ConfigError(f"sync.strategy = {s.strategy} with train.batch_rampup_samples > 0: replicas stepping on "
-                          f"their own gradients need equal shares of every batch, which a ramp-up does not give; "
-                          f"set train.batch_rampup_samples=0")
+        raise ConfigError(f"sync.strategy = {s.strategy} with train.batch_rampup_samples > 0: "
+                          "replicas stepping on their own gradients need equal shares of every "
+                          f"batch, which a ramp-up does not give; set train.batch_rampup_samples=0")
 
 
 def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
@@ -150,8 +167,8 @@ def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
             raise ConfigError(f"{name} = {v!r}: must be a positive integer")
     if dp * tp * pp != world_size:
         raise ConfigError(
-            f"layout dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} ranks, but the world has {world_size} "
-            f"processes: set parallel.dp/tp/pp so that their product is {world_size}, "
+            f"layout dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} ranks, but the world has "
+            f"{world_size} processes: set parallel.dp/tp/pp so that their product is {world_size}, "
             f"or launch {dp * tp * pp} processes (--nproc {dp * tp * pp})"
         )
 
@@ -161,8 +178,8 @@ def resolve_dp(world_size: int, dp: int, tp: int, pp: int) -> int:
     if dp == 0:
         if tp < 1 or pp < 1 or world_size % (tp * pp):
             raise ConfigError(
-                f"parallel.dp = 0 (auto) needs tp·pp = {tp}·{pp} to divide the world size {world_size}: "
-                f"change parallel.tp / parallel.pp or the number of processes"
+                f"parallel.dp = 0 (auto) needs tp·pp = {tp}·{pp} to divide the world size "
+                f"{world_size}: change parallel.tp / parallel.pp or the number of processes"
             )
         return world_size // (tp * pp)
     return dp
@@ -177,7 +194,8 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch × dp = "
-            f"{t.micro_batch} × {dp}: choose a global batch that is a multiple of {t.micro_batch * dp}"
+            f"{t.micro_batch} × {dp}: choose a global batch that is a multiple of "
+            f"{t.micro_batch * dp}"
         )
     check_pipeline(cfg, dp)
     return dp
@@ -197,16 +215,18 @@ def check_pipeline(cfg: Config, dp: int) -> None:
         return
     m = t.global_batch // (t.micro_batch * dp)
     if p.microbatches and p.microbatches != m:
-        raise ConfigError(f"parallel.microbatches = {p.microbatches}, but train.global_batch / (dp × train.micro_batch)"
-                          f" = {t.global_batch} / ({dp} × {t.micro_batch}) = {m} micro-batches per pipeline: set it "
-                          f"to {m} or 0, or change the batch sizes")
+        raise ConfigError(f"parallel.microbatches = {p.microbatches}, but "
+                          f"train.global_batch / (dp × train.micro_batch) = {t.global_batch} / "
+                          f"({dp} × {t.micro_batch}) = {m} micro-batches per pipeline: set it to "
+                          f"{m} or 0, or change the batch sizes")
     try:
         check_schedule(p.schedule, p.pp, m, p.virtual_stages)
     except ScheduleError as e:
-        raise ConfigError(f"parallel.schedule = {p.schedule} with parallel.pp = {p.pp}, parallel.virtual_stages = "
-                          f"{p.virtual_stages} and {m} micro-batches per pipeline step (train.global_batch / (dp × "
-                          f"train.micro_batch) = {t.global_batch} / ({dp} × {t.micro_batch})): {e}. Change the "
-                          f"batch sizes or the schedule (a pipeline of {p.pp} stages needs at least "
+        raise ConfigError(f"parallel.schedule = {p.schedule} with parallel.pp = {p.pp}, "
+                          f"parallel.virtual_stages = {p.virtual_stages} and {m} micro-batches per "
+                          "pipeline step (train.global_batch / (dp × train.micro_batch) = "
+                          f"{t.global_batch} / ({dp} × {t.micro_batch})): {e}. Change the batch "
+                          f"sizes or the schedule (a pipeline of {p.pp} stages needs at least "
                           f"{p.pp * t.micro_batch * dp} sequences per global batch)") from e
 
 

@@ -45,12 +45,13 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
 ALIASES = {"checkpoint.async": "checkpoint.async_save"}  # names that are Python keywords
 
 
-def _apply(cfg: Config, key: str, value: Any) -> Config:
+def _apply(cfg: Config, key: str, value: Any, raw: str | None = None) -> Config:
     key = ALIASES.get(key, key)
     parts = key.split(".")
     sections = _sections()
     if len(parts) != 2:
-        raise ConfigError(f"{key!r}: keys are section.name, e.g. parallel.dp=2; sections: {', '.join(sections)}")
+        raise ConfigError(f"{key!r}: keys are section.name, e.g. parallel.dp=2; sections: "
+                          f"{', '.join(sections)}")
     sec, name = parts
     if sec not in sections:
         raise ConfigError(f"unknown config section {sec!r} in {key!r}{suggest(sec, sections)}; "
@@ -60,6 +61,8 @@ def _apply(cfg: Config, key: str, value: Any) -> Config:
     if name not in hints:
         raise ConfigError(f"unknown config key {key!r}{suggest(name, hints)}; "
                           f"keys of [{sec}]: {', '.join(hints)}")
+    if hints[name] is str and not isinstance(value, str) and raw is not None:
+        value = raw  # a bare word TOML reads otherwise (nan, inf, true) is the string it spells
     v = _coerce(key, value, hints[name])
     return replace(cfg, **{sec: replace(getattr(cfg, sec), **{name: v})})
 
@@ -83,18 +86,21 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     if path:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist: give the path of a TOML file")
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist: give the path of a TOML file")
         try:
             doc = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
         for sec, body in doc.items():
             if not isinstance(body, dict):
-                raise ConfigError(f"{p}: top-level key {sec!r} must be a [section]{suggest(sec, _sections())}")
+                raise ConfigError(f"{p}: top-level key {sec!r} must be a "
+                                  f"[section]{suggest(sec, _sections())}")
             for name, value in body.items():
                 cfg = _apply(cfg, f"{sec}.{name}", value)
     for text in overrides:
-        cfg = _apply(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        cfg = _apply(cfg, key, value, raw=text.split("=", 1)[1].strip())
     validate(cfg)
     return cfg
 

@@ -59,7 +59,8 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     scale_lr_with_batch: bool = False  # linear scaling rule: lr × global batch / reference_batch
-    reference_batch: int = 0  # the global batch (samples) optim.lr was tuned at; needed by scale_lr_with_batch
+    # the global batch (samples) optim.lr was tuned at; needed by scale_lr_with_batch
+    reference_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,27 +75,33 @@ class TrainConfig:
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp32 master weights and gradient reduction)
-    # fp16 only: dynamic loss scaling (plait.optim.loss_scale): the initial scale, and the overflow-free
-    # steps after which it doubles (an overflow on any rank skips the step everywhere and halves it)
+    # fp16 only: dynamic loss scaling (plait.optim.loss_scale): the initial scale, and the
+    # overflow-free steps after which it doubles (an overflow on any rank skips the step everywhere
+    # and halves it)
     loss_scale_init: float = 65536.0
     loss_scale_growth_interval: int = 2000
-    # the floor: an overflow at this scale stops the run (gradients that are inf / nan at every scale are not
-    # an overflow, and skipping would go on for ever)
+    # the floor: an overflow at this scale stops the run (gradients that are inf / nan at every
+    # scale are not an overflow, and skipping would go on for ever)
     loss_scale_min: float = 1.0
-    activation_checkpointing: str = "none"  # none | full (each block) | selective (attention core only)
+    # none | full (each block) | selective (attention core only)
+    activation_checkpointing: str = "none"
     compile: bool = False
     peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
     threads: int = 0  # torch threads per rank; 0: cores / local ranks
     timeout_s: float = 600.0
-    batch_rampup_samples: int = 0  # 0: off; else grow the global batch from one micro-batch over this many samples
-    # planned stops (plait.checkpoint): save a checkpoint and exit 0 after this many steps / minutes of this session
+    # 0: off; else grow the global batch from one micro-batch over this many samples
+    batch_rampup_samples: int = 0
+    # planned stops (plait.checkpoint): save a checkpoint and exit 0 after this many steps / minutes
+    # of this session
     exit_after_steps: int = 0  # 0: off
     exit_after_minutes: float = 0.0  # 0: off
-    max_bad_steps: int = 5  # non-finite loss / gradient norm: steps are skipped; this many in a row stop the run
-    # debug (fault-tolerance tests): `fault` hits global rank fault_rank at step fault_step (1-based).
-    # kill: SIGKILL mid-step, once per run folder; kill_in_save: SIGKILL inside that step's checkpoint save,
-    # after the data files and before the manifest; skip_collective: the rank skips the step's agreement
-    # all-reduce (the others time out); nan: its loss is NaN for fault_steps steps.
+    # non-finite loss / gradient norm: steps are skipped; this many in a row stop the run
+    max_bad_steps: int = 5
+    # debug (fault-tolerance tests): `fault` hits global rank fault_rank at step fault_step
+    # (1-based). kill: SIGKILL mid-step, once per run folder; kill_in_save: SIGKILL inside that
+    # step's checkpoint save, after the data files and before the manifest; skip_collective: the
+    # rank skips the step's agreement all-reduce (the others time out);
+    # nan: its loss is NaN for fault_steps steps.
     fault: str = "none"
     fault_rank: int = 0
     fault_step: int = 0
@@ -103,12 +110,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    name: str = "none"  # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only)
+    # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only)
+    name: str = "none"
     rank: int = 4  # powersgd
     topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
-    sign_chunk: int = 256  # sign: elements per fp32 scale, a multiple of 8 (0: one scale per rank's shard)
-    error_feedback: bool = True  # residuals of the biased compressors (int8, topk, sign, powersgd, onebit_adam)
-    warmup_steps: int = 10  # dense all-reduce steps before powersgd / optim.name=onebit_adam compress
+    # sign: elements per fp32 scale, a multiple of 8 (0: one scale per rank's shard)
+    sign_chunk: int = 256
+    # residuals of the biased compressors (int8, topk, sign, powersgd, onebit_adam)
+    error_feedback: bool = True
+    # dense all-reduce steps before powersgd / optim.name=onebit_adam compress
+    warmup_steps: int = 10
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,12 @@ class CheckpointConfig:
     every: int = 0  # 0: off
     keep: int = 2  # complete checkpoints kept (0: all)
     dir: str = ""  # empty: RUN_DIR/checkpoints
-    every_minutes: float = 0.0  # 0: off; else also save when this many minutes passed since the last save
-    async_save: bool = False  # `checkpoint.async`: write in a background thread while training goes on
-    init_from: str = ""  # a checkpoint or a safetensors export: initial weights of a run that has none to resume
+    # 0: off; else also save when this many minutes passed since the last save
+    every_minutes: float = 0.0
+    # `checkpoint.async`: write in a background thread while training goes on
+    async_save: bool = False
+    # a checkpoint or a safetensors export: initial weights of a run that has none to resume
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,8 @@ class LogConfig:
     run_dir: str = ""  # empty: runs/<date>-<time>
     progress: bool = True
     plots: bool = True
-    tensorboard: bool = True  # event files in RUN_DIR/tensorboard when the tensorboard package is installed
+    # event files in RUN_DIR/tensorboard when the tensorboard package is installed
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,8 +155,10 @@ class SyncConfig:
     fragments: int = 4  # P (streaming_diloco): fragments synced on staggered offsets
     delay: int = 1  # τ: steps an exchange overlaps (streaming_diloco, delayed)
     alpha: float = 0.5  # streaming_diloco: local weight when mixing: α·local + (1−α)·global
-    quantize: str = "none"  # outer-gradient transport (diloco, streaming_diloco): none | fp16 | int8 | fp4
-    slow_rank: int = -1  # debug (straggler runs): this global rank's steps take slow_factor × as long
+    # outer-gradient transport (diloco, streaming_diloco): none | fp16 | int8 | fp4
+    quantize: str = "none"
+    # debug (straggler runs): this global rank's steps take slow_factor × as long
+    slow_rank: int = -1
     slow_factor: float = 2.0
 
 
@@ -176,19 +193,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = {
     "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
-    "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s", "parallel.bucket_mb",
-    "compression.rank", "train.max_bad_steps", "train.loss_scale_init", "train.loss_scale_growth_interval",
-    "train.loss_scale_min",
+    "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s",
+    "parallel.bucket_mb", "compression.rank", "train.max_bad_steps", "train.loss_scale_init",
+    "train.loss_scale_growth_interval", "train.loss_scale_min",
 }
 NON_NEGATIVE = {
     "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",
     "model.d_model", "model.n_heads", "model.n_kv_heads", "model.ffn_hidden", "train.val_every",
     "train.val_samples", "optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_steps",
     "checkpoint.every", "checkpoint.keep", "checkpoint.every_minutes", "train.exit_after_steps",
-    "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops", "train.threads",
-    "optim.eps",
-    "optim.min_lr_ratio", "optim.reference_batch", "train.batch_rampup_samples", "compression.warmup_steps",
-    "compression.sign_chunk",
+    "train.exit_after_minutes", "train.fault_step", "train.fault_steps", "train.peak_flops",
+    "train.threads", "optim.eps", "optim.min_lr_ratio", "optim.reference_batch",
+    "train.batch_rampup_samples", "compression.warmup_steps", "compression.sign_chunk",
 }
 
 

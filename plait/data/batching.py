@@ -46,7 +46,8 @@ def rank_share(start: int, batch: int, micro: int, dp: int, dp_index: int) -> tu
 
 
 def samples_after(steps: int, target: int, micro: int, rampup_samples: int) -> int:
-    """Samples consumed by the first `steps` optimizer steps (the ramp's accounting, for plans and tests)."""
+    """Samples consumed by the first `steps` optimizer steps
+    (the ramp's accounting, for plans and tests)."""
     s = 0
     for _ in range(steps):
         s += batch_at(s, target, micro, rampup_samples)

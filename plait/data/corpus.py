@@ -1,8 +1,12 @@
-"""Where tokens come from: the default corpus, the user's text files, or pre-tokenized .bin memmaps.
+"""Where tokens come from: the default corpus, the user's text files, pre-tokenized .bin memmaps, or
+a folder made by `plait data prepare` (meta.json + token shards; see docs/data.md).
 
 The default corpus is the Python standard library's source files of the running interpreter (every
 machine with Python has them; nothing is downloaded), byte-tokenized and cached as a uint8 file.
 Files are concatenated in a fixed shuffled order so the validation tail is a mix of modules.
+A prepared folder keeps its own train / validation split (data.val_fraction does not apply) and
+its own dtype (data.token_dtype does not apply); its shards are memory-mapped and checked
+(plait.data.shards).
 """
 
 from __future__ import annotations
@@ -18,23 +22,27 @@ from pathlib import Path
 import numpy as np
 
 from plait.config import DataConfig
+from plait.data.shards import META, ShardedTokens, load_bin, load_prepared
 from plait.data.tokenizer import ByteTokenizer
 from plait.errors import ConfigError
 
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".html", ".js", ".css", ""}
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml", ".html", ".js", ".css",
+                 ""}
 
 
 @dataclass
 class Corpus:
-    train: np.ndarray  # 1-D token ids
-    val: np.ndarray
+    train: np.ndarray | ShardedTokens  # 1-D token ids: len() and slices
+    val: np.ndarray | ShardedTokens
     vocab_size: int
     source: str
+    eos_id: int | None = None  # prepared data: the id between documents
 
 
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    return sorted(p for p in root.rglob("*.py")
+                  if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
 def text_files(path: Path) -> list[Path]:
@@ -43,8 +51,9 @@ def text_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise ConfigError(f"data.path = {str(path)!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))}): "
-                          f"point it at a folder of text or a .bin of token ids")
+        raise ConfigError(f"data.path = {str(path)!r} holds no text files "
+                          f"({', '.join(sorted(TEXT_SUFFIXES - {''}))}): point it at a folder of "
+                          f"text, a .bin of token ids or a folder made by `plait data prepare`")
     return files
 
 
@@ -56,7 +65,7 @@ def _cache_dir(cfg: DataConfig) -> Path:
 
 
 def _encode_files(files: list[Path], cache: Path) -> np.ndarray:
-    """Concatenate files (in a seeded shuffle of their sorted order) into a cached uint8 token file."""
+    """Concatenate files (in a seeded shuffle of their sorted order) into a cached uint8 file."""
     listing = "\n".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     key = hashlib.sha1(listing.encode()).hexdigest()[:16]
     out = cache / f"bytes-{key}.u8"
@@ -74,6 +83,10 @@ def _encode_files(files: list[Path], cache: Path) -> np.ndarray:
 
 
 def load_corpus(cfg: DataConfig, vocab_size: int = 0) -> Corpus:
+    """The corpus of data.path; every check of its files runs here, before any training collective.
+
+    vocab_size is model.vocab_size (0: the data's vocabulary).
+    """
     if not cfg.path:
         tokens = _encode_files(stdlib_files(), _cache_dir(cfg))
         source = f"python {sys.version.split()[0]} standard library"
@@ -82,18 +95,24 @@ def load_corpus(cfg: DataConfig, vocab_size: int = 0) -> Corpus:
         p = Path(cfg.path)
         if not p.exists():
             raise ConfigError(f"data.path = {cfg.path!r} does not exist")
+        if p.is_dir() and (p / META).exists():
+            meta, splits = load_prepared(p, vocab_size, _cache_dir(cfg))
+            vocab = int(meta["vocab_size"])
+            tok = meta.get("tokenizer", {}).get("name", "?")
+            source = f"{p} (prepared: {len(splits['train']):,} train tokens, tokenizer {tok})"
+            return Corpus(train=splits["train"], val=splits["val"], vocab_size=vocab_size or vocab,
+                          source=source, eos_id=int(meta["eos_id"]))
         if p.suffix == ".bin":
-            tokens = np.memmap(p, dtype=np.dtype(cfg.token_dtype), mode="r")
-            if len(tokens) == 0:
-                raise ConfigError(f"data.path = {cfg.path!r} is empty")
-            vocab = vocab_size or int(tokens.max()) + 1
+            tokens, vocab = load_bin(p, cfg.token_dtype, vocab_size, _cache_dir(cfg))
             source = str(p)
         else:
             tokens = _encode_files(text_files(p), _cache_dir(cfg))
             vocab = ByteTokenizer.vocab_size
             source = str(p)
     if vocab_size and vocab_size < vocab and not (cfg.path and cfg.path.endswith(".bin")):
-        raise ConfigError(f"model.vocab_size = {vocab_size} is smaller than the tokenizer's {vocab}")
+        raise ConfigError(f"model.vocab_size = {vocab_size} is smaller than the tokenizer's "
+                          f"{vocab}")
     n_val = int(len(tokens) * cfg.val_fraction)
     split = len(tokens) - n_val
-    return Corpus(train=tokens[:split], val=tokens[split:], vocab_size=vocab_size or vocab, source=source)
+    return Corpus(train=tokens[:split], val=tokens[split:], vocab_size=vocab_size or vocab,
+                  source=source)

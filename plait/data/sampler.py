@@ -18,18 +18,21 @@ from plait.errors import ConfigError
 
 
 class ChunkSampler:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True, what: str = "train"):
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True,
+                 what: str = "train"):
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
         self.n_chunks = (len(tokens) - 1) // seq_len
         if self.n_chunks < 1:
-            raise ConfigError(f"the {what} split has {len(tokens)} tokens, fewer than train.seq_len + 1 = "
-                              f"{seq_len + 1}: use more data or a shorter train.seq_len")
+            raise ConfigError(f"the {what} split has {len(tokens)} tokens, fewer than "
+                              f"train.seq_len + 1 = {seq_len + 1}: use more data or a shorter "
+                              "train.seq_len")
         self._perm_epoch = -1
         self._perm = None
-        # page-locked batches let the host-to-GPU copy run asynchronously (a pageable copy waits for the stream)
+        # page-locked batches let the host-to-GPU copy run asynchronously
+        # (a pageable copy waits for the stream)
         self.pin_memory = False
 
     def _chunk(self, i: int) -> int:
@@ -60,6 +63,7 @@ def rank_slice(start: int, global_batch: int, dp: int, dp_index: int) -> tuple[i
 
 
 def micro_batches(sampler: ChunkSampler, start: int, count: int, micro: int):
-    """Split samples [start, start+count) into micro-batches of `micro` (the last may be smaller)."""
+    """Split samples [start, start+count) into micro-batches of `micro`
+    (the last may be smaller)."""
     for s in range(start, start + count, micro):
         yield sampler.batch(s, min(micro, start + count - s))

@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 
 class _Bucket:
-    def __init__(self, index: int, params: list[nn.Parameter], dtype: torch.dtype, device: torch.device,
-                 pad_to: int = 1):
+    def __init__(self, index: int, params: list[nn.Parameter], dtype: torch.dtype,
+                 device: torch.device, pad_to: int = 1):
         self.index = index
         self.params = params
         self.numel = sum(p.numel() for p in params)
-        self.padded = -(-self.numel // pad_to) * pad_to  # buffer length: numel rounded up to a multiple of pad_to
+        # buffer length: numel rounded up to a multiple of pad_to
+        self.padded = -(-self.numel // pad_to) * pad_to
         self.dtype, self.device = dtype, device
         self.buffer: torch.Tensor | None = None
         self.views: dict[int, torch.Tensor] = {}
@@ -62,14 +63,17 @@ class _Bucket:
 
 
 class GradReducer:
-    def __init__(self, params: list[nn.Parameter], group: Group, comm: Comm, bucket_bytes: int = 25 * 2**20,
-                 first_bucket_bytes: int = 2**20, average: bool = False, dtype: torch.dtype | None = None,
-                 compressor: Compressor | None = None, pad_to: int = 1, release_after_reduce: bool = False):
+    def __init__(self, params: list[nn.Parameter], group: Group, comm: Comm,
+                 bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int = 2**20,
+                 average: bool = False, dtype: torch.dtype | None = None,
+                 compressor: Compressor | None = None, pad_to: int = 1,
+                 release_after_reduce: bool = False):
         self.group = group
         self.pad_to = pad_to
         self.release_after_reduce = release_after_reduce
         self.comm = comm
-        # None: the plain in-place all-reduce; else compressor.exchange decides each bucket's traffic
+        # None: the plain in-place all-reduce; else compressor.exchange decides each
+        # bucket's traffic
         self.compressor = compressor.bind(group, comm) if compressor is not None else None
         self.average = average
         self.sync = True
@@ -79,7 +83,8 @@ class GradReducer:
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         cur: list[nn.Parameter] = []
-        cur_bytes, cap = 0, min(first_bucket_bytes, bucket_bytes)  # buckets asked smaller than 1 MiB: all of them
+        # buckets asked smaller than 1 MiB: all of them
+        cur_bytes, cap = 0, min(first_bucket_bytes, bucket_bytes)
         for p in reversed(params):
             # a bucket holds one dtype and device
             if cur and (cur_bytes + p.numel() * p.element_size() > cap or p.dtype != cur[0].dtype
@@ -95,7 +100,8 @@ class GradReducer:
         self.zero_grad()
 
     def _add_bucket(self, params: list[nn.Parameter], dtype: torch.dtype | None) -> None:
-        b = _Bucket(len(self.buckets), params, dtype or params[0].dtype, params[0].device, self.pad_to)
+        b = _Bucket(len(self.buckets), params, dtype or params[0].dtype, params[0].device,
+                    self.pad_to)
         self.buckets.append(b)
         for p in params:
             self._bucket_of[id(p)] = b
@@ -117,7 +123,8 @@ class GradReducer:
         self._next = 0
 
     def _adopt(self, p: nn.Parameter) -> None:
-        """Make p.grad the bucket view again if something replaced it (e.g. zero_grad(set_to_none))."""
+        """Make p.grad the bucket view again if something replaced it
+        (e.g. zero_grad(set_to_none))."""
         b = self._bucket_of[id(p)]
         if b.buffer is None:  # released after the last step's exchange
             b.allocate()
@@ -153,7 +160,8 @@ class GradReducer:
         if self.compressor is None:
             b.handle = self.comm.all_reduce(b.buffer, self.group, async_op=True)
         else:  # the summed gradient is in b.buffer once the handle is waited
-            b.handle = self.compressor.exchange(b.index, b.buffer, [b.views[id(p)] for p in b.params])
+            b.handle = self.compressor.exchange(b.index, b.buffer,
+                                                [b.views[id(p)] for p in b.params])
         self._next += 1
 
     # -- step ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ZeRO over the data-parallel group: sharded optimizer state (stage 1), gradients (2), parameters (3).
+"""ZeRO over the data-parallel group: sharded optimizer state (stage 1), gradients (2),
+parameters (3).
 
 Terms. Ψ: the parameter elements this model-parallel rank trains (its tensor-parallel shards, its
 pipeline stage), each tensor once (tied weights once). Nd = mesh.dp size, r = this rank's dp index.
@@ -42,12 +43,13 @@ from plait.data_parallel.zero_optim import Piece, ZeroOptimizer, leaf_of, slots_
 from plait.errors import ConfigError
 from plait.mesh import Mesh
 
-__all__ = ["Piece", "ShardExchange", "ZeroOptimizer", "apply_zero", "build_reducer", "check_zero", "shard_buckets",
-           "wrap_optimizer"]
+__all__ = ["Piece", "ShardExchange", "ZeroOptimizer", "apply_zero", "build_reducer", "check_zero",
+           "shard_buckets", "wrap_optimizer"]
 
 
 class ShardExchange(Compressor):
-    """GradReducer's bucket exchange for ZeRO-1/2: reduce-scatter (SUM) of the padded bucket over dp.
+    """GradReducer's bucket exchange for ZeRO-1/2:
+    reduce-scatter (SUM) of the padded bucket over dp.
 
     ZeRO-1 (`keep_shards=False`) writes rank r's reduced chunk in place into chunk r of the bucket;
     ZeRO-2 into a chunk-sized buffer per bucket (`shard`), which outlives the bucket.
@@ -60,8 +62,10 @@ class ShardExchange(Compressor):
         self.keep_shards = keep_shards
         self.shards: dict[int, torch.Tensor] = {}
 
-    def shard(self, key: int, flat: torch.Tensor | None, padded: int, like: torch.Tensor) -> torch.Tensor:
-        """Where this rank's reduced chunk of bucket `key` (`padded` elements; `flat` its buffer) lands."""
+    def shard(self, key: int, flat: torch.Tensor | None, padded: int,
+              like: torch.Tensor) -> torch.Tensor:
+        """Where this rank's reduced chunk of bucket `key` (`padded` elements; `flat` its buffer)
+        lands."""
         n, r = self.group.size, self.group.rank
         s = padded // n
         if not self.keep_shards:
@@ -72,8 +76,8 @@ class ShardExchange(Compressor):
 
     def exchange(self, key, flat, views):
         if flat.numel() % self.group.size:
-            raise RuntimeError(f"bucket {key}: {flat.numel()} elements do not split over dp = {self.group.size}; "
-                               f"the reducer must pad buckets (pad_to = dp)")
+            raise RuntimeError(f"bucket {key}: {flat.numel()} elements do not split over dp = "
+                               f"{self.group.size}; the reducer must pad buckets (pad_to = dp)")
         out = self.shard(key, flat, flat.numel(), flat)
         return Pending(self.comm.reduce_scatter(out, flat, self.group, async_op=True))
 
@@ -85,10 +89,12 @@ def build_reducer(params: list[nn.Parameter], mesh: Mesh, stage: int, bucket_byt
     from plait.data_parallel.reducer import GradReducer
 
     return GradReducer(params, mesh.dp, mesh.comm, bucket_bytes=bucket_bytes, pad_to=mesh.dp_size,
-                       compressor=ShardExchange(keep_shards=stage == 2), release_after_reduce=stage == 2)
+                       compressor=ShardExchange(keep_shards=stage == 2),
+                       release_after_reduce=stage == 2)
 
 
-def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, stage: int) -> ZeroOptimizer:
+def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh,
+                  stage: int) -> ZeroOptimizer:
     """ZeRO-1/2 over a reducer from `build_reducer`: moves the parameters into flat per-bucket
     buffers, makes this rank's pieces and wraps the optimizer (no communication)."""
     n, r = mesh.dp_size, mesh.dp_index
@@ -97,8 +103,9 @@ def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, stage: 
     slot_of = {id(p): i for i, p in enumerate(full)}
     missing = [i for i, p in enumerate(full) if id(p) not in reducer._bucket_of]
     if missing:
-        raise ConfigError(f"parallel.zero = {stage}: {len(missing)} optimizer parameters have no gradient bucket "
-                          f"(frozen parameters, or parameters outside the model, cannot be sharded)")
+        raise ConfigError(f"parallel.zero = {stage}: {len(missing)} optimizer parameters have no "
+                          "gradient bucket (frozen parameters, or parameters outside the model, "
+                          "cannot be sharded)")
     flats, pieces, spans, chunks = [], [], {}, []
     with torch.no_grad():
         for b in reducer.buckets:
@@ -132,7 +139,8 @@ def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, stage: 
             h.wait()
 
     def sources():
-        grads = [b.buffer for b in reducer.buckets if b.buffer is not None] + list(exchange.shards.values())
+        grads = ([b.buffer for b in reducer.buckets if b.buffer is not None]
+                 + list(exchange.shards.values()))
         grads += [p.grad for p in full if p.grad is not None]
         return list(full), grads
 
@@ -144,20 +152,23 @@ def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, stage: 
 
 # -- parallelize() step 5 ------------------------------------------------------------------------
 def check_zero(cfg, mesh: Mesh, compression=None, optimizer=None) -> None:
-    """ConfigError for what ZeRO does not combine with (raised on every rank before any collective)."""
+    """ConfigError for what ZeRO does not combine with
+    (raised on every rank before any collective)."""
     z = cfg.zero
     if z not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero = {z}: choose 0, 1, 2 or 3")
     if getattr(optimizer, "dp_exchange", None) is not None:
-        raise ConfigError(f"optim.name = onebit_adam with parallel.zero = {z}: 1-bit Adam exchanges whole "
-                          f"gradients itself; set parallel.zero=0 or another optimizer")
+        raise ConfigError(f"optim.name = onebit_adam with parallel.zero = {z}: 1-bit Adam "
+                          "exchanges whole gradients itself; set parallel.zero=0 or another "
+                          "optimizer")
     if compression is not None and compression.name != "none":
-        raise ConfigError(f"compression.name = {compression.name!r} with parallel.zero = {z}: ZeRO reduce-scatters "
-                          f"gradient buckets uncompressed; set compression.name=none or parallel.zero=0")
+        raise ConfigError(f"compression.name = {compression.name!r} with parallel.zero = {z}: ZeRO "
+                          "reduce-scatters gradient buckets uncompressed; set "
+                          "compression.name=none or parallel.zero=0")
     if z == 3 and mesh.pp_size > 1 and cfg.schedule == "zb_h1":
-        raise ConfigError("parallel.schedule = zb_h1 with parallel.zero = 3: the split backward computes weight "
-                          "gradients outside FSDP2's hooks; choose gpipe, 1f1b or interleaved_1f1b, or "
-                          "parallel.zero <= 2")
+        raise ConfigError("parallel.schedule = zb_h1 with parallel.zero = 3: the split backward "
+                          "computes weight gradients outside FSDP2's hooks; choose gpipe, 1f1b or "
+                          "interleaved_1f1b, or parallel.zero <= 2")
 
 
 def apply_zero(model: nn.Module, mesh: Mesh, cfg, compression=None, optimizer=None):
@@ -174,10 +185,12 @@ def apply_zero(model: nn.Module, mesh: Mesh, cfg, compression=None, optimizer=No
 
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, cfg) -> ZeroOptimizer:
-    """The ZeroOptimizer over `reducer` (from `apply_zero`); its `params` are what ParallelOptimizer clips."""
+    """The ZeroOptimizer over `reducer` (from `apply_zero`);
+    its `params` are what ParallelOptimizer clips."""
     if reducer is None:
-        raise ConfigError(f"parallel.zero = {cfg.zero} needs the per-step gradient exchange (sync.strategy = "
-                          f"every_step): set sync.strategy=every_step or parallel.zero=0")
+        raise ConfigError(f"parallel.zero = {cfg.zero} needs the per-step gradient exchange "
+                          "(sync.strategy = every_step): set sync.strategy=every_step or "
+                          "parallel.zero=0")
     if cfg.zero == 3:
         from plait.data_parallel.zero3 import shard_fsdp
 

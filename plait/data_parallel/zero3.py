@@ -88,7 +88,8 @@ class FullyShardedDP:
 
         self.model, self.mesh = model, mesh
         self.n = mesh.dp_size
-        attrs = {name: {a: getattr(p, a) for a in _ATTRS if hasattr(p, a)} for name, p in model.named_parameters()}
+        attrs = {name: {a: getattr(p, a) for a in _ATTRS if hasattr(p, a)}
+                 for name, p in model.named_parameters()}
         dm = DeviceMesh.from_group(mesh.dp.pg, mesh.device.type, mesh_dim_names=("dp",))
         units = units_of(model)
         for u in units:
@@ -101,7 +102,8 @@ class FullyShardedDP:
             if self.exact_sum:
                 u.set_gradient_divide_factor(1.0)
                 u.set_force_sum_reduction_for_comms(True)
-        if hasattr(model, "set_reshard_after_forward"):  # the root too, so backward gathers every unit again
+        # the root too, so backward gathers every unit again
+        if hasattr(model, "set_reshard_after_forward"):
             model.set_reshard_after_forward(True, recurse=False)
         self.params = [p for _, p in model.named_parameters()]
         for name, p in model.named_parameters():  # FSDP2 made new Parameters: keep plait's marks
@@ -112,7 +114,8 @@ class FullyShardedDP:
         self.sync = True
         self.optimizer: ZeroOptimizer | None = None
         self._managed = {id(u): self._direct_params(u) for u in self.units}
-        self._fresh: dict[int, bool] = {}  # per unit: its current forward started from sharded parameters
+        # per unit: its current forward started from sharded parameters
+        self._fresh: dict[int, bool] = {}
         for u in self.units:
             if self._managed[id(u)]:
                 u.register_forward_pre_hook(self._pre_forward, prepend=True)
@@ -120,7 +123,8 @@ class FullyShardedDP:
 
     # -- byte records ----------------------------------------------------------------------
     def _direct_params(self, unit: nn.Module) -> list[tuple[nn.Module, str, int]]:
-        """(module, attribute, padded bytes) of the parameters `unit` itself gathers (not its sub-units')."""
+        """(module, attribute, padded bytes) of the parameters `unit` itself gathers
+        (not its sub-units')."""
         nested = {id(u) for u in self.units if u is not unit}
         out, seen, stack = [], set(), [unit]
         while stack:
@@ -138,7 +142,8 @@ class FullyShardedDP:
 
     def _record(self, op: str, unit: nn.Module) -> None:
         nbytes = sum(b for _, _, b in self._managed[id(unit)])
-        self.mesh.comm.stats.record(op, self.mesh.dp.name, nbytes, wire_bytes(op, nbytes, self.n), 0.0)
+        self.mesh.comm.stats.record(op, self.mesh.dp.name, nbytes, wire_bytes(op, nbytes, self.n),
+                                    0.0)
 
     def _pre_forward(self, unit, args) -> None:
         self._fresh[id(unit)] = self._sharded(unit)
@@ -173,7 +178,8 @@ class FullyShardedDP:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """After the step's last backward: make the gradient shards plain sums, bind the optimizer's pieces."""
+        """After the step's last backward: make the gradient shards plain sums,
+        bind the optimizer's pieces."""
         if not self.exact_sum:
             for p in self.params:
                 if p.grad is not None:
@@ -199,7 +205,8 @@ class FullyShardedDP:
     # -- full state ------------------------------------------------------------------------
     @torch.no_grad()
     def state_gatherer(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sharded state dict -> full tensors: one all-gather over mesh.dp per sharded tensor, in key order."""
+        """Sharded state dict -> full tensors: one all-gather over mesh.dp per sharded tensor,
+        in key order."""
         out = {}
         for k, v in sd.items():
             if not _is_dtensor(v):
@@ -217,14 +224,16 @@ class FullyShardedDP:
 
 
 def bind_pieces(zo: ZeroOptimizer) -> None:
-    """Point each leaf at its parameter's current local shard and gradient (FSDP2 may reallocate both)."""
+    """Point each leaf at its parameter's current local shard and gradient
+    (FSDP2 may reallocate both)."""
     for pc in zo.pieces:
         p = zo.full_params[pc.slot]
         pc.leaf.data = _local(p.detach()).reshape(-1)
         pc.leaf.grad = None if p.grad is None else _local(p.grad).reshape(-1)
 
 
-def shard_fsdp(optimizer: torch.optim.Optimizer, engine: FullyShardedDP, mesh: Mesh) -> ZeroOptimizer:
+def shard_fsdp(optimizer: torch.optim.Optimizer, engine: FullyShardedDP,
+               mesh: Mesh) -> ZeroOptimizer:
     """Wrap an optimizer built over the FSDP2 (DTensor) parameters so it steps plain local shards.
 
     Each parameter is its own flat space of Nd·c·rest elements (c = ⌈d0/Nd⌉ rows, rest the other
@@ -244,7 +253,8 @@ def shard_fsdp(optimizer: torch.optim.Optimizer, engine: FullyShardedDP, mesh: M
             leaf = leaf_of(local.reshape(-1), p)
             pieces.append(Piece(slot, slot, r * c * rest, local.numel(), r * c * rest, leaf))
     zo = ZeroOptimizer(optimizer, pieces, spans, chunks, mesh, 3,
-                       memory_sources=lambda: (list(full), [p.grad for p in full if p.grad is not None]))
+                       memory_sources=lambda: (list(full),
+                                               [p.grad for p in full if p.grad is not None]))
     zo.padding = sum(padded_numel(p.shape, n) - p.numel() for p in full)
     engine.optimizer = zo
     return zo

@@ -55,12 +55,13 @@ def psi_of(params) -> int:
 def optimizer_bytes(state) -> tuple[int, int]:
     """(per-element state bytes, scalar state bytes) of an optimizer's `state` dict."""
     elems = [v for st in state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-    scalars = [v for st in state.values() for v in st.values() if torch.is_tensor(v) and v.dim() == 0]
+    scalars = [v for st in state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() == 0]
     return storage_bytes(elems), sum(v.numel() * v.element_size() for v in scalars)
 
 
-def zero_formula(stage: int, psi: int, nd: int, padding: int = 0, owned: int | None = None, k: int = 8,
-                 e: int = 4) -> dict[str, int]:
+def zero_formula(stage: int, psi: int, nd: int, padding: int = 0, owned: int | None = None,
+                 k: int = 8, e: int = 4) -> dict[str, int]:
     """The table above, in bytes. `owned` = Ψ_r (default Ψ/Nd, or Ψ for stage 0)."""
     full = e * (psi + padding)
     if owned is None:
@@ -89,10 +90,12 @@ def memory_breakdown(model, optimizer) -> dict:
         elem, scalar = optimizer_bytes(inner.state)
         psi = psi_of(params)
         g = storage_bytes(grads) if grads else sum(p.numel() * p.element_size() for p in params)
-        out = {"zero": 0, "dp": model.mesh.dp_size if hasattr(model, "mesh") else 1, "psi": psi, "padding": 0,
-               "owned": psi, "parameters": storage_bytes(params), "gradients": g, "optimizer_state": elem,
-               "optimizer_scalars": scalar, "gradients_measured": bool(grads)}
+        out = {"zero": 0, "dp": model.mesh.dp_size if hasattr(model, "mesh") else 1, "psi": psi,
+               "padding": 0, "owned": psi, "parameters": storage_bytes(params), "gradients": g,
+               "optimizer_state": elem, "optimizer_scalars": scalar,
+               "gradients_measured": bool(grads)}
         out["model_state"] = out["parameters"] + out["gradients"] + elem + scalar
     k = out["optimizer_state"] // max(1, out["owned"])
-    out["formula"] = zero_formula(out["zero"], out["psi"], out["dp"], out["padding"], out["owned"], k=k)
+    out["formula"] = zero_formula(out["zero"], out["psi"], out["dp"], out["padding"], out["owned"],
+                                  k=k)
     return out

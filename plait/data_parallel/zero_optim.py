@@ -29,7 +29,8 @@ class Piece:
     flattened parameter, at [start, start + length) of flat space `space` (a bucket for ZeRO-1/2,
     the parameter's own padded space for ZeRO-3)."""
 
-    slot: int  # the parameter's index in the optimizer's parameter order (torch's state-dict numbering)
+    # the parameter's index in the optimizer's parameter order (torch's state-dict numbering)
+    slot: int
     space: int
     start: int
     length: int
@@ -38,7 +39,8 @@ class Piece:
 
 
 def leaf_of(data: torch.Tensor, source: torch.Tensor) -> nn.Parameter:
-    """A leaf sharing `data`'s memory, marked as a dp shard of `source` (its tp attributes copied)."""
+    """A leaf sharing `data`'s memory, marked as a dp shard of `source`
+    (its tp attributes copied)."""
     leaf = nn.Parameter(data, requires_grad=True)
     leaf.plait_dp_sharded = True
     if getattr(source, "plait_tp_replicated", False):
@@ -72,11 +74,13 @@ class ZeroOptimizer:
 
     dp_sharded = True  # gradients are pieces: ParallelOptimizer.grad_norm sums over dp too
 
-    def __init__(self, optimizer: torch.optim.Optimizer, pieces: list[Piece], spans: dict[int, tuple[int, int]],
-                 space_chunks: list[int], mesh: Mesh, stage: int, after_step=None, memory_sources=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, pieces: list[Piece],
+                 spans: dict[int, tuple[int, int]], space_chunks: list[int], mesh: Mesh, stage: int,
+                 after_step=None, memory_sources=None):
         if optimizer.state:
-            raise ConfigError("parallel.zero > 0: the optimizer already has state; build it before the first step "
-                              "(or pass a factory: lambda params: AdamW(params, ...))")
+            raise ConfigError("parallel.zero > 0: the optimizer already has state; build it "
+                              "before the first step (or pass a factory: lambda params: "
+                              "AdamW(params, ...))")
         self.inner = optimizer
         self.full_params = slots_of(optimizer)
         self.group_sizes = [len(g["params"]) for g in optimizer.param_groups]
@@ -86,27 +90,32 @@ class ZeroOptimizer:
         self.mesh = mesh
         self.stage = stage
         self.after_step = after_step
-        # () -> (parameter tensors, gradient tensors) held by this rank, for plait.data_parallel.zero_memory
+        # () -> (parameter tensors, gradient tensors) held by this rank, for
+        # plait.data_parallel.zero_memory
         self.memory_sources = memory_sources
-        self.measured: dict | None = None  # model-state bytes, measured at the end of the first step
+        # model-state bytes, measured at the end of the first step
+        self.measured: dict | None = None
         for pc in self.pieces:
             pc.leaf.plait_zero_slot = pc.slot
         self._regroup()
         if hasattr(optimizer, "norm_reducer"):
-            optimizer.norm_reducer = ShardNormReducer(mesh, self.full_params, optimizer.norm_reducer)
+            optimizer.norm_reducer = ShardNormReducer(mesh, self.full_params,
+                                                      optimizer.norm_reducer)
 
     # -- param groups ----------------------------------------------------------------------
     def _regroup(self) -> None:
         leaf_of = {pc.slot: pc.leaf for pc in self.pieces}
         groups = []
-        self.origin: list[tuple[int, str]] = []  # per rebuilt group: (original group, "whole" | "matrix" | "vector")
+        # per rebuilt group: (original group, "whole" | "matrix" | "vector")
+        self.origin: list[tuple[int, str]] = []
         slot = 0
         for gi, g in enumerate(self.inner.param_groups):
             opts = {k: v for k, v in g.items() if k != "params"}
             slots = list(range(slot, slot + len(g["params"])))
             slot += len(g["params"])
             if "adapt" in opts and opts["adapt"] is None:
-                parts = [("matrix", dict(opts, adapt=True), [s for s in slots if self.full_params[s].dim() >= 2]),
+                parts = [("matrix", dict(opts, adapt=True),
+                          [s for s in slots if self.full_params[s].dim() >= 2]),
                          ("vector", dict(opts, adapt=False, weight_decay=0.0),
                           [s for s in slots if self.full_params[s].dim() < 2])]
             else:
@@ -158,11 +167,13 @@ class ZeroOptimizer:
         return loss
 
     def measure_memory(self) -> dict:
-        """Model-state bytes of this rank, now (called at the end of the first step); see zero_memory."""
+        """Model-state bytes of this rank, now (called at the end of the first step);
+        see zero_memory."""
         params, grads = self.memory_sources()
         elem, scalar = optimizer_bytes(self.inner.state)
         out = {"zero": self.stage, "dp": self.mesh.dp_size, "psi": psi_of(params),
-               "padding": int(getattr(self, "padding", 0)), "owned": sum(pc.length for pc in self.pieces),
+               "padding": int(getattr(self, "padding", 0)),
+               "owned": sum(pc.length for pc in self.pieces),
                "parameters": storage_bytes(params), "gradients": storage_bytes(grads),
                "optimizer_state": elem, "optimizer_scalars": scalar}
         out["model_state"] = out["parameters"] + out["gradients"] + out["optimizer_state"] + scalar
@@ -188,8 +199,9 @@ class ZeroOptimizer:
         sd = dict(sd)
         layout = sd.pop("zero", None)
         if layout is None or [tuple(x) for x in layout["pieces"]] != self._layout():
-            raise ValueError("ZeRO optimizer state of another layout (parallel.dp, parallel.zero or parallel.bucket_mb "
-                             "changed): save and load it with full_state_dict() / load_full_state_dict()")
+            raise ValueError("ZeRO optimizer state of another layout (parallel.dp, parallel.zero "
+                             "or parallel.bucket_mb changed): save and load it with "
+                             "full_state_dict() / load_full_state_dict()")
         self.inner.load_state_dict(sd)
 
     def _keys(self) -> list[tuple[str, bool]]:
@@ -197,7 +209,8 @@ class ZeroOptimizer:
         for pc in self.pieces:
             st = self.inner.state.get(pc.leaf)
             if st:
-                return [(k, torch.is_tensor(v) and v.dim() > 0 and v.numel() == pc.length) for k, v in st.items()]
+                return [(k, torch.is_tensor(v) and v.dim() > 0 and v.numel() == pc.length)
+                        for k, v in st.items()]
         return []
 
     @torch.no_grad()
@@ -208,13 +221,14 @@ class ZeroOptimizer:
         per state key and space; scalar state (step counts) comes from the rank holding each
         parameter's first element (one all-reduce per key). Every dp rank must hold a piece.
         """
-        comm, dp, n, r, dev = self.mesh.comm, self.mesh.dp, self.mesh.dp_size, self.mesh.dp_index, self.mesh.device
+        comm, dp, n, r, dev = (self.mesh.comm, self.mesh.dp, self.mesh.dp_size, self.mesh.dp_index,
+                               self.mesh.device)
         keys = self._keys()
         count = torch.tensor([len(keys)], device=dev)
         comm.all_reduce(count, dp, op="min")
         if int(count) != len(keys) or not keys:
-            raise RuntimeError("full_state_dict(): some dp rank has no optimizer state (take a step first; every "
-                               "dp rank must hold a piece of the model)")
+            raise RuntimeError("full_state_dict(): some dp rank has no optimizer state (take a "
+                               "step first; every dp rank must hold a piece of the model)")
         by_space: dict[int, list[Piece]] = {}
         for pc in self.pieces:
             by_space.setdefault(pc.space, []).append(pc)
@@ -223,7 +237,8 @@ class ZeroOptimizer:
             members.setdefault(space, []).append((slot, off))
         state: dict[int, dict] = {slot: {} for slot in sorted(self.spans)}
         for k, per_elem in keys:
-            like = next(self.inner.state[pc.leaf][k] for pc in self.pieces if pc.leaf in self.inner.state)
+            like = next(self.inner.state[pc.leaf][k] for pc in self.pieces
+                        if pc.leaf in self.inner.state)
             if not per_elem:
                 table = torch.zeros(len(self.full_params), dtype=torch.float64, device=dev)
                 for pc in self.pieces:
@@ -232,14 +247,15 @@ class ZeroOptimizer:
                 comm.all_reduce(table, dp)
                 for slot in state:
                     v = table[slot]
-                    state[slot][k] = (v.to(like.dtype).reshape(like.shape).to(like.device) if torch.is_tensor(like)
-                                      else type(like)(v.item()))
+                    state[slot][k] = (v.to(like.dtype).reshape(like.shape).to(like.device)
+                                      if torch.is_tensor(like) else type(like)(v.item()))
                 continue
             for space in sorted(members):
                 s = self.space_chunks[space]
                 chunk = torch.zeros(s, dtype=like.dtype, device=dev)
                 for pc in by_space.get(space, ()):
-                    chunk[pc.start - r * s: pc.start - r * s + pc.length] = self.inner.state[pc.leaf][k]
+                    chunk[pc.start - r * s: pc.start - r * s + pc.length] = \
+                        self.inner.state[pc.leaf][k]
                 full = torch.empty(s * n, dtype=like.dtype, device=dev)
                 comm.all_gather(full, chunk, dp)
                 for slot, off in members[space]:
@@ -249,13 +265,15 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def load_full_state_dict(self, sd: dict) -> None:
-        """Take torch's layout with full-shape tensors; keep this rank's slice (no communication)."""
+        """Take torch's layout with full-shape tensors;
+        keep this rank's slice (no communication)."""
         if len(sd["param_groups"]) != len(self.group_sizes):
-            raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups, this optimizer "
-                             f"{len(self.group_sizes)}")
+            raise ValueError(f"optimizer state has {len(sd['param_groups'])} param groups, this "
+                             f"optimizer {len(self.group_sizes)}")
         for g, (gi, part) in zip(self.inner.param_groups, self.origin):
             for k, v in sd["param_groups"][gi].items():
-                if k == "params" or (part != "whole" and k == "adapt") or (part == "vector" and k == "weight_decay"):
+                if (k == "params" or (part != "whole" and k == "adapt")
+                        or (part == "vector" and k == "weight_decay")):
                     continue
                 g[k] = v
         self.inner.state.clear()
@@ -267,7 +285,8 @@ class ZeroOptimizer:
             st = {}
             for k, v in full.items():
                 if torch.is_tensor(v) and v.dim() > 0 and v.numel() == p.numel():
-                    st[k] = v.reshape(-1)[pc.param_start: pc.param_start + pc.length].to(pc.leaf.device).clone()
+                    st[k] = (v.reshape(-1)[pc.param_start: pc.param_start + pc.length]
+                             .to(pc.leaf.device).clone())
                 else:
                     st[k] = v.clone() if torch.is_tensor(v) else v
             self.inner.state[pc.leaf] = st

@@ -154,7 +154,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):  # residual projections, GPT-2 scaling
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # residual projections, GPT-2 scaling
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)

@@ -1,11 +1,13 @@
-"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes").
+"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning:
+Training BERT in 76 minutes").
 
 Per parameter tensor (a "layer"), at step t with gradient g:
 
     m ← β1·m + (1−β1)·g            v ← β2·v + (1−β2)·g²
     r = m̂ / (√v̂ + ε)               (m̂, v̂ bias-corrected)
     u = r + λ·w                     (λ: weight decay)
-    w ← w − lr · φ · u,   φ = ‖w‖ / ‖u‖   (1 when either norm is 0; clamped to max_trust_ratio if set)
+    w ← w − lr · φ · u,   φ = ‖w‖ / ‖u‖   (1 when either norm is 0;
+                                          clamped to max_trust_ratio if set)
 
 Parameters that are not adapted (1-D by default: biases, norm weights) take the plain Adam step
 w ← w − lr·r, with no trust ratio and no weight decay.
@@ -25,15 +27,17 @@ from plait.optim.layerwise import NormReducer, decay_of, is_adapted, reduce_norm
 
 
 class LAMB(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, bias_correction: bool = True, max_trust_ratio: float | None = None,
-                 norm_reducer: NormReducer | None = None):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 max_trust_ratio: float | None = None, norm_reducer: NormReducer | None = None):
         if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"LAMB: lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) must be >= 0")
+            raise ValueError(f"LAMB: lr ({lr}), eps ({eps}) and weight_decay ({weight_decay}) must "
+                             "be >= 0")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"LAMB: betas {betas} must be in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, max_trust_ratio=max_trust_ratio, adapt=None)
+                        bias_correction=bias_correction, max_trust_ratio=max_trust_ratio,
+                        adapt=None)
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
 
@@ -74,11 +78,13 @@ class LAMB(torch.optim.Optimizer):
                 else:
                     p.add_(u.to(p.dtype), alpha=-group["lr"])
         params = [p for p, _, _ in adapted]
-        sq = reduce_norms(self.norm_reducer, params, squared_norms([(p, u) for p, u, _ in adapted], device))
+        sq = reduce_norms(self.norm_reducer, params,
+                          squared_norms([(p, u) for p, u, _ in adapted], device))
         norms = sq.sqrt()
         for i, (p, u, group) in enumerate(adapted):
             w_norm, u_norm = norms[i, 0], norms[i, 1]
-            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                torch.ones_like(w_norm))
             if group["max_trust_ratio"] is not None:
                 ratio = ratio.clamp(max=group["max_trust_ratio"])
             p.add_((u * ratio).to(p.dtype), alpha=-group["lr"])

@@ -26,14 +26,16 @@ from plait.optim.layerwise import NormReducer, decay_of, is_adapted, reduce_norm
 
 class LARS(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 trust_coefficient: float = 1e-3, nesterov: bool = False, norm_reducer: NormReducer | None = None):
+                 trust_coefficient: float = 1e-3, nesterov: bool = False,
+                 norm_reducer: NormReducer | None = None):
         if lr < 0 or weight_decay < 0 or trust_coefficient <= 0 or not 0 <= momentum < 1:
-            raise ValueError(f"LARS: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0, trust_coefficient "
-                             f"({trust_coefficient}) > 0, momentum ({momentum}) in [0, 1)")
+            raise ValueError(f"LARS: lr ({lr}) and weight_decay ({weight_decay}) must be >= 0, "
+                             f"trust_coefficient ({trust_coefficient}) > 0, momentum ({momentum}) "
+                             "in [0, 1)")
         if nesterov and momentum == 0:
             raise ValueError("LARS: nesterov needs momentum > 0")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        nesterov=nesterov, adapt=None)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, nesterov=nesterov, adapt=None)
         super().__init__(params, defaults)
         self.norm_reducer = norm_reducer
 
@@ -55,7 +57,8 @@ class LARS(torch.optim.Optimizer):
                     raise RuntimeError("LARS does not support sparse gradients")
                 todo.append((p, group, is_adapted(group, p)))
         adapted = [p for p, _, a in todo if a]
-        sq = reduce_norms(self.norm_reducer, adapted, squared_norms([(p, p.grad) for p in adapted], device))
+        sq = reduce_norms(self.norm_reducer, adapted,
+                          squared_norms([(p, p.grad) for p in adapted], device))
         norms = iter(sq.sqrt())
         for p, group, adapt in todo:
             g = p.grad.float()

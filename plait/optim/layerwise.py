@@ -46,10 +46,12 @@ NormReducer = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 class GroupNormReducer:
     """Sums each layer's squared norms over `group` with one all-reduce per optimizer step."""
 
-    def __init__(self, comm: Comm, group: Group, replicated: Callable[[torch.Tensor], bool] | None = None,
+    def __init__(self, comm: Comm, group: Group,
+                 replicated: Callable[[torch.Tensor], bool] | None = None,
                  slot: Callable[[torch.Tensor], int] | None = None, n_slots: int = 0):
         if (slot is None) != (n_slots == 0):
-            raise ValueError("GroupNormReducer: give both slot and n_slots (a table of layers), or neither")
+            raise ValueError("GroupNormReducer: give both slot and n_slots (a table of layers), or "
+                             "neither")
         self.comm = comm
         self.group = group
         self.replicated = replicated
@@ -57,8 +59,8 @@ class GroupNormReducer:
         self.n_slots = n_slots
 
     def __call__(self, params: list[torch.Tensor], sq: torch.Tensor) -> torch.Tensor:
-        keep = torch.tensor([bool(self.replicated and self.replicated(p)) for p in params], dtype=torch.bool,
-                            device=sq.device)
+        keep = torch.tensor([bool(self.replicated and self.replicated(p)) for p in params],
+                            dtype=torch.bool, device=sq.device)
         if self.slot is None:
             table = sq.clone()
             self.comm.all_reduce(table, self.group)
@@ -75,7 +77,8 @@ def tensor_parallel_norm_reducer(mesh) -> NormReducer | None:
     `plait_tp_replicated` (whole on every tp rank). None when tp = 1 (nothing to reduce)."""
     if mesh.tp_size == 1:
         return None
-    return GroupNormReducer(mesh.comm, mesh.tp, replicated=lambda p: getattr(p, "plait_tp_replicated", False))
+    return GroupNormReducer(mesh.comm, mesh.tp,
+                            replicated=lambda p: getattr(p, "plait_tp_replicated", False))
 
 
 def is_adapted(group: dict, p: torch.Tensor) -> bool:
@@ -90,14 +93,16 @@ def decay_of(group: dict, p: torch.Tensor) -> float:
     return group["weight_decay"]
 
 
-def reduce_norms(norm_reducer: NormReducer | None, params: list[torch.Tensor], sq: torch.Tensor) -> torch.Tensor:
+def reduce_norms(norm_reducer: NormReducer | None, params: list[torch.Tensor],
+                 sq: torch.Tensor) -> torch.Tensor:
     """Apply the reducer and check its answer's shape (a wrong reducer must fail loudly)."""
     if norm_reducer is None:
         return sq
     out = norm_reducer(params, sq)
     if not isinstance(out, torch.Tensor) or out.shape != sq.shape:
-        raise ValueError(f"norm_reducer returned {getattr(out, 'shape', type(out))}, expected a tensor of shape "
-                         f"{tuple(sq.shape)} (one row of squared norms per adapted parameter)")
+        raise ValueError(f"norm_reducer returned {getattr(out, 'shape', type(out))}, expected a "
+                         f"tensor of shape {tuple(sq.shape)} (one row of squared norms per adapted "
+                         "parameter)")
     return out
 
 

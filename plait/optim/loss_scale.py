@@ -36,8 +36,8 @@ def any_rank(flag: torch.Tensor, mesh: Mesh) -> bool:
 
 
 def any_rank_nonfinite(tensor: torch.Tensor, mesh: Mesh) -> bool:
-    """True on every rank when some element of `tensor` (this rank's loss, norm, ...) is inf or nan on
-    any rank of mesh.world. Communication: as `any_rank`."""
+    """True on every rank when some element of `tensor` (this rank's loss, norm, ...) is inf or nan
+    on any rank of mesh.world. Communication: as `any_rank`."""
     return any_rank((~torch.isfinite(tensor.detach())).any(), mesh)
 
 
@@ -55,15 +55,16 @@ class LossScaler:
     whether any rank overflowed, updates S and returns True when the step may be applied.
     """
 
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, min_scale: float = 1.0):
-        if init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1 or growth_interval < 1:
-            raise ValueError(f"LossScaler: init_scale > 0, growth_factor > 1, 0 < backoff_factor < 1 and "
-                             f"growth_interval >= 1 are needed (got {init_scale}, {growth_factor}, "
-                             f"{backoff_factor}, {growth_interval})")
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000, min_scale: float = 1.0):
+        if (init_scale <= 0 or growth_factor <= 1 or not 0 < backoff_factor < 1
+                or growth_interval < 1):
+            raise ValueError("LossScaler: init_scale > 0, growth_factor > 1, "
+                             "0 < backoff_factor < 1 and growth_interval >= 1 are needed (got "
+                             f"{init_scale}, {growth_factor}, {backoff_factor}, {growth_interval})")
         if not 0 < min_scale <= init_scale:
-            raise ConfigError(f"train.loss_scale_min = {min_scale} must be > 0 and at most train.loss_scale_init = "
-                              f"{init_scale}")
+            raise ConfigError(f"train.loss_scale_min = {min_scale} must be > 0 and at most "
+                              f"train.loss_scale_init = {init_scale}")
         self.scale = float(init_scale)
         self.min_scale = float(min_scale)
         self.in_a_row = 0  # overflow skips since the last applied step
@@ -75,7 +76,8 @@ class LossScaler:
         self.last_overflow = False
 
     def unscale_(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Divide `grads` by S in place; return this rank's found-inf flag (a 1-element tensor, no host sync)."""
+        """Divide `grads` by S in place; return this rank's found-inf flag
+        (a 1-element tensor, no host sync)."""
         local = [_local(g) for g in grads]
         device = local[0].device if local else torch.device("cpu")
         found = torch.zeros(1, dtype=torch.float32, device=device)
@@ -83,7 +85,8 @@ class LossScaler:
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for g in local:
             by_device.setdefault(g.device, []).append(g)
-        for dev, gs in by_device.items():  # one fused pass per device: unscale and look for inf / nan
+        # one fused pass per device: unscale and look for inf / nan
+        for dev, gs in by_device.items():
             f = torch.zeros(1, dtype=torch.float32, device=dev)
             torch._amp_foreach_non_finite_check_and_unscale_(gs, f, inv.to(dev))
             found = torch.maximum(found, f.to(device))
@@ -95,10 +98,11 @@ class LossScaler:
         if overflow:
             if self.scale <= self.min_scale:
                 raise NonFiniteError(
-                    f"fp16 loss scaling: the gradients overflowed at the minimum scale train.loss_scale_min = "
-                    f"{self.min_scale:g} ({self.in_a_row + 1} overflow steps in a row, {self.skipped + 1} in all): "
-                    f"they are inf / nan at every scale, which lowering it further does not cure. Lower optim.lr, "
-                    f"set optim.grad_clip, or train with train.dtype = bf16")
+                    "fp16 loss scaling: the gradients overflowed at the minimum scale "
+                    f"train.loss_scale_min = {self.min_scale:g} ({self.in_a_row + 1} overflow "
+                    f"steps in a row, {self.skipped + 1} in all): they are inf / nan at every "
+                    "scale, which lowering it further does not cure. Lower optim.lr, set "
+                    "optim.grad_clip, or train with train.dtype = bf16")
             self.scale = max(self.scale * self.backoff_factor, self.min_scale)
             self.good_steps = 0
             self.skipped += 1
@@ -111,13 +115,15 @@ class LossScaler:
             self.good_steps = 0
 
     def unscale_and_check(self, grads: list[torch.Tensor], mesh: Mesh) -> bool:
-        """Unscale, agree over mesh.world (one 4-byte all-reduce), update S. True: apply this step."""
+        """Unscale, agree over mesh.world (one 4-byte all-reduce), update S.
+        True: apply this step."""
         overflow = any_rank(self.unscale_(grads), mesh)
         self.update(overflow)
         return not overflow
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}  # in_a_row: per session
+        # in_a_row: per session
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
 
     def load_state_dict(self, sd: dict) -> None:
         self.scale = float(sd["scale"])

@@ -1,7 +1,8 @@
 """The learning rate as a pure function of the step and the step's batch.
 
 - `lr_factor`: linear warm-up, then constant / cosine / linear decay, as a function of the step.
-- `batch_lr_scale`: the linear scaling rule (Goyal et al. 2017): lr × global_batch / reference_batch.
+- `batch_lr_scale`: the linear scaling rule (Goyal et al. 2017):
+  lr × global_batch / reference_batch.
 
 The global batch of a step (ramp-up) and its split over dp ranks: plait.data.batching.
 """

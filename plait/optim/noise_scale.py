@@ -50,7 +50,8 @@ import torch
 import torch.nn as nn
 
 
-def two_batch_estimate(b_small: float, sq_small: float, b_big: float, sq_big: float) -> tuple[float, float]:
+def two_batch_estimate(b_small: float, sq_small: float, b_big: float,
+                       sq_big: float) -> tuple[float, float]:
     """(|G|², tr(Σ)) from mean squared gradient norms at batch sizes b_small < b_big."""
     if not b_big > b_small > 0:
         raise ValueError(f"two_batch_estimate needs 0 < b_small < b_big, got {b_small}, {b_big}")
@@ -74,7 +75,8 @@ class NoiseScale:
     """EMA-smoothed B_simple from a stream of (b_small, |G_small|², b_big, |G_big|²) measurements.
 
     The squared norms may be Python floats or 0-d tensors (then nothing leaves the device: the
-    value is a tensor, NaN while there is no estimate; `metric_value` turns it into a float or None).
+    value is a tensor, NaN while there is no estimate; `metric_value` turns it into a float or
+    None).
     """
 
     def __init__(self, beta: float = 0.95):
@@ -88,11 +90,14 @@ class NoiseScale:
         # the EMAs start at 0, but only their ratio is reported, so no bias correction is needed
         new_g2 = self.beta * self.g2 + (1 - self.beta) * g2
         new_trace = self.beta * self.trace + (1 - self.beta) * trace
-        if isinstance(new_g2, torch.Tensor):  # a non-finite step (an fp16 overflow) leaves the averages as they were
+        # a non-finite step (an fp16 overflow) leaves the averages as they were
+        if isinstance(new_g2, torch.Tensor):
             ok = torch.isfinite(new_g2) & torch.isfinite(new_trace)
-            self.g2 = torch.where(ok, new_g2, torch.as_tensor(self.g2, dtype=new_g2.dtype, device=new_g2.device))
+            self.g2 = torch.where(
+                ok, new_g2, torch.as_tensor(self.g2, dtype=new_g2.dtype, device=new_g2.device))
             self.trace = torch.where(ok, new_trace,
-                                     torch.as_tensor(self.trace, dtype=new_g2.dtype, device=new_g2.device))
+                                     torch.as_tensor(self.trace, dtype=new_g2.dtype,
+                                                     device=new_g2.device))
         elif math.isfinite(new_g2) and math.isfinite(new_trace):
             self.g2, self.trace = new_g2, new_trace
         else:
@@ -108,7 +113,8 @@ class NoiseScale:
 
     @property
     def value(self):
-        """The current B_simple in samples, or None (NaN for tensors) while the smoothed |G|² is not positive."""
+        """The current B_simple in samples, or None (NaN for tensors) while the smoothed |G|² is not
+        positive."""
         if self.updates == 0:
             return None
         if isinstance(self.g2, torch.Tensor):
@@ -151,7 +157,8 @@ class NoiseScaleMonitor:
         self._sq = torch.zeros((), dtype=torch.float32, device=mesh.device)
         self._scale = 1.0
         seen: set[int] = set()
-        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.params = [p for p in params
+                       if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
         # a tp-replicated weight's gradient is whole on every tp rank: count it once
         self.counted = [p for p in self.params
                         if not (getattr(p, "plait_tp_replicated", False) and mesh.tp_index != 0)]
@@ -162,39 +169,45 @@ class NoiseScaleMonitor:
             self._sq += torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
 
     def begin_step(self, grad_scale: float = 1.0) -> None:
-        """`grad_scale`: what backward multiplies this step's gradients by (the fp16 loss scale), undone here."""
+        """`grad_scale`: what backward multiplies this step's gradients by (the fp16 loss scale),
+        undone here."""
         self._sq.zero_()
         self._scale = grad_scale
         self.active = True
 
     @property
     def local_sum(self) -> torch.Tensor:
-        """This step's Σ over this rank's micro-batches of ‖its gradient piece‖² so far (0-d, on the device)."""
+        """This step's Σ over this rank's micro-batches of ‖its gradient piece‖² so far
+        (0-d, on the device)."""
         return self._sq / self._scale ** 2 if self._scale != 1.0 else self._sq
 
     def end_step(self, optimizer, global_batch: int, dp_sum: torch.Tensor | None = None,
                  applied: bool = True, world_sum: float | None = None) -> dict:
-        """Fold this step in; returns {'critical_batch': the smoothed estimate} (a 0-d tensor, NaN while
-        there is none; None before the first step with two batch sizes). See `metric_value`.
+        """Fold this step in; returns {'critical_batch': the smoothed estimate} (a 0-d tensor, NaN
+        while there is none; None before the first step with two batch sizes). See `metric_value`.
 
         `dp_sum`: `local_sum` already summed over mesh.dp by the caller (the trainer sends it in the
-        loss's all-reduce); then only model-parallel pieces are summed here (over mesh.mp, when it has
-        more than one rank). `world_sum`: `local_sum` summed over mesh.world by the caller (the
-        training loop's step agreement carries it): no collective here. Neither: end_step sums it over
-        mesh.world itself. `applied` False (an fp16 overflow skipped the update on every rank): the
-        step is left out.
+        loss's all-reduce); then only model-parallel pieces are summed here (over mesh.mp, when it
+        has more than one rank). `world_sum`: `local_sum` summed over mesh.world by the caller (the
+        training loop's step agreement carries it): no collective here. Neither: end_step sums it
+        over mesh.world itself. `applied` False (an fp16 overflow skipped the update on every rank):
+        the step is left out.
         """
         self.active = False
         B, b = global_batch, self.micro
-        if B <= b or not applied:  # one micro-batch in the whole step (e.g. the start of a ramp-up): no second size
+        # one micro-batch in the whole step (e.g. the start of a ramp-up): no second size
+        if B <= b or not applied:
             return {"critical_batch": self.estimate.value}
-        clipped = getattr(optimizer, "grad_clip", 0) > 0 and getattr(optimizer, "last_grad_norm", None) is not None
-        own_norm = not clipped and not hasattr(optimizer, "grad_norm")  # a plain optimizer over whole tensors
+        clipped = (getattr(optimizer, "grad_clip", 0) > 0
+                   and getattr(optimizer, "last_grad_norm", None) is not None)
+        # a plain optimizer over whole tensors
+        own_norm = not clipped and not hasattr(optimizer, "grad_norm")
         big_local = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
         if own_norm:
             for p in self.counted:
                 if p.grad is not None:
-                    big_local += torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()
+                    big_local += torch.linalg.vector_norm(p.grad.detach(),
+                                                          dtype=torch.float32).square()
         if world_sum is not None:
             small = torch.tensor(world_sum, dtype=torch.float32, device=self.mesh.device)
             big_sum = big_local
@@ -206,15 +219,18 @@ class NoiseScaleMonitor:
             small, big_sum = vec[0], vec[1]
         else:
             small = dp_sum.detach().float().clone()
-            self.mesh.comm.all_reduce(small, self.mesh.mp)  # tp / pp pieces (free when mp has one rank)
+            # tp / pp pieces (free when mp has one rank)
+            self.mesh.comm.all_reduce(small, self.mesh.mp)
             big_sum = big_local
             if own_norm:
                 self.mesh.comm.all_reduce(big_sum, self.mesh.world)
-        sq_small = small * (B / b)  # mean over the B/b micro-batches of ‖G_b‖² (see the module docstring)
+        # mean over the B/b micro-batches of ‖G_b‖² (see the module docstring)
+        sq_small = small * (B / b)
         if own_norm:
             sq_big = big_sum / self.mesh.dp_size  # every dp rank added the same reduced |G_B|²
         else:
-            norm = optimizer.last_grad_norm if clipped else optimizer.grad_norm()  # the pre-clipping norm
+            # the pre-clipping norm
+            norm = optimizer.last_grad_norm if clipped else optimizer.grad_norm()
             sq_big = torch.as_tensor(norm, dtype=torch.float32, device=small.device).square()
         return {"critical_batch": self.estimate.update(b, sq_small, B, sq_big)}
 
@@ -236,14 +252,16 @@ class NoiseScaleMonitor:
             return
         if B > self.factor * value and "above" not in self.warned:
             self.warned.add("above")
-            print(f"plait: warning: global batch {B} is {B / max(value, 1e-30):.0f}× the estimated critical batch "
-                  f"{value:.0f} (gradient noise scale): most of each step's samples are wasted; a smaller "
-                  f"train.global_batch reaches the same loss with far fewer samples", file=sys.stderr, flush=True)
+            print(f"plait: warning: global batch {B} is {B / max(value, 1e-30):.0f}× the estimated "
+                  f"critical batch {value:.0f} (gradient noise scale): most of each step's samples "
+                  "are wasted; a smaller train.global_batch reaches the same loss with far fewer "
+                  "samples", file=sys.stderr, flush=True)
         if B * self.factor < value and "below" not in self.warned:
             self.warned.add("below")
-            print(f"plait: warning: global batch {B} is {value / B:.0f}× below the estimated critical batch "
-                  f"{value:.0f} (gradient noise scale): a larger train.global_batch would reach the same loss "
-                  f"in far fewer steps at about the same samples", file=sys.stderr, flush=True)
+            print(f"plait: warning: global batch {B} is {value / B:.0f}× below the estimated "
+                  f"critical batch {value:.0f} (gradient noise scale): a larger train.global_batch "
+                  f"would reach the same loss in far fewer steps at about the same samples",
+                  file=sys.stderr, flush=True)
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -8,7 +8,8 @@ Compressed phase: the variance v is frozen at its last warm-up value. The reduce
 rank's local gradient g_i in place (it sends nothing, see plait.compression.onebit), and the
 optimizer computes, for every parameter of every group,
 
-    x_i = β1 · m / n + (1 − β1) · g_i        (Σ_i x_i = β1·m + (1 − β1)·Σ_i g_i, Σ_i g_i the gradient)
+    x_i = β1 · m / n + (1 − β1) · g_i        (Σ_i x_i = β1·m + (1 − β1)·Σ_i g_i,
+                                             Σ_i g_i the gradient)
     m   = Σ_i x_i                            one sign-compressed two-phase exchange of all
                                              parameters flattened together (worker and server
                                              error feedback), the same m on every rank
@@ -32,11 +33,12 @@ from plait.compression.onebit import OneBitExchange
 
 
 class OneBitAdam(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, warmup_steps: int = 100, error_feedback: bool = True,
-                 exchange: OneBitExchange | None = None):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 error_feedback: bool = True, exchange: OneBitExchange | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.dp_exchange = exchange if exchange is not None else OneBitExchange(warmup_steps, error_feedback)
+        self.dp_exchange = (exchange if exchange is not None
+                            else OneBitExchange(warmup_steps, error_feedback))
 
     @property
     def compressing(self) -> bool:
@@ -121,10 +123,11 @@ class OneBitAdam(torch.optim.Optimizer):
 
 
 class OneBitAdamFactory:
-    """params -> OneBitAdam, carrying the shared `dp_exchange` that parallelize() hands the reducer."""
+    """params -> OneBitAdam, carrying the shared `dp_exchange` that parallelize() hands the
+    reducer."""
 
-    def __init__(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float, groups_fn,
-                 warmup_steps: int = 10):
+    def __init__(self, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 groups_fn, warmup_steps: int = 10):
         self.kw = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.groups_fn = groups_fn
         self.dp_exchange = OneBitExchange(warmup_steps)

@@ -1,4 +1,5 @@
-"""`build_pipeline`: what `parallelize()` calls for pp > 1 (split, keep this rank's stages, runner)."""
+"""`build_pipeline`: what `parallelize()` calls for pp > 1
+(split, keep this rank's stages, runner)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,21 @@ from plait.config import ParallelConfig
 from plait.mesh import Mesh
 from plait.parallel_spec import spec_of
 from plait.pipeline.p2p import StageStateGatherer
-from plait.pipeline.partition import PipelineStage, SequenceSharded, partition, pipeline_spec, stage_keys
+from plait.pipeline.partition import (
+    PipelineStage,
+    SequenceSharded,
+    partition,
+    pipeline_spec,
+    stage_keys,
+)
 from plait.pipeline.runtime import PipelineRunner
 
 
 def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: Callable,
                    costs: list[float] | None = None, measure_memory: bool = False
                    ) -> tuple[PipelineStage, PipelineRunner, StageStateGatherer]:
-    """Split `model` (already on mesh.device) into mesh.pp_size · cfg.virtual_stages stages; keep this rank's.
+    """Split `model` (already on mesh.device) into mesh.pp_size · cfg.virtual_stages stages;
+    keep this rank's.
 
     Every rank computes the same split from the same model (no communication). `costs` per layer
     overrides the parameter-count balance (e.g. `measured_costs`, averaged over ranks first so
@@ -30,8 +38,10 @@ def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: C
     mine = [stages[c * p + mesh.pp_index] for c in range(v)]
     # the stage answers spec_of() with the model's spec: later steps find the blocks through it
     stage = PipelineStage(mine, spec.shared, mesh.pp_index, p, model_spec=spec_of(model))
-    hidden = SequenceSharded(spec.hidden, mesh.tp_size) if cfg.sequence_parallel and mesh.tp_size > 1 else spec.hidden
-    runner = PipelineRunner(stage, mesh, schedule=cfg.schedule, virtual=v, loss_fn=loss_fn, hidden=hidden,
-                            measure_memory=measure_memory)
-    gatherer = StageStateGatherer(mesh.comm, mesh.pp, stage_keys(spec, stages, p), spec.keys, mesh.device)
+    hidden = (SequenceSharded(spec.hidden, mesh.tp_size)
+              if cfg.sequence_parallel and mesh.tp_size > 1 else spec.hidden)
+    runner = PipelineRunner(stage, mesh, schedule=cfg.schedule, virtual=v, loss_fn=loss_fn,
+                            hidden=hidden, measure_memory=measure_memory)
+    gatherer = StageStateGatherer(mesh.comm, mesh.pp, stage_keys(spec, stages, p), spec.keys,
+                                  mesh.device)
     return stage, runner, gatherer

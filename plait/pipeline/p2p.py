@@ -18,12 +18,14 @@ from plait.comm import Comm, Group, Handle
 
 def post_batch(comm: Comm, group: Group, sends: list[tuple[torch.Tensor, int]],
                recvs: list[tuple[torch.Tensor, int]]) -> Handle:
-    """Post sends and receives (tensor, peer pp rank) together; the caller waits the handle when it needs them."""
+    """Post sends and receives (tensor, peer pp rank) together;
+    the caller waits the handle when it needs them."""
     return comm.p2p(sends, recvs, group, async_op=True)
 
 
 def gather_rows(comm: Comm, group: Group, rows: torch.Tensor) -> list[torch.Tensor]:
-    """All-gather a (n_r, k) float64 table from each member; returns the list of tables in group order."""
+    """All-gather a (n_r, k) float64 table from each member;
+    returns the list of tables in group order."""
     k = rows.shape[1]
     n = torch.tensor([float(rows.shape[0])], dtype=torch.float64, device=rows.device)
     counts = torch.empty(group.size, dtype=torch.float64, device=rows.device)
@@ -46,7 +48,8 @@ class StageStateGatherer:
 
     def __init__(self, comm: Comm, group: Group, entries: list[list[tuple[str, int, torch.dtype]]],
                  keys: list[str], device: torch.device):
-        self.comm, self.group, self.entries, self.keys, self.device = comm, group, entries, keys, device
+        self.comm, self.group, self.entries, self.keys, self.device = \
+            comm, group, entries, keys, device
 
     def __call__(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -56,9 +59,11 @@ class StageStateGatherer:
                 missing = [k for k, _, _ in entries if k not in local]
                 if missing:
                     raise KeyError(f"stage state dict of pp rank {src} lacks {missing[:3]}")
-            dims = torch.zeros(sum(nd for _, nd, _ in entries), dtype=torch.int64, device=self.device)
+            dims = torch.zeros(sum(nd for _, nd, _ in entries), dtype=torch.int64,
+                               device=self.device)
             if mine and dims.numel():
-                dims.copy_(torch.tensor([d for k, _, _ in entries for d in local[k].shape], dtype=torch.int64))
+                dims.copy_(torch.tensor([d for k, _, _ in entries for d in local[k].shape],
+                                        dtype=torch.int64))
             if dims.numel():  # every member knows the sizes, so all skip together
                 self.comm.broadcast(dims, src, self.group)
             shapes, at = [], 0
@@ -69,7 +74,8 @@ class StageStateGatherer:
                 idx = [i for i, (_, _, dt) in enumerate(entries) if dt == dtype]
                 sizes = [torch.Size(shapes[i]).numel() for i in idx]
                 if mine:
-                    flat = torch.cat([local[entries[i][0]].detach().reshape(-1).to(self.device, dtype) for i in idx])
+                    flat = torch.cat([local[entries[i][0]].detach().reshape(-1)
+                                      .to(self.device, dtype) for i in idx])
                 else:
                     flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
                 self.comm.broadcast(flat, src, self.group)

@@ -61,9 +61,9 @@ def pipeline_spec(model: nn.Module) -> PipelineSpec:
         pairs = list(model.named_children())
         hidden = _SameAsInput()
     else:
-        raise ConfigError(f"{type(model).__name__} cannot be split into pipeline stages: give an nn.Sequential, or "
-                          f"define pipeline_layers() returning [(name, module), ...] in order, each module mapping "
-                          f"one hidden-state tensor to the next")
+        raise ConfigError(f"{type(model).__name__} cannot be split into pipeline stages: give an "
+                          "nn.Sequential, or define pipeline_layers() returning [(name, module), "
+                          f"...] in order, each module mapping one hidden-state tensor to the next")
     layers = []
     for name, mod in pairs:
         try:
@@ -71,9 +71,11 @@ def pipeline_spec(model: nn.Module) -> PipelineSpec:
         except AttributeError:
             found = None
         if found is not mod:
-            raise ConfigError(f"pipeline_layers(): {name!r} is not the dotted name of that module in the model")
+            raise ConfigError(f"pipeline_layers(): {name!r} is not the dotted name of that module "
+                              "in the model")
         layers.append(Layer((name,), (mod,)))
-    return _covering(PipelineSpec(layers, {}, hidden, list(model.state_dict().keys())), "pipeline_layers()")
+    return _covering(PipelineSpec(layers, {}, hidden, list(model.state_dict().keys())),
+                     "pipeline_layers()")
 
 
 def _covering(spec: PipelineSpec, source: str) -> PipelineSpec:
@@ -92,14 +94,17 @@ def param_costs(spec: PipelineSpec) -> list[float]:
     """Parameters of each layer, embedding tables excluded (a lookup costs no FLOPs)."""
     out = []
     for layer in spec.layers:
-        emb = {id(p) for m in layer.modules for e in m.modules() if isinstance(e, nn.Embedding) for p in e.parameters()}
-        out.append(float(sum(p.numel() for p in {id(p): p for p in layer.parameters()}.values() if id(p) not in emb)))
+        emb = {id(p) for m in layer.modules for e in m.modules() if isinstance(e, nn.Embedding)
+               for p in e.parameters()}
+        out.append(float(sum(p.numel() for p in {id(p): p for p in layer.parameters()}.values()
+                             if id(p) not in emb)))
     return out
 
 
 def measured_costs(spec: PipelineSpec, sample: torch.Tensor, repeats: int = 3) -> list[float]:
     """Median forward+backward seconds of each layer on `sample` (a model input), layer by layer."""
-    sync = (lambda: torch.cuda.synchronize(sample.device)) if sample.device.type == "cuda" else (lambda: None)
+    sync = ((lambda: torch.cuda.synchronize(sample.device)) if sample.device.type == "cuda"
+            else (lambda: None))
     shared = {**spec.shared, "seq_len": sample.shape[1] if sample.dim() > 1 else None}
     x = sample
     out = []
@@ -122,7 +127,8 @@ def measured_costs(spec: PipelineSpec, sample: torch.Tensor, repeats: int = 3) -
 
 
 def balanced_split(costs: list[float], k: int) -> list[int]:
-    """Boundaries b_0 = 0 < b_1 < ... < b_k = n of k contiguous non-empty parts minimizing the largest sum."""
+    """Boundaries b_0 = 0 < b_1 < ... < b_k = n of k contiguous non-empty parts minimizing the
+    largest sum."""
     n = len(costs)
     if not 1 <= k <= n:
         raise ValueError(f"cannot split {n} layers into {k} non-empty parts")
@@ -145,14 +151,17 @@ def balanced_split(costs: list[float], k: int) -> list[int]:
     return bounds[::-1]
 
 
-def partition(spec: PipelineSpec, p: int, v: int = 1, costs: list[float] | None = None) -> list[list[Layer]]:
-    """The layers of each of the p·v global stages (stage s runs on pp rank s mod p as chunk s div p)."""
+def partition(spec: PipelineSpec, p: int, v: int = 1,
+              costs: list[float] | None = None) -> list[list[Layer]]:
+    """The layers of each of the p·v global stages
+    (stage s runs on pp rank s mod p as chunk s div p)."""
     S = p * v
     blocks = sum(layer.block for layer in spec.layers)
     if S > blocks:
-        raise ConfigError(f"parallel.pp × parallel.virtual_stages = {p} × {v} = {S} pipeline stages, but the model "
-                          f"has {blocks} blocks: every stage needs at least one; lower parallel.pp or "
-                          f"parallel.virtual_stages, or use a deeper model (model.n_layers)")
+        raise ConfigError(f"parallel.pp × parallel.virtual_stages = {p} × {v} = {S} pipeline "
+                          f"stages, but the model has {blocks} blocks: every stage needs at least "
+                          "one; lower parallel.pp or parallel.virtual_stages, or use a deeper "
+                          "model (model.n_layers)")
     costs = param_costs(spec) if costs is None else costs
     bounds = balanced_split(costs, S)
     return [spec.layers[bounds[s]: bounds[s + 1]] for s in range(S)]
@@ -179,8 +188,8 @@ class PipelineStage(nn.Module):
     ZeRO-3 units, compile) find its blocks.
     """
 
-    def __init__(self, chunks: list[list[Layer]], shared: dict[str, torch.Tensor], rank: int, p: int,
-                 model_spec: ParallelSpec | None = None):
+    def __init__(self, chunks: list[list[Layer]], shared: dict[str, torch.Tensor], rank: int,
+                 p: int, model_spec: ParallelSpec | None = None):
         super().__init__()
         for layers in chunks:
             for layer in layers:
@@ -214,7 +223,8 @@ class PipelineStage(nn.Module):
         return [n for layer in self._chunks[chunk] for n in layer.names]
 
     def forward(self, x: torch.Tensor, chunk: int = 0, seq_len: int | None = None) -> torch.Tensor:
-        """`seq_len`: the model input's sequence length (default x.shape[1]), for layers that need it."""
+        """`seq_len`: the model input's sequence length (default x.shape[1]),
+        for layers that need it."""
         shared = {k: getattr(self, k) for k in self._shared_names}
         shared["seq_len"] = x.shape[1] if seq_len is None else seq_len
         for layer in self._chunks[chunk]:
@@ -222,7 +232,8 @@ class PipelineStage(nn.Module):
         return x
 
 
-def stage_keys(spec: PipelineSpec, stages: list[list[Layer]], p: int) -> list[list[tuple[str, int, torch.dtype]]]:
+def stage_keys(spec: PipelineSpec, stages: list[list[Layer]],
+               p: int) -> list[list[tuple[str, int, torch.dtype]]]:
     """For each pp rank, its state-dict entries (key, ndim, dtype) in the model's key order."""
     owner: dict[str, int] = {}
     for s, layers in enumerate(stages):

@@ -73,34 +73,41 @@ class PipelineRunner:
     (saved-tensor hooks, parameters excluded).
     """
 
-    def __init__(self, stage: PipelineStage, mesh: Mesh, *, schedule: str = "1f1b", virtual: int = 1,
-                 loss_fn=next_token_loss, hidden=None, measure_memory: bool = False):
+    def __init__(self, stage: PipelineStage, mesh: Mesh, *, schedule: str = "1f1b",
+                 virtual: int = 1, loss_fn=next_token_loss, hidden=None,
+                 measure_memory: bool = False):
         self.stage, self.mesh, self.schedule, self.v = stage, mesh, schedule, virtual
         self.loss_fn, self.hidden = loss_fn, hidden
         self.measure_memory = measure_memory
         self.p, self.rank = mesh.pp_size, mesh.pp_index
         self.last_stage = self.p * self.v - 1
         self.params = [stage.chunk_parameters(c) for c in range(self.v)]
-        self.wall0, self.perf0 = time.time(), time.perf_counter()  # one clock for timelines across ranks
+        # one clock for timelines across ranks
+        self.wall0, self.perf0 = time.time(), time.perf_counter()
         self.events: list[tuple] = []
         self._rows: list[list[float]] = []  # this rank's measurements of steps not yet gathered
-        self._history: deque[list[dict]] = deque(maxlen=10_000)  # per step: every pp rank's measurements
+        # per step: every pp rank's measurements
+        self._history: deque[list[dict]] = deque(maxlen=10_000)
         self.m = 0  # micro-batches of the last training step
-        self._sync = (lambda: torch.cuda.synchronize(mesh.device)) if mesh.device.type == "cuda" else (lambda: None)
+        self._sync = ((lambda: torch.cuda.synchronize(mesh.device)) if mesh.device.type == "cuda"
+                      else (lambda: None))
 
     # -- public ------------------------------------------------------------------------------
     def check(self, m: int) -> None:
-        """The schedule's own rule (plait.pipeline.schedules.check), as a ConfigError naming the keys."""
+        """The schedule's own rule (plait.pipeline.schedules.check),
+        as a ConfigError naming the keys."""
         try:
             check(self.schedule, self.p, m, self.v)
         except ScheduleError as e:
             raise ConfigError(f"parallel.schedule = {self.schedule!r} with parallel.pp = {self.p}, "
-                              f"parallel.virtual_stages = {self.v}: {e}; change train.global_batch / "
-                              f"train.micro_batch (micro-batches per pipeline) or the schedule") from e
+                              f"parallel.virtual_stages = {self.v}: {e}; change "
+                              f"train.global_batch / train.micro_batch (micro-batches per "
+                              f"pipeline) or the schedule") from e
 
-    def train_step(self, batches, divisor: float = 1.0, autocast=None, no_sync=None, step_fn=None) -> torch.Tensor:
-        """Forward and backward of all micro-batches; returns Σ loss_sum(mb) / divisor as a device tensor
-        on the last stage (zero on the others: only the last stage computes the loss).
+    def train_step(self, batches, divisor: float = 1.0, autocast=None, no_sync=None,
+                   step_fn=None) -> torch.Tensor:
+        """Forward and backward of all micro-batches; returns Σ loss_sum(mb) / divisor as a device
+        tensor on the last stage (zero on the others: only the last stage computes the loss).
 
         `no_sync`: a context factory (the data-parallel reducer's) held around the whole step.
         `step_fn`: called at the program's OptimizerStep, once every gradient of this rank is final.
@@ -112,7 +119,8 @@ class PipelineRunner:
         self.m = len(batches)
         program = build(self.schedule, self.rank, self.p, self.m, self.v)
         with (no_sync() if no_sync is not None else nullcontext()):
-            loss, row = self._run(program, batches, True, divisor, autocast or nullcontext(), step_fn)
+            loss, row = self._run(program, batches, True, divisor, autocast or nullcontext(),
+                                  step_fn)
         self._rows.append(row)
         return loss
 
@@ -121,7 +129,8 @@ class PipelineRunner:
         one all-gather); returns the last step's, per pp rank."""
         if self._rows:
             k, n = len(self._rows), len(STAT_FIELDS)
-            local = torch.tensor(self._rows, dtype=torch.float64, device=self.mesh.device).reshape(-1)
+            local = torch.tensor(self._rows, dtype=torch.float64,
+                                 device=self.mesh.device).reshape(-1)
             out = torch.empty(self.p * k * n, dtype=torch.float64, device=self.mesh.device)
             self.mesh.comm.all_gather(out, local, self.mesh.pp)
             table = out.view(self.p, k, n).tolist()
@@ -158,20 +167,22 @@ class PipelineRunner:
         return [s["bubble"] for s in self.stats]
 
     def summary(self) -> dict:
-        """Medians over the training steps (the first excluded when there are more) of the measurements."""
+        """Medians over the training steps (the first excluded when there are more) of the
+        measurements."""
         history = self.history
         steps = list(history)[1:] or list(history)
         if not steps:
             return {}
         per_rank = [sorted(step[r]["bubble"] for step in steps) for r in range(self.p)]
         bubble = [v[len(v) // 2] for v in per_rank]
-        return {"schedule": self.schedule, "pp": self.p, "virtual_stages": self.v, "micro_batches": self.m,
-                "bubble_per_rank": bubble, "bubble_mean": sum(bubble) / self.p,
+        return {"schedule": self.schedule, "pp": self.p, "virtual_stages": self.v,
+                "micro_batches": self.m, "bubble_per_rank": bubble,
+                "bubble_mean": sum(bubble) / self.p,
                 "bubble_theory": theoretical_bubble(self.schedule, self.p, self.m, self.v),
                 "peak_in_flight_per_rank": [max(int(step[r]["peak_in_flight"]) for step in steps)
                                             for r in range(self.p)],
-                "peak_saved_bytes_per_rank": [max(int(step[r]["peak_saved_bytes"]) for step in steps)
-                                              for r in range(self.p)]}
+                "peak_saved_bytes_per_rank": [
+                    max(int(step[r]["peak_saved_bytes"]) for step in steps) for r in range(self.p)]}
 
     def gather_timeline(self):
         """Every pp rank's events of the last training step (collective over pp)."""
@@ -187,7 +198,8 @@ class PipelineRunner:
 
     def _run(self, program, batches, train: bool, divisor: float, autocast, step_fn):
         dev = self.mesh.device
-        self._batches, self._train, self._divisor, self._autocast = batches, train, divisor, autocast
+        self._batches, self._train, self._divisor, self._autocast = \
+            batches, train, divisor, autocast
         self._bufs, self._waits, self._outbox, self._saved = {}, {}, {}, {}
         self._sending: list = []
         self._loss = torch.zeros((), device=dev)
@@ -213,17 +225,21 @@ class PipelineRunner:
             self._post(pending)
         self._drain()
         t_end = self._now()
-        if self._saved or self._bufs or self._outbox:  # a schedule that passed simulate() cannot leave any
-            raise RuntimeError(f"pp rank {self.rank}: the program left activations {list(self._saved)}, receives "
-                               f"{list(self._bufs)} or sends {list(self._outbox)} behind")
+        # a schedule that passed simulate() cannot leave any
+        if self._saved or self._bufs or self._outbox:
+            raise RuntimeError(f"pp rank {self.rank}: the program left activations "
+                               f"{list(self._saved)}, receives {list(self._bufs)} or sends "
+                               f"{list(self._outbox)} behind")
         self._batches = None
-        if stepped and step_fn is not None:  # outside the step's clock: the optimizer is not pipeline time
+        # outside the step's clock: the optimizer is not pipeline time
+        if stepped and step_fn is not None:
             step_fn()
         if not train:
             return self._eval
         self.events = events
         # the loss stays on the device; the row's loss slot is unused (kept for the stats layout)
-        return self._loss, [0.0, t_end - t_start, self._busy, float(self._peak), float(self._peak_bytes)]
+        return self._loss, [0.0, t_end - t_start, self._busy, float(self._peak),
+                            float(self._peak_bytes)]
 
     def _post(self, batch) -> None:
         t0 = self._now()
@@ -327,9 +343,10 @@ class PipelineRunner:
         else:
             shape, dtype = self.hidden(x)
             if tuple(out.shape) != tuple(shape):
-                raise ConfigError(f"pipeline stage {s} returned a hidden state of shape {tuple(out.shape)}, but the "
-                                  f"stages exchange {tuple(shape)}: every layer must keep the hidden state's shape "
-                                  f"(or the model must define pipeline_hidden(x))")
+                raise ConfigError(f"pipeline stage {s} returned a hidden state of shape "
+                                  f"{tuple(out.shape)}, but the stages exchange {tuple(shape)}: "
+                                  "every layer must keep the hidden state's shape (or the model "
+                                  "must define pipeline_hidden(x))")
             self._outbox[("act", mb, chunk)] = out.detach().to(dtype).contiguous()
         if self._train:
             self._saved[(mb, chunk)] = _Saved(inp, out, counter[0])

@@ -98,8 +98,8 @@ class OptimizerStep:
     pass
 
 
-Instr = (Forward | Backward | BackwardInput | BackwardWeight | SendActivation | RecvActivation | SendGrad
-         | RecvGrad | OptimizerStep)
+Instr = (Forward | Backward | BackwardInput | BackwardWeight | SendActivation | RecvActivation
+         | SendGrad | RecvGrad | OptimizerStep)
 COMPUTE = (Forward, Backward, BackwardInput, BackwardWeight)
 COMM = (SendActivation, RecvActivation, SendGrad, RecvGrad)
 SENDS = (SendActivation, SendGrad)
@@ -137,7 +137,8 @@ def interleaved_order(rank: int, p: int, m: int, v: int) -> Iterator[Instr]:
     backwards walk the chunks in reverse. Warm-up: 2(p−rank−1) + (v−1)p forwards.
     """
     if m % p:
-        raise ScheduleError(f"interleaved 1F1B needs the micro-batch count m = {m} to be a multiple of p = {p}")
+        raise ScheduleError(f"interleaved 1F1B needs the micro-batch count m = {m} to be a "
+                            f"multiple of p = {p}")
     total = m * v
 
     def mb_chunk(k: int, forward: bool) -> tuple[int, int]:
@@ -169,7 +170,8 @@ def zb_h1_orders(p: int, m: int) -> list[list[Instr]]:
     pending_w: list[list[int]] = [[] for _ in range(p)]
     done_w = [0] * p
     act_at = [[0 if r == 0 else None for _ in range(m)] for r in range(p)]  # input ready times
-    grad_at = [[None] * m for _ in range(p)]  # output-gradient ready times (last rank: its own forward)
+    # output-gradient ready times (last rank: its own forward)
+    grad_at = [[None] * m for _ in range(p)]
     orders: list[list[Instr]] = [[] for _ in range(p)]
     t = 0
     while any(done_w[r] < m for r in range(p)):
@@ -242,7 +244,8 @@ def timeline(orders: list[list[Instr]], p: int, v: int = 1, costs: dict | None =
 
 
 def lockstep(orders: list[list[Instr]], p: int, v: int = 1) -> list[list[Instr]]:
-    """Every rank's program: its computes, with each message in a batch stamped by the time it is sent.
+    """Every rank's program: its computes, with each message in a batch stamped by the time it is
+    sent.
 
     On the unit-cost timeline each result is sent when its compute ends, and the receiver posts
     the receive in its batch of that same instant, so every batch only waits for batches of the
@@ -252,7 +255,8 @@ def lockstep(orders: list[list[Instr]], p: int, v: int = 1) -> list[list[Instr]]
     """
     tl = timeline(orders, p, v)
     last = p * v - 1
-    events: list[list[tuple[float, int, Instr]]] = [[] for _ in range(p)]  # (time, 0 comm | 1 compute, ins)
+    # (time, 0 comm | 1 compute, ins)
+    events: list[list[tuple[float, int, Instr]]] = [[] for _ in range(p)]
     for r in range(p):
         for ins, start, end in tl[r]:
             events[r].append((start, 1, ins))
@@ -292,12 +296,14 @@ def build(name: str, rank: int, p: int, m: int, v: int = 1) -> list[Instr]:
 
 def forward_only(rank: int, p: int, m: int, v: int = 1) -> list[Instr]:
     """Evaluation: forwards only, in groups of p micro-batches per chunk; any m >= 1."""
-    order = [Forward(mb, c) for g in range(0, m, p) for c in range(v) for mb in range(g, min(g + p, m))]
+    order = [Forward(mb, c) for g in range(0, m, p) for c in range(v)
+             for mb in range(g, min(g + p, m))]
     return lockstep([order] * p, p, v)[rank]
 
 
 def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
-    """Idle fraction of a step with equal stages and free communication (T_F = T_W = T_B/2 for ZB-H1's B+W).
+    """Idle fraction of a step with equal stages and free communication
+    (T_F = T_W = T_B/2 for ZB-H1's B+W).
 
     GPipe, 1F1B: (p−1)/(m+p−1). Interleaved: the ramp shrinks v-fold, (p−1)/(vm+p−1). ZB-H1 (Qi et
     al.): a bubble of (p−1)(T_F + T_B − T_W) = (p−1)·T_F against 3m·T_F of work, (p−1)/(3m+p−1).
@@ -312,14 +318,18 @@ def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
 def check(name: str, p: int, m: int, v: int) -> None:
     """Raise ScheduleError for a combination the schedule cannot run."""
     if name not in SCHEDULES:
-        raise ScheduleError(f"unknown pipeline schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
+        raise ScheduleError(f"unknown pipeline schedule {name!r}: choose one of "
+                            f"{', '.join(SCHEDULES)}")
     if p < 1 or m < 1 or v < 1:
         raise ScheduleError(f"p = {p}, m = {m}, v = {v}: all must be positive")
     if m < p:
-        raise ScheduleError(f"{m} micro-batches for {p} pipeline stages: a pipeline step needs m >= p")
+        raise ScheduleError(f"{m} micro-batches for {p} pipeline stages: a pipeline step needs "
+                            "m >= p")
     if v > 1 and p == 1:
         raise ScheduleError("virtual stages need at least two pipeline ranks")
     if v > 1 and name != "interleaved_1f1b":
-        raise ScheduleError(f"{v} virtual stages per rank need the interleaved_1f1b schedule, not {name}")
+        raise ScheduleError(f"{v} virtual stages per rank need the interleaved_1f1b schedule, not "
+                            f"{name}")
     if name == "interleaved_1f1b" and m % p:
-        raise ScheduleError(f"interleaved 1F1B needs the micro-batch count m = {m} to be a multiple of p = {p}")
+        raise ScheduleError(f"interleaved 1F1B needs the micro-batch count m = {m} to be a "
+                            f"multiple of p = {p}")

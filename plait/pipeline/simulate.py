@@ -117,13 +117,15 @@ class _Rank:
         else:
             ok = s < self.last and ins.peer == place(s + 1, self.p)[0]
         if not ok:
-            self.fail(ins, "send before its compute, wrong peer, or a message at the pipeline's end")
+            self.fail(ins,
+                      "send before its compute, wrong peer, or a message at the pipeline's end")
 
     def finish(self, m: int) -> None:
         want = {(mb, c) for mb in range(m) for c in range(self.v)}
         if self.fwd != want or self.done != want:
-            raise ScheduleError(f"pp rank {self.rank}: forwarded {len(self.fwd)}, finished the backward of "
-                                f"{len(self.done)} of the {len(want)} (micro-batch, chunk) pairs")
+            raise ScheduleError(f"pp rank {self.rank}: forwarded {len(self.fwd)}, finished the "
+                                f"backward of {len(self.done)} of the {len(want)} "
+                                "(micro-batch, chunk) pairs")
         if not self.stepped:
             raise ScheduleError(f"pp rank {self.rank}: program does not end with OptimizerStep")
 
@@ -140,8 +142,8 @@ def _boundary(ins, rank: int, p: int) -> tuple[str, int, int]:
     return "grad", ins.mb, s
 
 
-def simulate(programs: list[list], p: int, v: int = 1, m: int | None = None, costs: dict | None = None,
-             train: bool = True, rendezvous: bool = True) -> SimResult:
+def simulate(programs: list[list], p: int, v: int = 1, m: int | None = None,
+             costs: dict | None = None, train: bool = True, rendezvous: bool = True) -> SimResult:
     """Run all p programs together; raise ScheduleError on any inconsistency or deadlock.
 
     `rendezvous=True`: a batch waits until the peers have posted all its messages (the deadlock
@@ -159,7 +161,8 @@ def simulate(programs: list[list], p: int, v: int = 1, m: int | None = None, cos
     busy = [0.0] * p
     counts = [Counter(type(i).__name__ for i in prog) for prog in programs]
     timeline: list[list] = [[] for _ in range(p)]
-    posted: dict[tuple[int, int, str], list] = defaultdict(list)  # (src, dst, "send"|"recv") -> [(ins, t)]
+    # (src, dst, "send"|"recv") -> [(ins, t)]
+    posted: dict[tuple[int, int, str], list] = defaultdict(list)
     blocked: list[list | None] = [None] * p  # this rank's posted batch: [(channel key, index, ins)]
 
     def post_batch(r: int) -> None:
@@ -229,11 +232,13 @@ def simulate(programs: list[list], p: int, v: int = 1, m: int | None = None, cos
         if train:
             ranks[r].finish(m)
         elif len(ranks[r].fwd) != m * v:
-            raise ScheduleError(f"pp rank {r}: forwarded {len(ranks[r].fwd)} of {m * v} (micro-batch, chunk) pairs")
+            raise ScheduleError(f"pp rank {r}: forwarded {len(ranks[r].fwd)} of {m * v} "
+                                "(micro-batch, chunk) pairs")
     for src, dst in {(a, b) for a, b, _ in posted}:
         sends, recvs = posted.get((src, dst, "send"), []), posted.get((src, dst, "recv"), [])
         if len(sends) != len(recvs):
-            raise ScheduleError(f"pp rank {src} sends {len(sends)} messages to rank {dst}, which receives {len(recvs)}")
+            raise ScheduleError(f"pp rank {src} sends {len(sends)} messages to rank {dst}, which "
+                                f"receives {len(recvs)}")
         for k, ((a, _), (b, _)) in enumerate(zip(sends, recvs)):
             if _boundary(a, src, p) != _boundary(b, dst, p):
                 raise ScheduleError(f"message {k} from pp rank {src} to {dst} does not match: "

@@ -47,7 +47,8 @@ def _split_nodes(root, target) -> tuple[list, dict]:
         else:
             reaches[node] = any(reaches.get(c, False) for c in children)
     split = [n for n, r in reaches.items()
-             if r and n is not target and any(not reaches.get(c, False) for c, _ in n.next_functions if c is not None)]
+             if r and n is not target
+             and any(not reaches.get(c, False) for c, _ in n.next_functions if c is not None)]
     return split, reaches
 
 
@@ -75,7 +76,8 @@ class WeightGrad:
     whole: tuple | None = None  # (output, grad_output, recompute): when B could not split the work
 
 
-def backward_input(output: torch.Tensor, grad_output: torch.Tensor | None, inp: torch.Tensor) -> WeightGrad:
+def backward_input(output: torch.Tensor, grad_output: torch.Tensor | None,
+                   inp: torch.Tensor) -> WeightGrad:
     """B: set inp.grad to d(output)/d(inp)·grad_output; return the deferred weight-gradient work.
 
     W restarts from each split node separately, asking only for the weights below it: one call
@@ -131,8 +133,9 @@ def backward_weight(work: WeightGrad, params: list[torch.nn.Parameter]) -> None:
         ps = [p for p in params if p.requires_grad]
         _accumulate(ps, torch.autograd.grad(out, ps, g, allow_unused=True))
         return
-    # W's calls cover disjoint parts of the graph: under one GraphExecGroup an activation-checkpointed
-    # region is recomputed once for all of them, not once per call (torch >= 2.10; older: per call)
+    # W's calls cover disjoint parts of the graph: under one GraphExecGroup an
+    # activation-checkpointed region is recomputed once for all of them, not once per call
+    # (torch >= 2.10; older: per call)
     group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
     with group() if group is not None else nullcontext():
         for node, gouts, weights in work.captured:

@@ -16,7 +16,8 @@ from pathlib import Path
 from plait.pipeline.schedules import theoretical_bubble
 
 KINDS = ("F", "B", "W", "comm", "wait")
-CATEGORY = {"F": "forward", "B": "backward", "W": "weight-gradient", "comm": "communication", "wait": "wait"}
+CATEGORY = {"F": "forward", "B": "backward", "W": "weight-gradient", "comm": "communication",
+            "wait": "wait"}
 COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#E1B12C", "comm": "#8172B2", "wait": "#D65F5F"}
 IDLE = "#E6E6E6"
 
@@ -42,15 +43,20 @@ class Timeline:
 
     def to_chrome_trace(self) -> dict:
         t0 = self._origin()
-        events: list[dict] = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "pipeline"}}]
+        events: list[dict] = [
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": "pipeline"}}]
         for r, rows in enumerate(self.ranks):
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"pp rank {r}"}})
-            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r, "args": {"sort_index": r}})
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r,
+                           "args": {"name": f"pp rank {r}"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r,
+                           "args": {"sort_index": r}})
             for kind_i, mb, chunk, a, b in rows:
                 kind = KINDS[int(kind_i)]
-                events.append({"name": self._name(kind, int(mb), int(chunk), self.v), "cat": CATEGORY[kind],
-                               "ph": "X", "pid": 0, "tid": r, "ts": (a - t0) * 1e6, "dur": max(0.0, b - a) * 1e6,
-                               "args": {"micro_batch": int(mb), "chunk": int(chunk)}})
+                events.append(
+                    {"name": self._name(kind, int(mb), int(chunk), self.v), "cat": CATEGORY[kind],
+                     "ph": "X", "pid": 0, "tid": r, "ts": (a - t0) * 1e6,
+                     "dur": max(0.0, b - a) * 1e6,
+                     "args": {"micro_batch": int(mb), "chunk": int(chunk)}})
         return {"traceEvents": events, "displayTimeUnit": "ms",
                 "otherData": {"schedule": self.schedule, "pp": self.p, "micro_batches": self.m,
                               "virtual_stages": self.v, "bubble_per_rank": self.bubbles}}
@@ -81,21 +87,26 @@ class Timeline:
                 kind = KINDS[int(kind_i)]
                 x, w = (a - t0) * 1e3, (b - a) * 1e3
                 h = 0.8 if kind in ("F", "B", "W") else 0.3
-                ax.broken_barh([(x, w)], (y - h / 2, h), facecolors=COLORS[kind], edgecolors="white", linewidth=0.4)
+                ax.broken_barh([(x, w)], (y - h / 2, h), facecolors=COLORS[kind],
+                               edgecolors="white", linewidth=0.4)
                 if kind in ("F", "B", "W") and w > span_ms / 70:
-                    ax.text(x + w / 2, y, self._name(kind, int(mb), int(chunk), self.v)[1:], ha="center",
-                            va="center", fontsize=7, color="white" if kind != "W" else "black")
+                    ax.text(x + w / 2, y, self._name(kind, int(mb), int(chunk), self.v)[1:],
+                            ha="center", va="center", fontsize=7,
+                            color="white" if kind != "W" else "black")
         ax.set_yticks(range(self.p))
         ax.set_yticklabels([f"rank {self.p - 1 - i}\n{100 * self.bubbles[self.p - 1 - i]:.0f}% idle"
-                            if len(self.bubbles) == self.p else f"rank {self.p - 1 - i}" for i in range(self.p)])
+                            if len(self.bubbles) == self.p else f"rank {self.p - 1 - i}"
+                            for i in range(self.p)])
         ax.set_xlabel("time (ms)")
         theory = theoretical_bubble(self.schedule, self.p, self.m, self.v) if self.m else 0.0
         ax.set_title(f"{self.schedule}: p={self.p}, m={self.m}, v={self.v}; measured bubble "
-                     f"{100 * sum(self.bubbles) / max(1, len(self.bubbles)):.1f}% (mean over ranks), "
-                     f"theory with equal stages {100 * theory:.1f}%", fontsize=10)
-        handles = [Patch(color=COLORS[k], label=CATEGORY[k]) for k in KINDS] + [Patch(color=IDLE, label="idle")]
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=6, fontsize=8,
-                  frameon=False)
+                     f"{100 * sum(self.bubbles) / max(1, len(self.bubbles)):.1f}% "
+                     f"(mean over ranks), theory with equal stages {100 * theory:.1f}%",
+                     fontsize=10)
+        handles = ([Patch(color=COLORS[k], label=CATEGORY[k]) for k in KINDS]
+                   + [Patch(color=IDLE, label="idle")])
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=6,
+                  fontsize=8, frameon=False)
         ax.set_xlim(0, span_ms * 1.01)
         fig.tight_layout()
         path = Path(path)

@@ -27,8 +27,8 @@ from plait.sync.transport import Background, Codec, Job, average, duplicate_grou
 
 
 class SyncStrategy:
-    """The baseline: every step, the gradient reducer has already summed the gradients over dp during
-    backward (`uses_reducer`); the strategy only steps. No communication of its own.
+    """The baseline: every step, the gradient reducer has already summed the gradients over dp
+    during backward (`uses_reducer`); the strategy only steps. No communication of its own.
 
     `slow_factor` > 1 (debug, straggler runs) makes this rank sleep (factor − 1) × the time it
     spent between two optimizer steps, so its steps take `slow_factor` times as long.
@@ -52,7 +52,8 @@ class SyncStrategy:
         inner()
 
     def reset_clock(self) -> None:
-        """Call after work between steps that is not training (evaluation): the slow rank does not stretch it."""
+        """Call after work between steps that is not training (evaluation):
+        the slow rank does not stretch it."""
         self._last = time.perf_counter() if self._last is not None else None
 
     def flush(self) -> None:
@@ -129,7 +130,8 @@ class ScheduledSync(SyncStrategy):
 
     uses_reducer = False
 
-    def __init__(self, params: list[nn.Parameter], mesh: Mesh, schedule: Callable[[int], Iterator[tuple[Instr, ...]]],
+    def __init__(self, params: list[nn.Parameter], mesh: Mesh,
+                 schedule: Callable[[int], Iterator[tuple[Instr, ...]]],
                  fragments: int = 1, codec: Codec | None = None, background: bool = False,
                  total_steps: int | None = None, slow_factor: float = 1.0):
         super().__init__(slow_factor)
@@ -138,15 +140,18 @@ class ScheduledSync(SyncStrategy):
         self.params = [p for p in params if p.requires_grad]
         self.codec = codec
         numel = sum(p.numel() for p in self.params)
-        unit = fragments * (mesh.dp_size * codec.block if codec is not None and mesh.dp_size > 1 else 1)
-        self.fragment_numel = -(-numel // unit) * unit // fragments  # F: equal fragments, codec-aligned
+        unit = fragments * (mesh.dp_size * codec.block
+                            if codec is not None and mesh.dp_size > 1 else 1)
+        # F: equal fragments, codec-aligned
+        self.fragment_numel = -(-numel // unit) * unit // fragments
         self.fragments = fragments
         self.flat = FlatParams(self.params, fragments * self.fragment_numel, mesh.device)
         self._schedule_fn = schedule
         self._schedule = schedule(1)
         self.t = 0  # optimizer steps taken
         self._inner: Callable[[], None] = lambda: None  # the last step's inner step (for flush)
-        self.pending: dict[tuple[int, int], Job | torch.Tensor] = {}  # (fragment, sent step) -> exchange
+        # (fragment, sent step) -> exchange
+        self.pending: dict[tuple[int, int], Job | torch.Tensor] = {}
         self.flushed: set[tuple[int, int]] = set()  # applied early by flush(): their Apply is done
         self.bg = Background(duplicate_group(mesh), mesh.rank, mesh.device) if background else None
 
@@ -169,8 +174,9 @@ class ScheduledSync(SyncStrategy):
         try:
             instrs = next(self._schedule)
         except StopIteration:
-            raise RuntimeError(f"sync.strategy = {self.name}: optimizer.step() called {self.t} times, more than "
-                               f"the run's {self.t - 1} steps given to parallelize(total_steps=...)") from None
+            raise RuntimeError(f"sync.strategy = {self.name}: optimizer.step() called {self.t} "
+                               f"times, more than the run's {self.t - 1} steps given to "
+                               "parallelize(total_steps=...)") from None
         for ins in instrs:
             assert ins.step == self.t, (ins, self.t)
             if isinstance(ins, InnerStep):
@@ -195,10 +201,12 @@ class ScheduledSync(SyncStrategy):
         x = self.payload(ins.fragment)
         if self.bg is not None:
             bg, codec = self.bg, self.codec
-            self.pending[(ins.fragment, ins.step)] = bg.submit(lambda: average(x, bg.group, bg.comm, codec))
+            self.pending[(ins.fragment, ins.step)] = bg.submit(
+                lambda: average(x, bg.group, bg.comm, codec))
         else:
             t0 = time.perf_counter()
-            self.pending[(ins.fragment, ins.step)] = average(x, self.mesh.dp, self.mesh.comm, self.codec)
+            self.pending[(ins.fragment, ins.step)] = average(x, self.mesh.dp, self.mesh.comm,
+                                                             self.codec)
             self.wait_s += time.perf_counter() - t0
 
     def _collect(self, fragment: int, sent: int) -> torch.Tensor:
@@ -209,14 +217,15 @@ class ScheduledSync(SyncStrategy):
         return got
 
     def _complete_pending(self) -> None:
-        """Wait for every background exchange, keeping its result for its Apply (no state changes)."""
+        """Wait for every background exchange, keeping its result for its Apply
+        (no state changes)."""
         for key in sorted(self.pending, key=lambda k: k[1]):
             if isinstance(self.pending[key], Job):
                 self.pending[key] = self._collect(*key)
 
     def flush(self) -> None:
-        """Apply every exchange in flight now, in the order sent (a run of unknown length ends with it;
-        training may go on: the cadence skips the Applies done here)."""
+        """Apply every exchange in flight now, in the order sent (a run of unknown length ends with
+        it; training may go on: the cadence skips the Applies done here)."""
         for fragment, sent in sorted(self.pending, key=lambda k: (k[1], k[0])):
             self.use(Apply(self.t, fragment, sent), self._collect(fragment, sent), self._inner)
             self.flushed.add((fragment, sent))
@@ -228,7 +237,8 @@ class ScheduledSync(SyncStrategy):
     def state_dict(self) -> dict:
         """Step count and finished-but-unapplied exchanges (in-flight ones are waited for first)."""
         self._complete_pending()
-        return {"step": self.t, "pending": {f"{f}@{s}": v.clone() for (f, s), v in self.pending.items()},
+        return {"step": self.t,
+                "pending": {f"{f}@{s}": v.clone() for (f, s), v in self.pending.items()},
                 "flushed": sorted(self.flushed)}
 
     def load_state_dict(self, sd: dict) -> None:

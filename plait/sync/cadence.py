@@ -1,4 +1,5 @@
-"""Sync cadences as data: pure generators of small instruction objects, one tuple per optimizer step.
+"""Sync cadences as data: pure generators of small instruction objects,
+one tuple per optimizer step.
 
 A strategy's executor (plait.sync.strategies) pulls one tuple per `optimizer.step()` and runs its
 instructions in order. Nothing here touches a tensor or a process group, so every cadence is
@@ -51,13 +52,15 @@ def _steps(start: int, steps: int | None) -> Iterator[int]:
 
 
 def every_step_schedule(steps: int | None = None, start: int = 1) -> Iterator[tuple[Instr, ...]]:
-    """Plain data parallelism: the gradient reducer averages during backward; the cadence only steps."""
+    """Plain data parallelism: the gradient reducer averages during backward;
+    the cadence only steps."""
     for t in _steps(start, steps):
         yield (InnerStep(t),)
 
 
 def send_offset(fragment: int, every: int, fragments: int) -> int:
-    """Fragment p sends at the steps t ≡ offset (mod every): staggered evenly, the last at multiples of H.
+    """Fragment p sends at the steps t ≡ offset (mod every):
+    staggered evenly, the last at multiples of H.
 
     (p + 1)·H // P mod H: with P = 1 the one fragment sends at H, 2H, ... (DiLoCo's outer steps).
     """
@@ -110,7 +113,8 @@ def streaming_schedule(every: int, fragments: int = 1, delay: int = 0, steps: in
         yield tuple(out + sends + applies)
 
 
-def delayed_schedule(delay: int = 1, steps: int | None = None, start: int = 1) -> Iterator[tuple[Instr, ...]]:
+def delayed_schedule(delay: int = 1, steps: int | None = None,
+                     start: int = 1) -> Iterator[tuple[Instr, ...]]:
     """Delayed data parallelism: step t sends its gradient and applies the one sent at t − delay.
 
     One fragment (the whole gradient). Its `Apply` is the optimizer step with the averaged

@@ -1,11 +1,13 @@
 """The low-communication and asynchronous strategies, each a payload and a use on a cadence.
 
-| strategy          | payload of a fragment      | use of the replicas' average                 | exchange        |
-|-------------------|----------------------------|----------------------------------------------|-----------------|
-| local_sgd         | local parameters           | becomes the parameters                       | inline, every H |
-| diloco            | Δ = θ_global − θ_local     | outer SGD-Nesterov step; θ_local ← θ_global  | inline, every H |
-| streaming_diloco  | Δ of one fragment          | outer step τ steps later, mixed by α         | background      |
-| delayed           | this step's gradient       | the optimizer step τ steps later             | background      |
+| strategy         | payload of a fragment  | use of the replicas' average     | exchange        |
+|------------------|------------------------|----------------------------------|-----------------|
+| local_sgd        | local parameters       | becomes the parameters           | inline, every H |
+| diloco           | Δ = θ_global − θ_local | outer SGD-Nesterov step;         | inline, every H |
+|                  |                        | θ_local ← θ_global               |                 |
+| streaming_diloco | Δ of one fragment      | outer step τ steps later,        | background      |
+|                  |                        | mixed by α                       |                 |
+| delayed          | this step's gradient   | the optimizer step τ steps later | background      |
 
 Bytes per rank (ring formula, n replicas, N local parameters, b bytes per element of the codec):
 local_sgd and diloco 2(n−1)/n · 4N every H steps (diloco: b instead of 4 when quantized);
@@ -33,9 +35,10 @@ class LocalSGD(ScheduledSync):
 
     name = "local_sgd"
 
-    def __init__(self, params, mesh: Mesh, every: int, total_steps: int | None = None, slow_factor: float = 1.0):
-        super().__init__(params, mesh, partial(_cadence, every, 1, 0, total_steps), total_steps=total_steps,
-                         slow_factor=slow_factor)
+    def __init__(self, params, mesh: Mesh, every: int, total_steps: int | None = None,
+                 slow_factor: float = 1.0):
+        super().__init__(params, mesh, partial(_cadence, every, 1, 0, total_steps),
+                         total_steps=total_steps, slow_factor=slow_factor)
 
     def payload(self, fragment):
         return self.flat.read(*self.span(fragment))
@@ -56,17 +59,18 @@ class StreamingDiLoCo(ScheduledSync):
     outer momentum, each a flat fp32 vector. On `Send` of fragment p: Δ_p = θ_global_p − θ_local_p
     is averaged over dp (optionally encoded: fp16 / int8 / fp4). On `Apply` τ steps later:
     m ← μ·m + Δ̄, θ_global_p ← θ_global_p − lr·(Δ̄ + μ·m) (Nesterov; μ = 0: plain SGD), then
-    θ_local_p ← α·θ_local_p + (1 − α)·θ_global_p (α = 0 on the run's last step: all replicas end equal).
+    θ_local_p ← α·θ_local_p + (1 − α)·θ_global_p
+    (α = 0 on the run's last step: all replicas end equal).
     """
 
     name = "streaming_diloco"
 
     def __init__(self, params, mesh: Mesh, every: int, fragments: int, delay: int, alpha: float,
-                 outer_lr: float, outer_momentum: float, quantize: str = "none", total_steps: int | None = None,
-                 slow_factor: float = 1.0):
-        super().__init__(params, mesh, partial(_cadence, every, fragments, delay, total_steps), fragments=fragments,
-                         codec=make_codec(quantize), background=delay > 0, total_steps=total_steps,
-                         slow_factor=slow_factor)
+                 outer_lr: float, outer_momentum: float, quantize: str = "none",
+                 total_steps: int | None = None, slow_factor: float = 1.0):
+        super().__init__(params, mesh, partial(_cadence, every, fragments, delay, total_steps),
+                         fragments=fragments, codec=make_codec(quantize), background=delay > 0,
+                         total_steps=total_steps, slow_factor=slow_factor)
         self.alpha = alpha
         self.outer_lr = outer_lr
         self.outer_momentum = outer_momentum
@@ -106,14 +110,15 @@ class StreamingDiLoCo(ScheduledSync):
 
 
 class DiLoCo(StreamingDiLoCo):
-    """DiLoCo (Douillard et al. 2023): H inner steps with any optimizer, then one blocking outer step
-    on the averaged outer gradient; every replica restarts from θ_global."""
+    """DiLoCo (Douillard et al. 2023): H inner steps with any optimizer, then one blocking outer
+    step on the averaged outer gradient; every replica restarts from θ_global."""
 
     name = "diloco"
 
     def __init__(self, params, mesh: Mesh, every: int, outer_lr: float, outer_momentum: float,
                  quantize: str = "none", total_steps: int | None = None, slow_factor: float = 1.0):
-        super().__init__(params, mesh, every, 1, 0, 0.0, outer_lr, outer_momentum, quantize, total_steps, slow_factor)
+        super().__init__(params, mesh, every, 1, 0, 0.0, outer_lr, outer_momentum, quantize,
+                         total_steps, slow_factor)
 
 
 class Delayed(ScheduledSync):
@@ -126,8 +131,8 @@ class Delayed(ScheduledSync):
 
     def __init__(self, params, mesh: Mesh, delay: int = 1, total_steps: int | None = None,
                  slow_factor: float = 1.0):
-        super().__init__(params, mesh, partial(delayed_schedule, delay, total_steps), background=True,
-                         total_steps=total_steps, slow_factor=slow_factor)
+        super().__init__(params, mesh, partial(delayed_schedule, delay, total_steps),
+                         background=True, total_steps=total_steps, slow_factor=slow_factor)
 
     def payload(self, fragment):
         # summed over dp, not averaged: the loop already normalized by the global batch (base.py)
@@ -138,9 +143,10 @@ class Delayed(ScheduledSync):
         inner()
 
 
-def build_strategy(cfg: SyncConfig, params: list[nn.Parameter], mesh: Mesh, total_steps: int | None = None
-                   ) -> SyncStrategy:
-    """The strategy `cfg.strategy` over this rank's `params` (collective when it needs a background group).
+def build_strategy(cfg: SyncConfig, params: list[nn.Parameter], mesh: Mesh,
+                   total_steps: int | None = None) -> SyncStrategy:
+    """The strategy `cfg.strategy` over this rank's `params`
+    (collective when it needs a background group).
 
     `total_steps`: the run's length, when known; the last step then ends every exchange in flight
     (and, for local_sgd / diloco / streaming_diloco, leaves every replica with the same parameters).
@@ -152,10 +158,11 @@ def build_strategy(cfg: SyncConfig, params: list[nn.Parameter], mesh: Mesh, tota
     if s == "local_sgd":
         return LocalSGD(params, mesh, cfg.every, total_steps, slow)
     if s == "diloco":
-        return DiLoCo(params, mesh, cfg.every, cfg.outer_lr, cfg.outer_momentum, cfg.quantize, total_steps, slow)
+        return DiLoCo(params, mesh, cfg.every, cfg.outer_lr, cfg.outer_momentum, cfg.quantize,
+                      total_steps, slow)
     if s == "streaming_diloco":
-        return StreamingDiLoCo(params, mesh, cfg.every, cfg.fragments, cfg.delay, cfg.alpha, cfg.outer_lr,
-                               cfg.outer_momentum, cfg.quantize, total_steps, slow)
+        return StreamingDiLoCo(params, mesh, cfg.every, cfg.fragments, cfg.delay, cfg.alpha,
+                               cfg.outer_lr, cfg.outer_momentum, cfg.quantize, total_steps, slow)
     if s == "delayed":
         return Delayed(params, mesh, cfg.delay, total_steps, slow)
     raise ValueError(f"sync.strategy = {s!r}")

@@ -85,8 +85,8 @@ class Int8(Codec):
 
 
 class FP4(Codec):
-    """4-bit floats (E2M1: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}), two per byte, one fp32 scale per 64 elements:
-    0.5 + 4/64 bytes per element. Round to nearest."""
+    """4-bit floats (E2M1: ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}), two per byte, one fp32 scale per 64
+    elements: 0.5 + 4/64 bytes per element. Round to nearest."""
 
     name, block = "fp4", 64
     bytes_per_element = 0.5 + 4.0 / 64
@@ -120,7 +120,8 @@ def make_codec(name: str) -> Codec | None:
 
 
 def exchange_bytes(numel: int, n: int, codec: Codec | None) -> float:
-    """Bytes one rank sends to average `numel` elements over n members (the formula `average` meets)."""
+    """Bytes one rank sends to average `numel` elements over n members
+    (the formula `average` meets)."""
     if n <= 1:
         return 0.0
     per = 4.0 if codec is None else codec.bytes_per_element
@@ -138,12 +139,15 @@ def average(x: torch.Tensor, group: Group, comm: Comm, codec: Codec | None = Non
         return x
     L = x.numel()
     if L % (n * codec.block):
-        raise ValueError(f"average: length {L} is not a multiple of members × block = {n} × {codec.block}")
+        raise ValueError(f"average: length {L} is not a multiple of members × block = {n} × "
+                         f"{codec.block}")
     k = L // n
-    send = torch.stack([codec.encode(c) for c in x.view(n, k)])  # (n, C) uint8: chunk j goes to member j
+    # (n, C) uint8: chunk j goes to member j
+    send = torch.stack([codec.encode(c) for c in x.view(n, k)])
     recv = torch.empty_like(send)
     comm.all_to_all(recv.view(-1), send.view(-1), group)
-    mine = torch.stack([codec.decode(r, k) for r in recv]).mean(dim=0)  # (k,) the average of my chunk
+    # (k,) the average of my chunk
+    mine = torch.stack([codec.decode(r, k) for r in recv]).mean(dim=0)
     gathered = torch.empty_like(send)
     comm.all_gather(gathered.view(-1), codec.encode(mine), group)
     torch.cat([codec.decode(g, k) for g in gathered], out=x)
@@ -152,7 +156,8 @@ def average(x: torch.Tensor, group: Group, comm: Comm, codec: Codec | None = Non
 
 # -- the background thread -------------------------------------------------------------------
 def duplicate_group(mesh: Mesh, name: str = "dp_bg") -> Group:
-    """A second process group with the members of this rank's dp group (collective: every rank calls it).
+    """A second process group with the members of this rank's dp group
+    (collective: every rank calls it).
 
     Every rank creates every dp group's duplicate, in Mesh.build's order (torch requires every
     rank to take part in each new_group call), and keeps its own.
@@ -172,11 +177,13 @@ def duplicate_group(mesh: Mesh, name: str = "dp_bg") -> Group:
 
 
 class Job:
-    """A background exchange: `wait()` (main thread only) returns its result and merges its bytes."""
+    """A background exchange: `wait()` (main thread only) returns its result and merges its
+    bytes."""
 
     def __init__(self, fn: Callable[[], torch.Tensor], ready=None):
         self.fn = fn
-        self.ready = ready  # a CUDA event recorded after the payload was produced on the main stream
+        # a CUDA event recorded after the payload was produced on the main stream
+        self.ready = ready
         self.done = threading.Event()
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
@@ -184,14 +191,16 @@ class Job:
         self.merged = False
 
     def wait(self, into: Comm) -> tuple[torch.Tensor, float]:
-        """Block until done; merge its records into `into` once; return (result, seconds blocked)."""
+        """Block until done; merge its records into `into` once;
+        return (result, seconds blocked)."""
         t0 = time.perf_counter()
         self.done.wait()
         blocked = time.perf_counter() - t0
         if self.error is not None:
             raise self.error
         if not self.merged and self.stats is not None:
-            recs = [into.stats.record(r.op, r.group, r.nbytes, r.wire, 0.0) for r in self.stats.recent]
+            recs = [into.stats.record(r.op, r.group, r.nbytes, r.wire, 0.0)
+                    for r in self.stats.recent]
             if recs:
                 into.stats.add_wait(recs[0], blocked)
             self.merged = True
@@ -200,7 +209,8 @@ class Job:
 
 
 class Background:
-    """The one background thread of a strategy: jobs run in FIFO order on `group` with its own Comm."""
+    """The one background thread of a strategy:
+    jobs run in FIFO order on `group` with its own Comm."""
 
     def __init__(self, group: Group, rank: int, device: torch.device):
         self.group = group
@@ -212,7 +222,8 @@ class Background:
 
     def submit(self, fn: Callable[[], torch.Tensor]) -> Job:
         ready = None
-        if self.device.type == "cuda":  # the payload is produced on the main thread's stream: mark when
+        # the payload is produced on the main thread's stream: mark when
+        if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         job = Job(fn, ready)

@@ -24,7 +24,8 @@ from plait.tensor_parallel.tp_comm import (
 )
 
 __all__ = [
-    "STYLES", "ColumnParallelLinear", "RowParallelLinear", "TensorParallel", "VocabParallelEmbedding",
-    "VocabParallelLoss", "all_reduce_grad_hook", "apply_tensor_parallel", "copy_to_tp", "gather_seq",
-    "padded_vocab", "plan_for", "reduce_from_tp", "reduce_scatter_seq", "vocab_parallel_cross_entropy",
+    "STYLES", "ColumnParallelLinear", "RowParallelLinear", "TensorParallel",
+    "VocabParallelEmbedding", "VocabParallelLoss", "all_reduce_grad_hook", "apply_tensor_parallel",
+    "copy_to_tp", "gather_seq", "padded_vocab", "plan_for", "reduce_from_tp", "reduce_scatter_seq",
+    "vocab_parallel_cross_entropy",
 ]

@@ -35,7 +35,8 @@ def shard(t: torch.Tensor, dim: int, group: Group, padded: int | None = None) ->
     full = t.shape[dim]
     padded = padded or full
     if padded % group.size:
-        raise ValueError(f"size {padded} along dim {dim} is not divisible by the tp size {group.size}")
+        raise ValueError(f"size {padded} along dim {dim} is not divisible by the tp size "
+                         f"{group.size}")
     if padded > full:
         pad_shape = list(t.shape)
         pad_shape[dim] = padded - full
@@ -54,7 +55,8 @@ def mark_replicated(p: nn.Parameter, mesh: Mesh, partial_grad: bool) -> None:
     (it acts on 1/t of the sequence under sequence parallelism): a backward hook, see
     tp_comm.all_reduce_grad_hook."""
     p.plait_tp_replicated = True
-    if partial_grad and mesh.tp_size > 1 and p.requires_grad and not getattr(p, "plait_tp_grad_hook", False):
+    if (partial_grad and mesh.tp_size > 1 and p.requires_grad
+            and not getattr(p, "plait_tp_grad_hook", False)):
         p.register_hook(all_reduce_grad_hook(mesh.comm, mesh.tp))
         p.plait_tp_grad_hook = True
 
@@ -70,16 +72,19 @@ class ColumnParallelLinear(nn.Module):
     all-reduce, not one per layer. `out_features` must divide by t (after `padded_out`).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh, enter_region: bool = True,
-                 sequence_parallel: bool = False, padded_out: int | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh,
+                 enter_region: bool = True, sequence_parallel: bool = False,
+                 padded_out: int | None = None):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.enter_region = enter_region
         self.sequence_parallel = sequence_parallel
         full_out, self.in_features = weight.shape
         self.full_out_features = full_out
-        self.weight = _param(shard(weight, 0, mesh.tp, padded_out), 0, full_out, weight.requires_grad)
-        self.bias = _param(shard(bias, 0, mesh.tp, padded_out), 0, full_out) if bias is not None else None
+        self.weight = _param(shard(weight, 0, mesh.tp, padded_out), 0, full_out,
+                             weight.requires_grad)
+        self.bias = (_param(shard(bias, 0, mesh.tp, padded_out), 0, full_out) if bias is not None
+                     else None)
         self.out_features = self.weight.shape[0]  # local: (padded) out / t
 
     @classmethod
@@ -94,7 +99,8 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} of {self.full_out_features}, "
-                f"tp={self.group.size}, enter_region={self.enter_region}, sp={self.sequence_parallel}")
+                f"tp={self.group.size}, enter_region={self.enter_region}, "
+                f"sp={self.sequence_parallel}")
 
 
 class RowParallelLinear(nn.Module):
@@ -106,7 +112,8 @@ class RowParallelLinear(nn.Module):
     the reduction; under sequence parallelism its gradient is summed over tp by a hook.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh, sequence_parallel: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.sequence_parallel = sequence_parallel
@@ -146,12 +153,14 @@ class VocabParallelEmbedding(nn.Module):
     (backward all-gather). Padded rows are never looked up; they stay zero.
     """
 
-    def __init__(self, weight: torch.Tensor, mesh: Mesh, sequence_parallel: bool = False, padded: int | None = None):
+    def __init__(self, weight: torch.Tensor, mesh: Mesh, sequence_parallel: bool = False,
+                 padded: int | None = None):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.sequence_parallel = sequence_parallel
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.weight = _param(shard(weight, 0, mesh.tp, padded), 0, self.num_embeddings, weight.requires_grad)
+        self.weight = _param(shard(weight, 0, mesh.tp, padded), 0, self.num_embeddings,
+                             weight.requires_grad)
         self.vocab_start = mesh.tp.rank * self.weight.shape[0]
         self.vocab_end = self.vocab_start + self.weight.shape[0]
 
@@ -162,14 +171,15 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
         local = (idx - self.vocab_start).masked_fill(outside, 0)
-        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D) partial
+        # (B, T, D) partial
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_seq(x, self.comm, self.group)
         return reduce_from_tp(x, self.comm, self.group)
 
     def extra_repr(self) -> str:
-        return (f"ids [{self.vocab_start}, {self.vocab_end}) of {self.num_embeddings}, dim={self.embedding_dim}, "
-                f"tp={self.group.size}, sp={self.sequence_parallel}")
+        return (f"ids [{self.vocab_start}, {self.vocab_end}) of {self.num_embeddings}, "
+                f"dim={self.embedding_dim}, tp={self.group.size}, sp={self.sequence_parallel}")
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
@@ -211,8 +221,9 @@ class _VocabParallelCE(Function):
         return g.to(ctx.in_dtype), None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, comm: Comm, group: Group,
-                                 vocab_start: int, vocab_size: int, reduction: str = "mean") -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, comm: Comm,
+                                 group: Group, vocab_start: int, vocab_size: int,
+                                 reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over vocab-sharded logits, never gathering the full (N, V) logits.
 
     logits (..., V'/t): this rank's columns [vocab_start, vocab_start + V'/t); targets (...) global
@@ -233,13 +244,15 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, co
 
 
 class VocabParallelLoss:
-    """The language-model loss for logits from a vocab-parallel head: `(logits, targets, reduction)`."""
+    """The language-model loss for logits from a vocab-parallel head:
+    `(logits, targets, reduction)`."""
 
     def __init__(self, mesh: Mesh, head: ColumnParallelLinear):
         self.comm, self.group = mesh.comm, mesh.tp
         self.vocab_start = mesh.tp.rank * head.out_features
         self.vocab_size = head.full_out_features
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, targets, self.comm, self.group, self.vocab_start,
-                                            self.vocab_size, reduction)
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, self.comm, self.group,
+                                            self.vocab_start, self.vocab_size, reduction)

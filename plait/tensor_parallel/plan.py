@@ -51,7 +51,8 @@ STYLES = ("column", "row", "vocab", "region", "replicate")
 class TensorParallel(NamedTuple):
     model: nn.Module
     loss_fn: Callable  # (logits, targets, reduction) -> loss, matching the head's output layout
-    gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # local state dict -> full shapes
+    # local state dict -> full shapes
+    gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def matches(pattern: str, name: str) -> bool:
@@ -63,16 +64,18 @@ def plan_for(model: nn.Module) -> Plan:
     """The plan table of the model's ParallelSpec (plait.parallel_spec); ConfigError without one."""
     plan = spec_of(model).tp_plan
     if plan is None:
-        raise ConfigError(f"parallel.tp > 1: {type(model).__name__} has no tensor-parallel plan (its "
-                          f"ParallelSpec.tp_plan); call plait.tensor_parallel.apply_tensor_parallel("
-                          f"model, mesh, plan) with a plan table")
+        raise ConfigError(f"parallel.tp > 1: {type(model).__name__} has no tensor-parallel plan "
+                          "(its ParallelSpec.tp_plan); call "
+                          "plait.tensor_parallel.apply_tensor_parallel(model, mesh, plan) with a "
+                          "plan table")
     return plan
 
 
 def _region_hook(mesh: Mesh, sequence_parallel: bool):
     def hook(module, args):
         x = args[0]
-        x = gather_seq(x, mesh.comm, mesh.tp) if sequence_parallel else copy_to_tp(x, mesh.comm, mesh.tp)
+        x = (gather_seq(x, mesh.comm, mesh.tp) if sequence_parallel
+             else copy_to_tp(x, mesh.comm, mesh.tp))
         return (x, *args[1:])
 
     return hook
@@ -85,7 +88,8 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None,
                           sequence_parallel: bool = False) -> TensorParallel:
-    """Split `model`'s layers over mesh.tp in place, as `plan` says; returns (model, loss_fn, gather).
+    """Split `model`'s layers over mesh.tp in place, as `plan` says;
+    returns (model, loss_fn, gather).
 
     `plan` None: the model's own (`plan_for`). The model's ParallelSpec checks its sizes against
     tp first (`check_tp`), whatever the plan; its `loss` is returned unless the head is split.
@@ -98,7 +102,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
     plan = plan_for(model) if plan is None else plan
     for pattern, style in plan:
         if style not in STYLES:
-            raise ConfigError(f"tensor-parallel plan: style {style!r} for {pattern!r}; choose one of {STYLES}")
+            raise ConfigError(f"tensor-parallel plan: style {style!r} for {pattern!r}; choose one "
+                              f"of {STYLES}")
     tp = mesh.tp_size
     spec = spec_of(model)
     if spec.check_tp is not None:
@@ -127,22 +132,25 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
             continue
         if style == "column":
             enter = not any(name.startswith(r + ".") for r in regions)
-            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=enter, sequence_parallel=sp)
+            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=enter,
+                                                   sequence_parallel=sp)
         elif style == "row":
             new = RowParallelLinear.from_linear(mod, mesh, sequence_parallel=sp)
         elif isinstance(mod, nn.Embedding):
             new = VocabParallelEmbedding.from_embedding(mod, mesh, sequence_parallel=sp,
                                                         padded=padded_vocab(mod.num_embeddings, tp))
         else:
-            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=True, sequence_parallel=sp,
+            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=True,
+                                                   sequence_parallel=sp,
                                                    padded_out=padded_vocab(mod.out_features, tp))
             loss_fn = VocabParallelLoss(mesh, new)
         orig = mod.weight
         if id(orig) in shared:  # tied: reuse the shard the other layer made
             twin = shared[id(orig)]
             if twin.shape != new.weight.shape or twin.plait_tp_shard != new.weight.plait_tp_shard:
-                raise ConfigError(f"tensor-parallel plan: {name}.weight is tied to another layer split another "
-                                  f"way; give both the same style (vocab for a tied embedding and head)")
+                raise ConfigError(f"tensor-parallel plan: {name}.weight is tied to another layer "
+                                  "split another way; give both the same style (vocab for a tied "
+                                  "embedding and head)")
             new.weight = twin
         shared[id(orig)] = new.weight
         _set(model, name, new)
@@ -159,20 +167,23 @@ def _check_entry(name: str, style: str, mod: nn.Module, tp: int) -> None:
     if style in ("region", "replicate"):
         return
     if style in ("column", "row") and isinstance(mod, nn.Linear):
-        what, v = ("out_features", mod.out_features) if style == "column" else ("in_features", mod.in_features)
+        what, v = (("out_features", mod.out_features) if style == "column"
+                   else ("in_features", mod.in_features))
         if v % tp:
-            raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by parallel.tp = {tp}: "
-                              f"choose a tp that divides {v}")
+            raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by "
+                              f"parallel.tp = {tp}: choose a tp that divides {v}")
         return
     if style == "vocab" and isinstance(mod, (nn.Embedding, nn.Linear)):
         return  # the vocabulary is padded to a multiple of tp
-    raise ConfigError(f"tensor-parallel plan: style {style!r} does not apply to {name} ({type(mod).__name__}); "
-                      f"column and row take nn.Linear, vocab nn.Embedding or nn.Linear")
+    raise ConfigError(f"tensor-parallel plan: style {style!r} does not apply to {name} "
+                      f"({type(mod).__name__}); column and row take nn.Linear, vocab nn.Embedding "
+                      "or nn.Linear")
 
 
 def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
-    """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension and drop
-    vocabulary padding. Collective: every tp rank calls it with the same keys in the same order.
+    """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension and
+    drop vocabulary padding. Collective: every tp rank calls it with the same keys in the same
+    order.
 
     Keys are matched by module name + '.weight' / '.bias'; a key under a prefix (a wrapper added by
     a later step) matches by its longest suffix that names a split module.
@@ -196,10 +207,11 @@ def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
                 continue
             dim, full, local = spec
             if t.shape[dim] != local:
-                raise RuntimeError(f"{key}: local shape {tuple(t.shape)} does not match the tp split "
-                                   f"({local} along dim {dim})")
+                raise RuntimeError(f"{key}: local shape {tuple(t.shape)} does not match the tp "
+                                   f"split ({local} along dim {dim})")
             moved = t.transpose(0, dim).contiguous()
-            buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype, device=t.device)
+            buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype,
+                              device=t.device)
             mesh.comm.all_gather(buf, moved, mesh.tp)
             out[key] = buf[:full].transpose(0, dim).contiguous()
         return out

@@ -4,14 +4,16 @@ Every function here runs exactly one collective in forward or backward (or none)
 it is given (the mesh's tp group), through `Comm`, so each byte is counted. Tensors are
 batch-first: the sequence dimension is `seq_dim` (1 for (B, T, D) activations).
 
-| function                  | forward                              | backward                           |
-|---------------------------|--------------------------------------|------------------------------------|
-| `copy_to_tp` (f)          | identity                             | all-reduce (sum) on tp             |
-| `reduce_from_tp` (g)      | all-reduce (sum) on tp               | identity                           |
-| `gather_seq` (SP f)       | all-gather along the sequence on tp  | reduce-scatter along the sequence  |
-| `reduce_scatter_seq` (SP g)| reduce-scatter along the sequence   | all-gather along the sequence      |
-| `all_reduce_grad_hook`    | —                                    | all-reduce (sum) of a parameter's  |
-|                           |                                      | gradient on tp, before accumulation|
+| function                    | forward                           | backward                      |
+|-----------------------------|-----------------------------------|-------------------------------|
+| `copy_to_tp` (f)            | identity                          | all-reduce (sum) on tp        |
+| `reduce_from_tp` (g)        | all-reduce (sum) on tp            | identity                      |
+| `gather_seq` (SP f)         | all-gather along the sequence     | reduce-scatter along the      |
+|                             | on tp                             | sequence                      |
+| `reduce_scatter_seq` (SP g) | reduce-scatter along the sequence | all-gather along the sequence |
+| `all_reduce_grad_hook`      | —                                 | all-reduce (sum) of a         |
+|                             |                                   | parameter's gradient on tp,   |
+|                             |                                   | before accumulation           |
 
 Backward functions never modify the incoming gradient in place: autograd may hand the same
 gradient tensor to several consumers (the two inputs of an addition share it).
@@ -35,8 +37,9 @@ def _all_reduce(x: torch.Tensor, comm: Comm, group: Group) -> torch.Tensor:
 def _check_seq(size: int, group: Group) -> None:
     if size % group.size:
         raise ConfigError(
-            f"sequence parallelism splits the sequence over parallel.tp = {group.size} ranks, but the sequence has "
-            f"{size} positions: make train.seq_len a multiple of {group.size} or set parallel.sequence_parallel=false"
+            f"sequence parallelism splits the sequence over parallel.tp = {group.size} ranks, but "
+            f"the sequence has {size} positions: make train.seq_len a multiple of {group.size} or "
+            "set parallel.sequence_parallel=false"
         )
 
 

@@ -66,7 +66,8 @@ class StepGuard:
     def _hits(self, kind: str, step: int) -> bool:
         if self.fault != kind:
             return False
-        return self.fault_step <= step < self.fault_step + (self.fault_steps if kind == "nan" else 1)
+        return (self.fault_step <= step
+                < self.fault_step + (self.fault_steps if kind == "nan" else 1))
 
     def observe(self, loss: torch.Tensor) -> torch.Tensor:
         """Take this step's loss (this rank's share); the debug NaN fault poisons it here."""
@@ -77,7 +78,8 @@ class StepGuard:
         return loss
 
     def _local_bad(self) -> torch.Tensor:
-        """1.0 when this rank's loss or gradient norm is not finite (a tensor: no host sync here)."""
+        """1.0 when this rank's loss or gradient norm is not finite
+        (a tensor: no host sync here)."""
         popt = self.optimizer
         vals = [] if self.loss is None else [self.loss.detach().float().reshape(-1)]
         norm = popt.last_grad_norm
@@ -99,10 +101,12 @@ class StepGuard:
             return not self.last_skipped
         self._decided = True
         mesh, step = self.mesh, self.state.step + 1
-        if self._hits("kill", step) and self.fault_root is not None and fault_once(self.fault_root, "kill"):
+        if (self._hits("kill", step) and self.fault_root is not None
+                and fault_once(self.fault_root, "kill")):
             os.kill(os.getpid(), signal.SIGKILL)
         if not self.agreement_step(step):
-            bad = judge and bool(self._local_bad().item())  # this replica alone: no collective between syncs
+            # this replica alone: no collective between syncs
+            bad = judge and bool(self._local_bad().item())
             self.local_bad += bad
             self.last_skipped = bad
             return not bad
@@ -135,20 +139,22 @@ class StepGuard:
         if self.in_a_row >= self.max_bad:
             last = self.last_checkpoint()
             raise NonFiniteError(
-                f"train.max_bad_steps = {self.max_bad}: steps {self.first_bad} to {step} all had a non-finite loss or "
-                f"gradient norm (last on rank(s) {bad}), so the run stops. "
-                + (f"The last good checkpoint is {last} (nothing was saved after it); resume from it with a lower "
-                   f"optim.lr or a stricter optim.grad_clip." if last is not None else
-                   "No checkpoint was saved (set checkpoint.every to keep one)."))
+                f"train.max_bad_steps = {self.max_bad}: steps {self.first_bad} to {step} all had a "
+                f"non-finite loss or gradient norm (last on rank(s) {bad}), so the run stops. "
+                + (f"The last good checkpoint is {last} (nothing was saved after it); resume from "
+                   f"it with a lower optim.lr or a stricter optim.grad_clip." if last is not None
+                   else "No checkpoint was saved (set checkpoint.every to keep one)."))
         if self.mesh.rank == 0:
             more = f"; {local} local skip(s) since the last agreement" if local else ""
-            print(f"plait: step {step} skipped on every rank: non-finite loss or gradient norm on rank(s) {bad} "
-                  f"({self.in_a_row} in a row, train.max_bad_steps = {self.max_bad}{more})", flush=True)
+            print(f"plait: step {step} skipped on every rank: non-finite loss or gradient norm on "
+                  f"rank(s) {bad} ({self.in_a_row} in a row, train.max_bad_steps = "
+                  f"{self.max_bad}{more})", flush=True)
         return False
 
     def finish_step(self, applied: bool = True) -> None:
-        """After optimizer.step() (`applied` False: an fp16 overflow skipped it): a step whose update
-        never reached the hook still makes its agreement, so every rank issues the same collectives."""
+        """After optimizer.step() (`applied` False: an fp16 overflow skipped it): a step whose
+        update never reached the hook still makes its agreement,
+        so every rank issues the same collectives."""
         if not self._decided:
             self.decide(judge=applied)
 

@@ -24,70 +24,38 @@ import torch.distributed as dist
 
 from plait.checkpoint import Checkpointer, root_of
 from plait.checkpoint.snapshot import Parts
-from plait.config import Config, ConfigError, ModelConfig, accumulation_steps, to_toml, validate_layout
+from plait.config import (
+    Config,
+    accumulation_steps,
+    to_toml,
+    validate_layout,
+)
 from plait.data import ChunkSampler, load_corpus, micro_batches
 from plait.data.batching import batch_at, rank_share
 from plait.data_parallel.zero_memory import memory_breakdown
 from plait.flops import peak_flops
 from plait.mesh import Mesh
-from plait.models import GPT, build_config, count_params, flops_per_token
-from plait.optim import NoiseScaleMonitor, metric_value, optimizer_factory, tensor_parallel_norm_reducer
+from plait.models import GPT, count_params, flops_per_token
+from plait.optim import (
+    NoiseScaleMonitor,
+    metric_value,
+    optimizer_factory,
+    tensor_parallel_norm_reducer,
+)
 from plait.optim.lr_schedule import batch_lr_scale, lr_factor
 from plait.optim.noise_scale import supported as noise_scale_supported
-from plait.parallel_spec import blocks_of, spec_of
+from plait.parallel_spec import blocks_of
 from plait.parallelize import ParallelOptions, parallelize
-from plait.pipeline.partition import partition, pipeline_spec
 from plait.train.guard import StepGuard
 from plait.train.metrics import Metrics, peak_memory_bytes, plot_run, prepare_run_dir, write_json
+from plait.train.model_setup import advice, model_config, preflight
 from plait.train.state import TrainState
 
 LOCAL_STRATEGIES = ("local_sgd", "diloco", "streaming_diloco", "delayed")
 
 
-def model_config(m: ModelConfig, vocab_size: int, seq_len: int):
-    over = {k: getattr(m, k) or None for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden")}
-    cfg = build_config(m.preset, vocab_size=m.vocab_size or vocab_size, tie_embeddings=m.tie_embeddings, **over)
-    if seq_len > cfg.max_seq_len:
-        cfg = build_config(m.preset, vocab_size=cfg.vocab_size, tie_embeddings=m.tie_embeddings,
-                           max_seq_len=seq_len, **over)
-    if cfg.d_model % cfg.n_heads:
-        raise ConfigError(f"model.d_model = {cfg.d_model} is not divisible by model.n_heads = {cfg.n_heads}")
-    if cfg.n_heads % cfg.kv_heads:
-        raise ConfigError(f"model.n_heads = {cfg.n_heads} is not divisible by model.n_kv_heads = {cfg.kv_heads}")
-    if cfg.head_dim % 2:
-        raise ConfigError(f"head dimension d_model/n_heads = {cfg.head_dim} must be even (rotary embeddings)")
-    return cfg
-
-
-def preflight(cfg: Config) -> None:
-    """The layout checks that need the model (tp divides its heads, pp · virtual stages fit its
-    blocks), run by the launcher before any worker starts and by every rank before any collective.
-    The model is built on the meta device: nothing is allocated or initialized."""
-    p = cfg.parallel
-    if p.tp == 1 and p.pp == 1:
-        return
-    with torch.device("meta"):
-        model = GPT(model_config(cfg.model, cfg.model.vocab_size or 256, cfg.train.seq_len))
-    check_tp = spec_of(model).check_tp
-    if p.tp > 1 and check_tp is not None:
-        check_tp(model, p.tp)
-    if p.pp > 1:
-        partition(pipeline_spec(model), p.pp, p.virtual_stages)
-
-
-def advice(cfg: Config) -> list[str]:
-    """Settings that are valid but rarely what is meant, said before the run starts."""
-    o = cfg.optim
-    out = []
-    if o.name == "lars" and o.lr < 0.1:
-        out.append(f"optim.name = lars with optim.lr = {o.lr:g}: LARS scales each layer's step by its trust ratio "
-                   f"(0.001 × ‖w‖/‖g‖), so it wants a rate of order 1 (e.g. optim.lr=1.0); at {o.lr:g} the "
-                   f"weights barely move")
-    return out
-
-
 class Trainer:
-    """Builds model, data and optimizer for one rank of `mesh`; `train_step()` runs one step, `run()` the run."""
+    """Builds one rank's model, data and optimizer; `train_step()`: one step, `run()`: the run."""
 
     def __init__(self, cfg: Config, mesh: Mesh, corpus=None):
         self.cfg, self.mesh = cfg, mesh
@@ -99,54 +67,61 @@ class Trainer:
         model = GPT(self.model_cfg)
         self.n_params = count_params(model)
         # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
-        build_optimizer = optimizer_factory(cfg.optim, mesh.device, tensor_parallel_norm_reducer(mesh))
-        self.model, self.optimizer = parallelize(model, build_optimizer, mesh, ParallelOptions.from_config(cfg))
-        # gradient noise scale (metric critical_batch): needs two batch sizes, micro-batch < global batch,
-        # and the exact global-batch gradient
+        build_optimizer = optimizer_factory(cfg.optim, mesh.device,
+                                            tensor_parallel_norm_reducer(mesh))
+        self.model, self.optimizer = parallelize(model, build_optimizer, mesh,
+                                                 ParallelOptions.from_config(cfg))
+        # gradient noise scale (metric critical_batch): needs two batch sizes, micro-batch < global
+        # batch, and the exact global-batch gradient
         self.noise = (NoiseScaleMonitor(list(self.model.parameters()), mesh, t.micro_batch)
-                      if t.global_batch > t.micro_batch and noise_scale_supported(cfg) is None else None)
-        if t.compile:  # per block: the reducer's hooks sit on the leaf parameters, outside compiled code
+                      if t.global_batch > t.micro_batch and noise_scale_supported(cfg) is None
+                      else None)
+        if t.compile:  # per block: reducer hooks sit on the leaf parameters, outside compiled code
             for m in blocks_of(self.model.module):  # the model's ParallelSpec block_types
                 m.compile()
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.train_data = ChunkSampler(corpus.train, t.seq_len, t.seed)
         self.train_data.pin_memory = mesh.device.type == "cuda"
-        self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation") \
+        self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False,
+                                     what="validation") \
             if t.val_samples and len(corpus.val) > t.seq_len else None
         self.state = TrainState()
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
         local = cfg.sync.strategy in LOCAL_STRATEGIES
-        self.guard = StepGuard(mesh, t, state=self.state, clock=lambda: (False, False), optimizer=self.optimizer,
-                               agree_every=cfg.sync.every if local else 1)
+        self.guard = StepGuard(mesh, t, state=self.state, clock=lambda: (False, False),
+                               optimizer=self.optimizer, agree_every=cfg.sync.every if local else 1)
         self.guard.payload = self._payload
-        self.optimizer.before_update = self.guard.decide  # the one per-step agreement, before the update
+        self.optimizer.before_update = self.guard.decide  # the per-step agreement, before updating
         # the loss's share reaches the world sum once: from tp rank 0 of the last pipeline stage
         self._counts_loss = mesh.tp_index == 0 and mesh.pp_index == mesh.pp_size - 1
 
     # -- one step --------------------------------------------------------------------------
     def set_lr(self, batch: int) -> float:
-        """The schedule's factor at this step, times the linear scaling rule's for this step's batch."""
+        """The schedule's factor at this step × the linear scaling rule's for this step's batch."""
         o = self.cfg.optim
-        f = lr_factor(self.state.step, self.cfg.train.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+        f = lr_factor(self.state.step, self.cfg.train.steps, o.warmup_steps, o.schedule,
+                      o.min_lr_ratio)
         f *= batch_lr_scale(batch, o.reference_batch, o.scale_lr_with_batch)
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * f
         return self.base_lrs[0] * f
 
     def _payload(self) -> torch.Tensor:
-        """What the guard's agreement sums over the world for us: [loss, gradient-noise small-batch sum]."""
+        """What the guard's world sum carries for us: [loss, gradient-noise small-batch sum]."""
         zero = torch.zeros((), device=self.mesh.device)
         loss = self.guard.loss if self._counts_loss and self.guard.loss is not None else zero
         noise = self.noise.local_sum if self.noise is not None else zero
         return torch.stack([loss.detach().float().reshape(()), noise.float()])
 
     def train_step(self) -> dict:
-        """One optimizer step. The loss is the global batch's mean (a float) at agreement steps, else
-        this rank's own (a device tensor; `loss_is_local`); other values stay on the device."""
+        """One optimizer step. The loss is the global batch's mean (a float) at agreement steps,
+        else this rank's own (a device tensor; `loss_is_local`); other values stay on the device."""
         t, st = self.cfg.train, self.state
-        batch = batch_at(st.samples, t.global_batch, t.micro_batch, t.batch_rampup_samples)  # ramp-up or fixed
+        # ramp-up or fixed
+        batch = batch_at(st.samples, t.global_batch, t.micro_batch, t.batch_rampup_samples)
         lr = self.set_lr(batch)
-        start, count = rank_share(st.samples, batch, t.micro_batch, self.mesh.dp_size, self.mesh.dp_index)
+        start, count = rank_share(st.samples, batch, t.micro_batch, self.mesh.dp_size,
+                                  self.mesh.dp_index)
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
         if self.noise is not None:
             self.noise.begin_step(self.optimizer.loss_scale)
@@ -164,16 +139,18 @@ class Trainer:
             loss = agreed[0]
         elif count:  # this rank's own mean token loss: its share × global tokens / its tokens
             loss = loss * (batch / count)
-        return {"loss": loss, "loss_is_local": agreed is None, "lr": lr, "grad_norm": self.optimizer.last_grad_norm,
-                "global_batch": batch, "applied": applied, "loss_scale": self.optimizer.loss_scale, **extra}
+        return {"loss": loss, "loss_is_local": agreed is None, "lr": lr,
+                "grad_norm": self.optimizer.last_grad_norm, "global_batch": batch,
+                "applied": applied, "loss_scale": self.optimizer.loss_scale, **extra}
 
     def evaluate(self) -> float | None:
-        """Mean token loss over the first val_samples validation sequences (the same for every layout)."""
+        """Mean token loss of the first val_samples validation sequences (same for every layout)."""
         if self.val_data is None:
             return None
         n, dp, i = self.cfg.train.val_samples, self.mesh.dp_size, self.mesh.dp_index
         lo, hi = n * i // dp, n * (i + 1) // dp
-        acc = self.model.eval_step(micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch))
+        acc = self.model.eval_step(
+            micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch))
         self.mesh.comm.all_reduce(acc, self.mesh.dp)
         return float(acc[0] / acc[1])
 
@@ -182,12 +159,13 @@ class Trainer:
         return self.model.full_state_dict()
 
     def loss_value(self, out: dict) -> float:
-        """A step's loss as logged: the agreed global mean, or between syncs this replica's own, which
-        under pp only the last stage computed: broadcast over mesh.pp then (a collective within the
-        replica, made at logging steps only, on every rank of the replica)."""
+        """A step's loss as logged: the agreed global mean, or between syncs this replica's own,
+        which under pp only the last stage computed: broadcast over mesh.pp then (a collective
+        within the replica, made at logging steps only, on every rank of the replica)."""
         loss = out["loss"]
         if out["loss_is_local"] and self.model.pipeline is not None:
-            t = torch.as_tensor(loss, dtype=torch.float32, device=self.mesh.device).reshape(1).clone()
+            t = torch.as_tensor(loss, dtype=torch.float32,
+                                device=self.mesh.device).reshape(1).clone()
             self.mesh.comm.broadcast(t, self.mesh.pp_size - 1, self.mesh.pp)
             return float(t)
         return float(loss)
@@ -201,13 +179,14 @@ class Trainer:
                "critical_batch": metric_value(out.get("critical_batch")), "samples": st.samples,
                "tokens": st.samples * self.cfg.train.seq_len, "skipped_steps": st.skipped_steps}
         if out["loss_is_local"]:
-            rec["loss_is_local"] = True  # between syncs: this rank's own loss, no collective made for it
-        if pipeline is not None:  # measured idle fraction of each pp rank (a gather over pp, every pp rank)
+            rec["loss_is_local"] = True  # between syncs: this rank's own loss, no collective for it
+        if pipeline is not None:  # each pp rank's measured idle fraction (a pp gather, every rank)
             rec["bubble"] = pipeline.bubbles()
         if val is not None:
             rec["val_loss"] = val
-        if self.optimizer.scaler is not None:  # fp16: the scale after this step; overflow skips so far
-            rec["loss_scale"], rec["overflow_steps"] = out["loss_scale"], self.optimizer.scaler.skipped
+        if self.optimizer.scaler is not None:  # fp16: scale after this step; overflow skips so far
+            rec["loss_scale"], rec["overflow_steps"] = \
+                out["loss_scale"], self.optimizer.scaler.skipped
         if self.guard.last_skipped:
             rec["skipped"] = True
         if self.noise is not None:
@@ -248,25 +227,29 @@ class Trainer:
         resumed = ckpt.resume()  # collective: the newest checkpoint that verifies, under any layout
         self.guard.clock, self.guard.fault_root = ckpt.clock, ckpt.root
         self.guard.last_checkpoint = lambda: ckpt.last_path
-        if lead and run_dir is not None:  # a resumed run keeps the first config.toml and adds its own
+        if lead and run_dir is not None:  # a resumed run keeps the first config.toml, adds its own
             conf = run_dir / "config.toml"
-            (run_dir / f"config.step-{st.step:08d}.toml" if conf.exists() else conf).write_text(to_toml(cfg))
+            (run_dir / f"config.step-{st.step:08d}.toml" if conf.exists()
+             else conf).write_text(to_toml(cfg))
         if st.step >= t.steps:
             if lead:
-                print(f"plait: the run is complete (step {st.step} of train.steps = {t.steps}): nothing to do; "
-                      f"raise train.steps to train on", flush=True)
+                print(f"plait: the run is complete (step {st.step} of train.steps = {t.steps}): "
+                      f"nothing to do; raise train.steps to train on", flush=True)
             done = run_dir / "summary.json" if run_dir is not None else None
-            return json.loads(done.read_text()) if done is not None and done.exists() else {"steps": st.step}
+            return (json.loads(done.read_text()) if done is not None and done.exists()
+                    else {"steps": st.step})
         peak = peak_flops(mesh.device, t.dtype, t.peak_flops)
-        metrics = Metrics(run_dir if lead else None, total_steps=t.steps, log_every=t.log_every, seq_len=t.seq_len,
-                          world=mesh.world_size, flops_per_token=self.flops_per_token, peak_flops=peak,
+        metrics = Metrics(run_dir if lead else None, total_steps=t.steps, log_every=t.log_every,
+                          seq_len=t.seq_len, world=mesh.world_size,
+                          flops_per_token=self.flops_per_token, peak_flops=peak,
                           progress=cfg.log.progress and lead, tensorboard=cfg.log.tensorboard,
                           start_step=st.step)
         if lead:
-            print(f"plait: {self.model_cfg.n_layers}-layer GPT, {self.n_params / 1e6:.2f}M parameters, layout "
-                  f"dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, global batch {t.global_batch}×{t.seq_len} "
-                  f"tokens ({accumulation_steps(cfg, mesh.dp_size)} micro-batches of {t.micro_batch} per rank), "
-                  f"data: {self.corpus_source}, device {mesh.device}", flush=True)
+            print(f"plait: {self.model_cfg.n_layers}-layer GPT, {self.n_params / 1e6:.2f}M "
+                  f"parameters, layout dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, "
+                  f"global batch {t.global_batch}×{t.seq_len} tokens "
+                  f"({accumulation_steps(cfg, mesh.dp_size)} micro-batches of {t.micro_batch} per "
+                  f"rank), data: {self.corpus_source}, device {mesh.device}", flush=True)
         val_loss, stopped = None, None
         mesh.comm.stats.reset_step(st.step)  # setting up and resuming is no training step's traffic
         try:
@@ -282,18 +265,21 @@ class Trainer:
             ckpt.wait()  # an asynchronous save in flight is committed on every way out
         summary = metrics.summary(
             final_val_loss=val_loss, steps=st.step, tokens=st.samples * t.seq_len,
-            layout={"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": cfg.parallel.zero,
-                    "world_size": mesh.world_size, "micro_batches": accumulation_steps(cfg, mesh.dp_size),
+            layout={"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size,
+                    "zero": cfg.parallel.zero, "world_size": mesh.world_size,
+                    "micro_batches": accumulation_steps(cfg, mesh.dp_size),
                     "device": str(mesh.device)},
             peak_memory_bytes=peak_memory_bytes(mesh.device),
-            memory=memory_breakdown(self.model, self.optimizer),  # this rank's parameters, gradients, optimizer
+            # this rank's parameters, gradients, optimizer
+            memory=memory_breakdown(self.model, self.optimizer),
             wall_s=metrics.wall_s(), n_params=self.n_params, peak_flops_per_rank=peak,
             model=asdict(self.model_cfg), skipped_steps=st.skipped_steps,
-            overflow_steps=self.optimizer.scaler.skipped if self.optimizer.scaler is not None else 0,  # fp16
+            overflow_steps=(self.optimizer.scaler.skipped if self.optimizer.scaler is not None
+                            else 0),  # fp16
             resumed_from_step=resumed["step"] if resumed is not None else None,
-            stopped=stopped,  # train.exit_after_steps / train.exit_after_minutes, or None: ran to the end
+            stopped=stopped,  # train.exit_after_steps / exit_after_minutes, or None: ran to the end
             checkpoint=str(ckpt.last_path) if ckpt.last_path is not None else None)
-        if self.model.pipeline is not None:  # gathering the timeline is a collective over pp: every rank
+        if self.model.pipeline is not None:  # the timeline's gather is a pp collective: every rank
             timeline = self.model.pipeline.gather_timeline()
             summary["pipeline"] = self.model.pipeline.summary()
             if lead and run_dir is not None:
@@ -309,8 +295,8 @@ class Trainer:
 
     def _announce_end(self, summary: dict, run_dir: Path | None, stopped: str | None, last) -> None:
         if stopped:
-            print(f"plait: stopped at step {self.state.step} ({stopped}), checkpoint {last}; run `plait train` "
-                  f"again with --run-dir {run_dir} to continue", flush=True)
+            print(f"plait: stopped at step {self.state.step} ({stopped}), checkpoint {last}; run "
+                  f"`plait train` again with --run-dir {run_dir} to continue", flush=True)
             return
         val = summary["final_val_loss"]
         print(f"plait: done. final loss {summary['final_train_loss']:.4g}"
@@ -325,11 +311,12 @@ class Trainer:
 
 
 def _device(cfg: Config) -> torch.device | None:
-    """train.device; with cuda and several local ranks each uses cuda:LOCAL_RANK (None: the mesh decides)."""
+    """train.device; cuda with several local ranks: cuda:LOCAL_RANK each (None: mesh decides)."""
     if cfg.train.device == "auto":
         return None
     if cfg.train.device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
+        return torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
     return torch.device(cfg.train.device)
 
 
@@ -353,18 +340,23 @@ def train(cfg: Config, run_dir: str | None = None) -> dict:
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
     path = Path(run_dir or cfg.log.run_dir) if (run_dir or cfg.log.run_dir) else None
     if path is not None:  # every rank checks, before any collective; rank 0 creates it
-        # a folder holding a run is resumed from its checkpoint; an elastic restart resumes its own run
+        # a folder holding a run resumes from its checkpoint; an elastic restart resumes its own run
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-            prepare_run_dir(path, create=int(os.environ.get("RANK", "0")) == 0, checkpoints=root_of(cfg, path))
-    owns_groups = not (dist.is_available() and dist.is_initialized())  # a caller's groups stay theirs
+            prepare_run_dir(path, create=int(os.environ.get("RANK", "0")) == 0,
+                            checkpoints=root_of(cfg, path))
+    owns_groups = not (dist.is_available() and dist.is_initialized())  # caller's groups stay theirs
     mesh = Mesh.from_env(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, backend=backend,
                          timeout_s=cfg.train.timeout_s, device=_device(cfg))
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = Trainer(cfg, mesh)
-        return trainer.run(path)
+        summary = trainer.run(path)
+        finished = True
+        return summary
     finally:
         if trainer is not None:
             trainer.close()
         if owns_groups:
+            if finished:  # no rank tears its connections down while a peer still sends on them
+                mesh.comm.barrier(mesh.world)
             mesh.destroy()

@@ -26,8 +26,9 @@ def prepare_run_dir(path: Path, create: bool = True, checkpoints: Path | None = 
     so nothing written is overwritten. A resumed run appends to metrics.jsonl."""
     if (path / "metrics.jsonl").exists() or (path / "summary.json").exists():
         if latest(checkpoints if checkpoints is not None else path / "checkpoints") is None:
-            raise ConfigError(f"run folder {str(path)!r} already holds a run and no complete checkpoint to resume "
-                              f"from: choose another --run-dir (or log.run_dir), or move the old one away")
+            raise ConfigError(f"run folder {str(path)!r} already holds a run and no complete "
+                              "checkpoint to resume from: choose another --run-dir (or "
+                              "log.run_dir), or move the old one away")
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -50,7 +51,8 @@ def human_bytes(n: float) -> str:
 
 
 def human(key: str, v) -> str:
-    """A summary or record value for people: 2,690 tok/s, 43.3 MB/step, losses to 4 significant digits."""
+    """A summary or record value for people: 2,690 tok/s, 43.3 MB/step,
+    losses to 4 significant digits."""
     if v is None:
         return "-"
     if isinstance(v, dict):
@@ -86,25 +88,29 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _drop_after(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl without the records past `step` (a crashed session's, redone after resuming)."""
+    """Rewrite metrics.jsonl without the records past `step`
+    (a crashed session's, redone after resuming)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = [ln for ln in path.read_text().splitlines()
+             if ln.strip() and json.loads(ln)["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in lines))
     tmp.replace(path)
 
 
-TB_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "comm_bytes", "critical_batch")
+TB_KEYS = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "comm_bytes",
+           "critical_batch")
 
 
 class Metrics:
     """Records of a run: `should_log(step)`, `step_done(...)` every step, `log(record)` at logging
-    steps, `summary(...)` at the end. Host reads happen in the caller, only when `should_log` says."""
+    steps, `summary(...)` at the end. Host reads happen in the caller,
+    only when `should_log` says."""
 
-    def __init__(self, run_dir: Path | None, *, total_steps: int, log_every: int, seq_len: int, world: int,
-                 flops_per_token: float, peak_flops: float, progress: bool, tensorboard: bool,
-                 start_step: int = 0):
+    def __init__(self, run_dir: Path | None, *, total_steps: int, log_every: int, seq_len: int,
+                 world: int, flops_per_token: float, peak_flops: float, progress: bool,
+                 tensorboard: bool, start_step: int = 0):
         self.run_dir, self.total, self.every = run_dir, total_steps, log_every
         self.seq_len, self.world = seq_len, world
         self.flops_per_token, self.peak = flops_per_token, peak_flops
@@ -113,17 +119,25 @@ class Metrics:
         self.fh = None
         self.tb = None
         if run_dir is not None:
-            _drop_after(run_dir / "metrics.jsonl", start_step)  # a crash after the checkpoint: redone steps
+            # a crash after the checkpoint: redone steps
+            _drop_after(run_dir / "metrics.jsonl", start_step)
             self.fh = open(run_dir / "metrics.jsonl", "a")
-            if tensorboard:
-                self.tb = _tensorboard(run_dir / "tensorboard")
+            if tensorboard:  # a resumed run drops the crashed session's later points here too
+                self.tb = _tensorboard(run_dir / "tensorboard",
+                                       purge_step=start_step + 1 if start_step else None)
         self.bar = None
         self.progress = progress
         if progress and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.fields[info]}"))
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
         self.comm_total = 0.0
@@ -166,7 +180,8 @@ class Metrics:
         """Complete `rec` (host values only) with the window's timing and traffic, then write it."""
         dt = max(time.perf_counter() - self.t_mark - self.paused, 1e-9)
         steps = max(1, self.w_steps)
-        rec.update(step_s=dt / steps, window_steps=steps, window_s=dt, tokens_per_s=self.w_tokens / dt,
+        rec.update(step_s=dt / steps, window_steps=steps, window_s=dt,
+                   tokens_per_s=self.w_tokens / dt,
                    mfu=self.flops_per_token * self.w_tokens / dt / (self.world * self.peak),
                    comm_bytes=self.w_comm / steps)
         self._window_reset()
@@ -184,7 +199,8 @@ class Metrics:
             self.bar.update(self.task, completed=rec["step"], info=self.info(rec))
         elif self.progress:
             every = max(1, self.total // 10)
-            if rec["step"] % every == 0 or rec["step"] == self.total or rec.get("val_loss") is not None:
+            if (rec["step"] % every == 0 or rec["step"] == self.total
+                    or rec.get("val_loss") is not None):
                 print(f"step {rec['step']:>5}/{self.total}  {self.info(rec)}", flush=True)
         return rec
 
@@ -222,13 +238,13 @@ class Metrics:
             self.tb.close()
 
 
-def _tensorboard(path: Path):
+def _tensorboard(path: Path, purge_step: int | None = None):
     """A SummaryWriter when tensorboard is installed (the `tb` extra), else None."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional; log.tensorboard=false silences nothing else
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
 
 
 def plot_run(run_dir: Path) -> list[Path]:

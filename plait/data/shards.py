@@ -1,0 +1,207 @@
+"""Reading prepared token shards and bare .bin files, memory-mapped and checked before training.
+
+Checks (each failure is one ConfigError naming the file and the fix):
+- always, from `stat` alone: the file exists, its size is the one meta.json records, and it is
+  a whole number of tokens of the dtype;
+- once per file version: its sha256 (prepared shards) and its largest token id. One pass reads
+  the file; the verdict is cached in data.cache_dir under (path, size, mtime), so a start-up
+  after the first costs a stat per shard. Ranks that share a cache folder take a file lock per
+  shard: one of them hashes, the others read its verdict;
+- every load: the largest id is below the model's vocabulary (model.vocab_size when set, else
+  meta.json's).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from plait.errors import ConfigError
+
+META = "meta.json"
+FORMAT = "plait.tokens"
+VERSION = 1  # bumped only when a field changes meaning; new optional keys keep it
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+_READ = 16 << 20  # a multiple of every dtype's size
+
+
+class ShardedTokens:
+    """Several 1-D token arrays read as one: len() and slices, nothing loaded into memory.
+
+    Slices within one part are views of its memmap; a slice across parts is a fresh array.
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        # plain ndarray views of the memmaps: slicing a memmap subclass costs several times more
+        self.parts = [np.asarray(p) for p in parts if len(p)]
+        self.dtype = parts[0].dtype if parts else np.dtype("<u2")
+        # starts[i]: index of part i's first token; starts[-1]: the length
+        self.starts = [0]
+        for p in self.parts:
+            self.starts.append(self.starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                raise IndexError("ShardedTokens supports contiguous slices only")
+            if hi <= lo:
+                return np.empty(0, self.dtype)
+            i = bisect.bisect_right(self.starts, lo) - 1
+            if hi <= self.starts[i + 1]:
+                return self.parts[i][lo - self.starts[i]: hi - self.starts[i]]
+            out, at = [], lo
+            while at < hi:
+                j = bisect.bisect_right(self.starts, at) - 1
+                end = min(hi, self.starts[j + 1])
+                out.append(self.parts[j][at - self.starts[j]: end - self.starts[j]])
+                at = end
+            return np.concatenate(out)
+        k = int(key) + n if int(key) < 0 else int(key)
+        if not 0 <= k < n:
+            raise IndexError(f"index {key} out of range for {n} tokens")
+        j = bisect.bisect_right(self.starts, k) - 1
+        return self.parts[j][k - self.starts[j]]
+
+
+def _scan(path: Path, dtype: np.dtype, want_sha: bool) -> dict:
+    sha = hashlib.sha256() if want_sha else None
+    top = -1
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_READ):
+            if sha is not None:
+                sha.update(chunk)
+            if chunk:
+                top = max(top, int(np.frombuffer(chunk, dtype=dtype).max()))
+    return {"sha256": sha.hexdigest() if sha is not None else None, "max_id": top}
+
+
+def verified(path: Path, dtype: np.dtype, cache: Path, want_sha: bool = True) -> dict:
+    """{sha256, max_id} of `path`, computed once per (path, size, mtime, dtype) and cached."""
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype.str}|{int(want_sha)}"
+    key = hashlib.sha1(ident.encode()).hexdigest()
+    folder = cache / "verified"
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = folder / f"{key}.json"
+
+    def cached():
+        try:
+            got = json.loads(entry.read_text())
+            return got if got.get("ident") == ident else None
+        except (OSError, ValueError):
+            return None
+
+    if (got := cached()) is not None:
+        return got
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks: two ranks may both hash; the result is the same
+        fcntl = None
+    with open(folder / f"{key}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the first rank hashes; the rest wait for its verdict
+        if (got := cached()) is not None:
+            return got
+        got = {"ident": ident, **_scan(path, dtype, want_sha)}
+        tmp = entry.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(got))
+        os.replace(tmp, entry)
+    return got
+
+
+def _whole_tokens(path: Path, size: int, dtype: np.dtype, what: str) -> None:
+    if size % dtype.itemsize:
+        raise ConfigError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens "
+                          f"({dtype.itemsize} bytes each): {what}")
+
+
+def read_meta(folder: Path) -> dict:
+    f = folder / META
+    redo = f"run `plait data prepare ... --out {folder}` again into an empty folder"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{f} is not readable JSON ({e}): {redo}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ConfigError(f"{f} is not a plait prepared-data file (format {FORMAT!r} expected): "
+                          f"point data.path at a folder made by `plait data prepare`")
+    if meta.get("version") != VERSION:
+        raise ConfigError(f"{f} has format version {meta.get('version')!r}; this plait reads "
+                          f"version {VERSION}: {redo}, or use the plait that wrote it")
+    for k in ("vocab_size", "eos_id", "dtype", "splits"):
+        if k not in meta:
+            raise ConfigError(f"{f} lacks {k!r}: {redo}")
+    if meta["dtype"] not in DTYPES:
+        raise ConfigError(f"{f}: dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}: {redo}")
+    if not 0 < int(meta["vocab_size"]) <= 2 ** (8 * DTYPES[meta["dtype"]].itemsize):
+        raise ConfigError(f"{f}: vocab_size {meta['vocab_size']} does not fit dtype "
+                          f"{meta['dtype']}: {redo}")
+    return meta
+
+
+def load_prepared(folder: Path, model_vocab: int, cache: Path) -> tuple[dict, dict[str, object]]:
+    """(meta, {"train": tokens, "val": tokens}) of a prepared folder, every shard checked."""
+    meta = read_meta(folder)
+    dtype = DTYPES[meta["dtype"]]
+    vocab = int(meta["vocab_size"])
+    if model_vocab and model_vocab < vocab:
+        raise ConfigError(f"model.vocab_size = {model_vocab} is smaller than the vocabulary of "
+                          f"the prepared data ({vocab}, {folder / META}): set model.vocab_size = 0 "
+                          f"(the data's) or at least {vocab}")
+    limit = model_vocab or vocab
+    redo = "the folder changed after `plait data prepare`: copy it again whole or prepare it again"
+    splits = {}
+    for name in ("train", "val"):
+        parts = []
+        for shard in meta["splits"].get(name, {}).get("shards", []):
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise ConfigError(f"{path} is missing ({folder / META} lists it): {redo}")
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                raise ConfigError(f"{path} is {size} bytes, {folder / META} says "
+                                  f"{shard['bytes']}: {redo}")
+            _whole_tokens(path, size, dtype, redo)
+            if shard["tokens"] * dtype.itemsize != size:
+                raise ConfigError(f"{path}: {shard['tokens']} tokens of {meta['dtype']} are not "
+                                  f"{size} bytes: {folder / META} names the wrong dtype; prepare "
+                                  f"the data again")
+            got = verified(path, dtype, cache)
+            if got["sha256"] != shard["sha256"]:
+                raise ConfigError(f"{path}: sha256 {got['sha256'][:16]}... differs from "
+                                  f"{shard['sha256'][:16]}... in {folder / META}: {redo}")
+            if got["max_id"] >= limit:
+                whose = "model.vocab_size" if model_vocab else f"vocab_size in {META}"
+                raise ConfigError(f"{path} holds token id {got['max_id']}, not below the "
+                                  f"vocabulary {limit} ({whose}): prepare the data again (its "
+                                  f"vocab_size is wrong)")
+            if size:
+                parts.append(np.memmap(path, dtype=dtype, mode="r"))
+        # one shard: a plain ndarray view of its memmap (slicing it is cheaper than the memmap's)
+        splits[name] = np.asarray(parts[0]) if len(parts) == 1 else ShardedTokens(parts)
+    return meta, splits
+
+
+def load_bin(path: Path, dtype_name: str, model_vocab: int, cache: Path) -> tuple[np.ndarray, int]:
+    """(memmap, vocabulary) of a bare token file; vocabulary = model_vocab or its largest id + 1."""
+    dtype = np.dtype(dtype_name)
+    size = path.stat().st_size
+    if size == 0:
+        raise ConfigError(f"data.path = {str(path)!r} is empty")
+    _whole_tokens(path, size, dtype, "check data.token_dtype (uint16 or uint32) or the file")
+    top = verified(path, dtype, cache, want_sha=False)["max_id"]
+    if model_vocab and top >= model_vocab:
+        raise ConfigError(f"{path} holds token id {top}, not below model.vocab_size = "
+                          f"{model_vocab}: set model.vocab_size to at least {top + 1} (or 0: the "
+                          f"data's), or check data.token_dtype = {dtype_name}")
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r")), model_vocab or top + 1
