@@ -1,4 +1,5 @@
-"""Command line: `plait train`, `plait data prepare`, `plait bench`, `plait export`, `plait report`.
+"""Command line: `plait train`, `plait data prepare`, `plait plan`, `plait bench`, `plait export`,
+`plait report`.
 
 `plait train` run by hand is the launcher: it validates the config, picks the run folder, then
 either trains in this process (one rank) or starts the workers through torch's elastic launcher
@@ -17,6 +18,7 @@ from pathlib import Path
 from plait.bench import BENCHMARKS
 from plait.data import prepare as data_prepare
 from plait.errors import ConfigError
+from plait.planner import cli as planner_cli
 
 
 def _is_worker() -> bool:
@@ -157,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "(docs/data.md)")
     data_prepare.add_arguments(pr)
     pr.set_defaults(fn=cmd_data_prepare)
+
+    pl = sub.add_parser("plan", help="choose the layout: step time and memory of each layout",
+                        description="plait plan [CONFIG] [key=value ...] --world N --cluster "
+                                    "FILE|PROFILE (docs/planner.md)")
+    planner_cli.add_arguments(pl)
+    pl.set_defaults(fn=planner_cli.main)
 
     ex = sub.add_parser("export",
                         help="a checkpoint (any layout) as one safetensors file plus a config JSON")

@@ -268,6 +268,10 @@ class Trainer:
             layout={"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size,
                     "zero": cfg.parallel.zero, "world_size": mesh.world_size,
                     "micro_batches": accumulation_steps(cfg, mesh.dp_size),
+                    "micro_batch": t.micro_batch, "schedule": cfg.parallel.schedule,
+                    "virtual_stages": cfg.parallel.virtual_stages,
+                    "activation_checkpointing": t.activation_checkpointing,
+                    "sequence_parallel": cfg.parallel.sequence_parallel,
                     "device": str(mesh.device)},
             peak_memory_bytes=peak_memory_bytes(mesh.device),
             # this rank's parameters, gradients, optimizer
