@@ -26,19 +26,6 @@ def _is_worker() -> bool:
                                                    and "WORLD_SIZE" in os.environ)
 
 
-def _split_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    config, overrides = None, []
-    for it in items:
-        if "=" in it:
-            overrides.append(it)
-        elif config is None:
-            config = it
-        else:
-            raise ConfigError(f"unexpected argument {it!r}: give at most one config file, then "
-                              "key=value overrides")
-    return config, overrides
-
-
 def default_nproc(cfg) -> int:
     import torch
 
@@ -52,9 +39,9 @@ def default_nproc(cfg) -> int:
 
 
 def cmd_train(args) -> int:
-    from plait.config import load, validate_layout
+    from plait.config import load, split_args, validate_layout
 
-    config_path, overrides = _split_overrides(args.rest)
+    config_path, overrides = split_args(args.rest)
     cfg = load(config_path, overrides)
     if _is_worker():
         from plait.train import train

@@ -17,7 +17,7 @@ from plait.config.checks import (
     validate,
     validate_layout,
 )
-from plait.config.load import from_dict, load, parse_override, to_dict, to_toml
+from plait.config.load import from_dict, load, parse_override, split_args, to_dict, to_toml
 from plait.config.schema import (
     CHOICES,
     CheckpointConfig,
@@ -37,6 +37,6 @@ __all__ = [
     "CHOICES", "CheckpointConfig", "CompressionConfig", "Config", "ConfigError", "DataConfig",
     "LogConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "SyncConfig", "TrainConfig",
     "accumulation_steps", "check_choice", "check_compression", "check_options", "check_pipeline",
-    "check_sync", "from_dict", "load", "parse_override", "to_dict", "to_toml", "validate",
-    "validate_layout",
+    "check_sync", "from_dict", "load", "parse_override", "split_args", "to_dict", "to_toml",
+    "validate", "validate_layout",
 ]

@@ -80,6 +80,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """A command line's [CONFIG] [key=value ...] -> (config file or None, overrides)."""
+    config, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif config is None:
+            config = it
+        else:
+            raise ConfigError(f"unexpected argument {it!r}: give at most one config file, then "
+                              "key=value overrides")
+    return config, overrides
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- TOML file <- overrides, then validated."""
     cfg = Config()

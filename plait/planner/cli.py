@@ -64,20 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(rest: list[str]):
-    from plait.config import load
+    from plait.config import load, split_args
 
-    path, overrides = None, []
-    for item in rest:
-        if "=" in item:
-            overrides.append(item)
-        elif path is None:
-            path = item
-        else:
-            raise ConfigError(
-                f"unexpected argument {item!r}: give at most one config file, "
-                "then key=value overrides"
-            )
-    return load(path, overrides)
+    return load(*split_args(rest))
 
 
 def _row(r: dict) -> str:
