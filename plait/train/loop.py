@@ -51,8 +51,6 @@ from plait.train.metrics import Metrics, peak_memory_bytes, plot_run, prepare_ru
 from plait.train.model_setup import advice, model_config, preflight
 from plait.train.state import TrainState
 
-LOCAL_STRATEGIES = ("local_sgd", "diloco", "streaming_diloco", "delayed")
-
 
 class Trainer:
     """Builds one rank's model, data and optimizer; `train_step()`: one step, `run()`: the run."""
@@ -87,7 +85,8 @@ class Trainer:
             if t.val_samples and len(corpus.val) > t.seq_len else None
         self.state = TrainState()
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
-        local = cfg.sync.strategy in LOCAL_STRATEGIES
+        # every strategy but every_step keeps its exchanges to its own cadence: agree at its syncs
+        local = cfg.sync.strategy != "every_step"
         self.guard = StepGuard(mesh, t, state=self.state, clock=lambda: (False, False),
                                optimizer=self.optimizer, agree_every=cfg.sync.every if local else 1)
         self.guard.payload = self._payload

@@ -12,6 +12,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,18 +153,14 @@ class Metrics:
         self.w_comm = 0.0
         self.paused = 0.0
 
+    @contextmanager
     def pause(self):
         """A context whose time (evaluation, a checkpoint) is not counted as training."""
-        metrics = self
-
-        class _Paused:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                metrics.paused += time.perf_counter() - self.t0
-
-        return _Paused()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
 
     def step_done(self, global_batch: int, comm_bytes: float) -> None:
         self.w_steps += 1
