@@ -46,10 +46,17 @@ def cmd_train(args) -> int:
     if _is_worker():
         from plait.train import train
 
+        if cfg.parallel.auto:  # started under torchrun by hand: every worker makes the same plan
+            cfg = _plan_in_worker(cfg, args)
         train(cfg, args.run_dir)
         return 0
     nproc = args.nproc or default_nproc(cfg)
     world = nproc * (args.nnodes if isinstance(args.nnodes, int) else 1)
+    planned, plan = [], None
+    if cfg.parallel.auto:
+        from plait.planner.auto import resolve
+
+        cfg, planned, plan = resolve(cfg, world, args.cluster, nnodes=args.nnodes)
     validate_layout(cfg, world)
     from plait.train.model_setup import preflight
 
@@ -59,6 +66,10 @@ def cmd_train(args) -> int:
 
     prepare_run_dir(Path(run_dir), create=False,
                     checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None)
+    if plan is not None:  # summary.json puts the prediction beside the measurement
+        from plait.planner.auto import write_plan
+
+        write_plan(Path(run_dir), plan)
     if nproc == 1 and args.nnodes == 1 and not args.max_restarts:  # restarts need the elastic agent
         from plait.train import train
 
@@ -69,10 +80,23 @@ def cmd_train(args) -> int:
     # options before the positionals: argparse takes no positionals after an option once
     # `rest` has matched
     worker_args = (["train", "--run-dir", run_dir] + ([config_path] if config_path else [])
-                   + overrides)
+                   + overrides + planned)
     return launch(worker_args, nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                   rdzv_backend=args.rdzv_backend, rdzv_endpoint=args.rdzv_endpoint,
                   rdzv_id=args.rdzv_id, max_restarts=args.max_restarts)
+
+
+def _plan_in_worker(cfg, args):
+    from plait.planner.auto import resolve, write_plan
+
+    world, local = int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    lead = os.environ.get("RANK", "0") == "0"
+    cfg, _, plan = resolve(cfg, world, args.cluster, nnodes=max(1, world // max(1, local)),
+                           log=print if lead else (lambda *a: None))
+    run_dir = args.run_dir or cfg.log.run_dir
+    if lead and run_dir:
+        write_plan(Path(run_dir), plan)
+    return cfg
 
 
 def cmd_export(args) -> int:
@@ -129,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rdzv-endpoint", default="")
     tr.add_argument("--rdzv-id", default="plait")
     tr.add_argument("--max-restarts", type=int, default=0)
+    tr.add_argument("--cluster", default="auto",
+                    help="with parallel.auto=true: the cluster to plan for, a TOML file or a "
+                    "profile of `plait plan` (default: this machine's GPU profile, else `local`)")
     tr.set_defaults(fn=cmd_train)
 
     be = sub.add_parser("bench", help="benchmarks: plait beside torch's peer, in one run",
