@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layout",
         default=None,
         help="evaluate one layout: dp=..,tp=..,pp=..,zero=..,"
-        "micro_batch=..,schedule=..,virtual_stages=..,ac=..,sp=..",
+        "micro_batch=..,schedule=..,virtual_stages=..,ac=..,sp=..,compression=..,sync=..",
+    )
+    parser.add_argument(
+        "--low-comm",
+        action="store_true",
+        help="also try compressors and sync strategies where the dp group crosses nodes (they "
+        "change the loss per step: ranked by throughput only, flagged)",
     )
     parser.add_argument("--top", type=int, default=10, help="layouts to list (default 10)")
     parser.add_argument("--json", default=None, help="write the ranked layouts here")
@@ -74,6 +80,7 @@ def _row(r: dict) -> str:
 
     lay = Layout(**{k: r[k] for k in Layout.__dataclass_fields__})
     fit = "" if r.get("fits", True) else "  (does not fit)"
+    fit += "  (changes the optimization)" if r.get("changes_optimization") else ""
     return (
         f"{lay.short():<46} {r['step_s']:>9.3f} s {r['tokens_per_s']:>12,.0f} tok/s  "
         f"MFU {100 * r['mfu']:5.1f}%"
@@ -131,7 +138,7 @@ def plan(args) -> int:
     from plait.planner import detect_cluster
 
     clus = detect_cluster() if args.cluster == "auto" else load_cluster(args.cluster)
-    planner = Planner(job_from_config(cfg, shape), clus, world)
+    planner = Planner(job_from_config(cfg, shape), clus, world, low_comm=args.low_comm)
     sh, c = planner.shape, planner.cluster
     print(
         f"plait plan: {sh.n_params() / 1e9:.3g}B-parameter GPT (L={sh.n_layers}, D={sh.d_model}, "

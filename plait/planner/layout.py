@@ -36,6 +36,8 @@ class Layout:
     virtual_stages: int = 1
     activation_checkpointing: str = "none"
     sequence_parallel: bool = False
+    compression: str = "none"  # of the dp exchange (plait plan --low-comm only)
+    sync: str = "every_step"  # sync strategy of the dp group (plait plan --low-comm only)
 
     @property
     def world(self) -> int:
@@ -66,11 +68,13 @@ class Layout:
             )
         if self.activation_checkpointing != "none":
             s += f" ac={self.activation_checkpointing}"
-        return s + (" sp" if self.sequence_parallel else "")
+        s += " sp" if self.sequence_parallel else ""
+        s += f" {self.compression}" if self.compression != "none" else ""
+        return s + (f" {self.sync}" if self.sync != "every_step" else "")
 
 
 def _value(key: str, raw: str):
-    if key in ("schedule", "activation_checkpointing"):
+    if key in ("schedule", "activation_checkpointing", "compression", "sync"):
         return raw
     if key == "sequence_parallel":
         if raw.lower() in ("true", "1", "yes", "on"):
@@ -112,6 +116,14 @@ def parse(text: str, world: int | None = None, micro_batch: int | None = None) -
         raise ConfigError(
             f"--layout schedule={lay.schedule!r}: choose one of {', '.join(SCHEDULES)}"
         )
+    from plait.planner.lowcomm import COMPRESSORS, STRATEGIES
+
+    if lay.compression not in ("none", *COMPRESSORS):
+        raise ConfigError(f"--layout compression={lay.compression!r}: choose one of none, "
+                          f"{', '.join(COMPRESSORS)}")
+    if lay.sync not in ("every_step", *STRATEGIES):
+        raise ConfigError(f"--layout sync={lay.sync!r}: choose one of every_step, "
+                          f"{', '.join(STRATEGIES)}")
     if lay.activation_checkpointing not in AC_MODES:
         raise ConfigError(
             f"--layout ac={lay.activation_checkpointing!r}: choose one of {', '.join(AC_MODES)}"
@@ -141,4 +153,6 @@ def apply(cfg, layout: Layout):
         micro_batch=layout.micro_batch,
         activation_checkpointing=layout.activation_checkpointing,
     )
-    return replace(cfg, parallel=par, train=train)
+    return replace(cfg, parallel=par, train=train,
+                   compression=replace(cfg.compression, name=layout.compression),
+                   sync=replace(cfg.sync, strategy=layout.sync))

@@ -27,10 +27,11 @@ from plait.errors import ConfigError
 from plait.planner.cluster import Cluster
 from plait.planner.compute import Rates
 from plait.planner.layout import AC_MODES, Layout
+from plait.planner.lowcomm import Settings, extra_state_bytes, variants
 from plait.planner.memory import combine, rank_activations, rank_parts, rank_state
 from plait.planner.pipesim import peak_in_flight, simulate
 from plait.planner.shape import ModelShape
-from plait.planner.timing import StepTime
+from plait.planner.timing import StepTime, group_crosses
 
 MAX_VIRTUAL = 8
 
@@ -49,6 +50,9 @@ class Job:
     dtype: str = "bf16"
     bucket_mb: float = 25.0
     threads: int = 0  # train.threads (CPU ranks); 0: the cores split over the ranks
+    compression: str = "none"  # the config's compression.name: every layout uses it
+    sync: str = "every_step"  # the config's sync.strategy
+    settings: Settings = Settings()  # their parameters (rank, fraction, every, quantize)
 
     @property
     def tokens(self) -> int:
@@ -66,14 +70,19 @@ def job_from_config(cfg, shape: ModelShape | None = None) -> Job:
         t.dtype,
         cfg.parallel.bucket_mb,
         t.threads,
+        cfg.compression.name,
+        cfg.sync.strategy,
+        Settings.from_config(cfg),
     )
 
 
 class Planner(StepTime):
     """Rules, memory, time and search for one job on `world` ranks of a cluster."""
 
-    def __init__(self, job: Job, cluster: Cluster, world: int):
+    def __init__(self, job: Job, cluster: Cluster, world: int, low_comm: bool = False):
         self.job, self.world = job, world
+        self.low_comm = low_comm  # also try compressors and sync strategies on a dp group that
+        # crosses nodes (plait.planner.lowcomm)
         self.cluster = cluster.for_world(world)
         self.rates = Rates(self.cluster, world, job.threads)
         self.shape = job.shape
@@ -122,6 +131,11 @@ class Planner(StepTime):
             out.append("ZeRO-3 does not combine with zb_h1")
         if L.sequence_parallel and L.tp == 1:
             out.append("sequence parallelism needs tp > 1")
+        if (L.compression != "none" or L.sync != "every_step") and L.zero:
+            out.append("compression and sync strategies are planned with ZeRO 0 only")
+        if L.compression != "none" and L.sync != "every_step":
+            out.append(f"compression {L.compression} with sync {L.sync}: compression applies to "
+                       "the every_step exchange only")
         return out
 
     def check(self, L: Layout) -> None:
@@ -147,6 +161,10 @@ class Planner(StepTime):
             for mem in out.values():
                 mem["transient"] += 4 * mem["psi"]
                 mem["total"] += 4 * mem["psi"]
+        if L.dp > 1 and (L.compression != "none" or L.sync != "every_step"):
+            for mem in out.values():  # residuals, outer copies (not checked against measurement)
+                mem["low_comm_state"] = extra_state_bytes(L.compression, L.sync, mem["psi"], L.dp)
+                mem["total"] += mem["low_comm_state"]
         return out
 
     def peak_memory(self, L: Layout) -> float:
@@ -224,6 +242,8 @@ class Planner(StepTime):
             "memory": mem[top],
             "memory_rank0": mem[0],
             "fits": mem[top]["total"] <= self.cluster.usable_memory(),
+            # a compressor or sync strategy: the loss per step differs from dense training
+            "changes_optimization": L.compression != "none" or L.sync != "every_step",
             "time": {
                 "pipeline_s": pipe,
                 "bubble": bubble,
@@ -264,10 +284,23 @@ class Planner(StepTime):
                 )
                 for zero in (0, 1, 2, 3) if dp > 1 else (0,):
                     for sched, v in scheds:
-                        base = Layout(dp, tp, pp, zero, 1, sched, v)
                         if zero == 3 and pp > 1 and sched == "zb_h1":
                             continue
-                        yield from self._fitting(base, cap)
+                        for comp, sync in self._exchanges(dp, tp, pp, zero):
+                            base = Layout(dp, tp, pp, zero, 1, sched, v, compression=comp,
+                                          sync=sync)
+                            yield from self._fitting(base, cap)
+
+    def _exchanges(self, dp: int, tp: int, pp: int, zero: int) -> list[tuple[str, str]]:
+        """The config's (compression, sync), plus with --low-comm every variant where the dp group
+        crosses nodes (ZeRO 0 only)."""
+        own = (self.job.compression, self.job.sync)
+        if own != ("none", "every_step") and zero:
+            return []
+        crosses = group_crosses(dp, tp, pp, self.cluster.gpus_per_node)[0]
+        if not (self.low_comm and dp > 1 and crosses and zero == 0):
+            return [own]
+        return [own] + [x for x in variants() if x != own]
 
     def _fitting(self, base: Layout, cap: float):
         per_dp = self.job.global_batch // base.dp

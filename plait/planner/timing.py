@@ -13,7 +13,9 @@ plait.planner.pipesim; after the pipeline, on the slowest pp rank:
   the first unit's gather; without a pipeline one reduce-scatter after the last backward;
 - the optimizer step: AdamW over the owned elements (GPUs: 40 bytes per element plus 16 per
   gradient element at memory bandwidth; CPUs: the calibrated cost per element and per tensor);
-- the gradient norm's scalar all-reduce (latency only).
+- the gradient norm's scalar all-reduce (latency only);
+- a compressor or sync strategy (the config's, or `plait plan --low-comm`'s variants) replaces the
+  dense exchange's time by plait.planner.lowcomm's.
 A group crosses nodes when its ranks (rank = (pp_i·dp + dp_i)·tp + tp_i) are not in one node.
 """
 
@@ -31,6 +33,7 @@ from plait.planner.compute import (
     stage_times,
 )
 from plait.planner.layout import Layout
+from plait.planner.lowcomm import exchange_s, strategy_s
 from plait.planner.memory import buckets
 from plait.planner.shape import StagePart, rank_param_shapes, stage_parts
 
@@ -110,7 +113,8 @@ class StepTime:
         return lat + 4 * L.micro_batch * j.seq_len * self.shape.d_model / tsp / bw
 
     def _after(self, L: Layout, costs) -> tuple[float, dict]:
-        key = (L.tp, L.pp, L.virtual_stages, L.zero, L.dp, costs[1][0] if L.pp == 1 else 0.0)
+        key = (L.tp, L.pp, L.virtual_stages, L.zero, L.dp, costs[1][0] if L.pp == 1 else 0.0,
+               L.compression, L.sync, L.micro_batch if L.sync != "every_step" else 0)
         if key not in self._after_cache:
             self._after_cache[key] = self._after_uncached(L, costs)
         return self._after_cache[key]
@@ -135,10 +139,18 @@ class StepTime:
                     per = [reduce_scatter_s(4 * n, L.dp, link, c) for n in padded]
                     gather_ag = sum(gather_s(4 * n, L.dp, link) for n in padded)
                 total = sum(per)
-                if L.pp == 1 and c.comm_overlap:  # the last micro-batch's backward issues them
+                overlap = L.pp == 1 and c.comm_overlap
+                if overlap:  # the last micro-batch's backward issues them
                     dp_s = max(per[-1], total - costs[1][0])
                 else:  # a pipeline holds no_sync over the step: all buckets go at the step
                     dp_s = total
+                if L.sync != "every_step":
+                    dp_s = strategy_s(L.sync, psi, L.dp, link, self.job.settings,
+                                      self._compute_s(L, costs), dp_s, self.rates.bytes_s)
+                elif L.compression != "none":
+                    members = buckets(shapes, int(self.job.bucket_mb * 2**20))
+                    dp_s = exchange_s(L.compression, shapes, members, L.dp, link, self.job.settings,
+                                      costs[1][0], overlap, self.rates.bytes_s)
             elif L.dp > 1 and L.zero == 3 and L.pp == 1:
                 # the one reduce-scatter after the last backward
                 dp_s = reduce_scatter_s(4 * psi, L.dp, link, c)
@@ -159,6 +171,13 @@ class StepTime:
                     },
                 )
         return worst, parts
+
+    def _compute_s(self, L: Layout, costs) -> float:
+        """The busiest pp rank's compute in a step (what a background exchange can hide behind)."""
+        m = self.job.global_batch // (L.dp * L.micro_batch)
+        F, B, W = costs
+        return m * max(sum(F[c * L.pp + r] + B[c * L.pp + r] + W[c * L.pp + r]
+                           for c in range(L.virtual_stages)) for r in range(L.pp))
 
     def _optimizer_s(self, owned: int, grads: int, tensors: int) -> float:
         c = self.cluster
