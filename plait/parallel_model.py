@@ -20,9 +20,10 @@ StateGatherer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 class ParallelModel(nn.Module):
     """The parallelized model: forward as the original, plus what a training loop needs.
 
-    - `train_step(batches, global_tokens)`: forward and backward of this rank's micro-batches,
-      whatever the layout (the pipeline schedule when pp > 1, else accumulation with the dp
-      exchange started by the last backward); returns this rank's share of the mean loss;
+    - `train_step(batches, global_tokens)`: forward and backward of this rank's micro-batches
+      `(x, y, *extras)`, whatever the layout (the pipeline schedule when pp > 1, else
+      accumulation with the dp exchange started by the last backward); returns this rank's share
+      of the mean loss;
     - `eval_step(batches)`: forward only; float64 [Σ token loss, tokens] of this rank's batches;
     - `no_sync()`: accumulate gradients without communicating (for a hand-written accumulation);
     - `loss(logits, targets, reduction)`: the language-model loss matching the output layout
@@ -65,45 +66,48 @@ class ParallelModel(nn.Module):
         return self.loss_fn(logits, targets, reduction=reduction)
 
     def train_step(self, batches: Iterable, global_tokens: int) -> torch.Tensor:
-        """Forward and backward of this rank's micro-batches `(x, y)`;
-        returns Σ token loss / global_tokens.
+        """Forward and backward of this rank's micro-batches `(x, y, *extras)`, each run as
+        `model(x, *extras)` (extras: e.g. document positions); returns Σ token loss / global_tokens.
 
-        `global_tokens`: the tokens of the whole global batch (every dp rank's), so that gradients
-        summed over dp are the gradient of the global mean loss. The returned loss is a device
-        tensor (reading it waits for the device); on every pp rank when pipelined.
+        `global_tokens`: the trained targets of the whole global batch (every dp rank's; targets of
+        -100 are not trained and not counted), so that gradients summed over dp are the gradient of
+        the global mean loss. The returned loss is a device tensor (reading it waits for the
+        device); on every pp rank when pipelined.
         """
         scale = self.scaler.scale if self.scaler is not None else 1.0
         batches = list(batches)
         # the schedule runs every micro-batch; its loss is on every pp rank
         if self.pipeline is not None:
             loss = self.pipeline.train_step(batches, global_tokens / scale, self.autocast(),
-                                            no_sync=self.no_sync)
+                                            grad_sync=self.reducer)
             return loss / scale if scale != 1.0 else loss
         total = torch.zeros((), device=self.mesh.device)
         dev = self.mesh.device
-        for k, (x, y) in enumerate(batches):
+        for k, (x, y, *extras) in enumerate(batches):
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            extras = [e.to(dev, non_blocking=True) for e in extras]
             # every backward but the last accumulates locally; the last one starts the dp exchange
             with self.no_sync() if k < len(batches) - 1 else nullcontext():
-                loss = self.loss(self(x), y, reduction="sum") / global_tokens
+                loss = self.loss(self(x, *extras), y, reduction="sum") / global_tokens
                 (loss * scale if scale != 1.0 else loss).backward()
             total += loss.detach()
         return total
 
     @torch.no_grad()
     def eval_step(self, batches: Iterable) -> torch.Tensor:
-        """Forward only over this rank's batches;
-        float64 [Σ token loss, tokens] (no dp reduction)."""
+        """Forward only over this rank's batches `(x, y, *extras)`;
+        float64 [Σ token loss, tokens] (no dp reduction; targets of -100 are no tokens)."""
         was_training = self.training
         self.eval()
         try:
             if self.pipeline is not None:  # the sums come from the last stage, broadcast over pp
                 return self.pipeline.evaluate(batches, self.autocast())
             acc = torch.zeros(2, device=self.mesh.device, dtype=torch.float64)
-            for x, y in batches:
+            for x, y, *extras in batches:
                 x, y = x.to(self.mesh.device), y.to(self.mesh.device)
-                acc[0] += self.loss(self(x), y, reduction="sum").double()
-                acc[1] += y.numel()
+                extras = [e.to(self.mesh.device) for e in extras]
+                acc[0] += self.loss(self(x, *extras), y, reduction="sum").double()
+                acc[1] += (y != -100).sum()
             return acc
         finally:
             self.train(was_training)

@@ -44,7 +44,11 @@ class Layer:
     how to call them on one hidden-state tensor.
 
     `call(modules, x, shared)` gets the stage's `shared` tables plus `shared["seq_len"]`, the model
-    input's sequence length (under sequence parallelism x holds only 1/tp of it).
+    input's sequence length (under sequence parallelism x holds only 1/tp of it), and
+    `shared["extras"]`, the micro-batch's model inputs after the first, on the device (a batch
+    `(x, y, *extras)` is run as `model(x, *extras)`; `()` for plain `(x, y)` batches). Every pp
+    rank reads the whole batch, so every stage has them. `shared` is a fresh dict per stage call,
+    shared by that call's layers: a layer may cache what the others reuse under a key of its own.
     """
 
     names: tuple[str, ...]

@@ -147,14 +147,25 @@ def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
 
     An optimizer (or factory) exposing `dp_exchange` (1-bit Adam) exchanges gradients itself: its
     exchange becomes the reducer's compressor (dense during its warm-up, silent afterwards).
+    With pp > 1 each pipeline chunk's parameters get buckets of their own (`segments`), so the
+    runner can start a chunk's exchange from its last backward of the step (plait.pipeline.runtime).
     """
+    segments = _chunk_segments(model)
     if cfg.zero:  # ZeRO-1/2: a reduce-scattering reducer; ZeRO-3: FSDP2 in the reducer's place
-        return apply_zero(model, mesh, cfg, compression, optimizer)
+        return apply_zero(model, mesh, cfg, compression, optimizer, segments)
     compressor = build_compressor(compression, getattr(optimizer, "dp_exchange", None))
     if mesh.dp_size == 1:
         return None
     return GradReducer(list(model.parameters()), mesh.dp, mesh.comm,
-                       bucket_bytes=int(cfg.bucket_mb * 2**20), compressor=compressor)
+                       bucket_bytes=int(cfg.bucket_mb * 2**20), compressor=compressor,
+                       segments=segments)
+
+
+def _chunk_segments(model: nn.Module) -> list[list[nn.Parameter]] | None:
+    """A pipeline stage's parameters chunk by chunk (plait.pipeline.PipelineStage), else None."""
+    if not hasattr(model, "chunk_parameters"):
+        return None
+    return [model.chunk_parameters(c) for c in range(model.num_chunks)]
 
 
 def _uses_reducer(sync) -> bool:

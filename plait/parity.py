@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.config import Config, from_dict
-from plait.data import ChunkSampler, load_corpus
+from plait.data import load_corpus
 from plait.mesh import Mesh
 from plait.models import GPT
 from plait.testing import RankFailure, run_ranks
@@ -113,6 +113,10 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
     learning-rate schedule written out here. No plait loop, parallelize, optimizer wrapper,
     clipping or schedule code, so a fault in those cannot hide in both sides of a comparison.
 
+    Fine-tuning data (a loss mask) and data.document_masking are followed: each micro-batch's
+    loss is summed over its trained targets and divided by the global batch's count of them,
+    counted here; the model gets the documents' positions.
+
     Returns per-step losses (the global batch's mean token loss) and gradient norms (before
     clipping; None without clipping), every parameter after the last step, and the validation
     loss over the first train.val_samples validation sequences.
@@ -136,7 +140,9 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) \
         if t.dtype == "bf16" else nullcontext
-    data = ChunkSampler(corpus.train, t.seq_len, t.seed)
+    # with the data's loss mask (targets -100) and, under data.document_masking, positions
+    masking = cfg.data.document_masking
+    data = corpus.sampler("train", t.seq_len, t.seed, document_masking=masking)
     G, m, n = t.global_batch, t.micro_batch, steps or t.steps
     losses, norms = [], []
     for step in range(n):
@@ -151,13 +157,15 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
         for g in opt.param_groups:
             g["lr"] = o.lr * f
         total = 0.0
-        # the global batch: samples [step·G, (step + 1)·G), in micro-batches
-        for k in range(G // m):
-            x, y = (v.to(device) for v in data.batch(step * G + k * m, m))
+        # the global batch: samples [step·G, (step + 1)·G), in micro-batches; the loss is the
+        # sum over its trained targets (not -100) divided by their count in the whole batch
+        mbs = [[v.to(device) for v in data.batch(step * G + k * m, m)] for k in range(G // m)]
+        trained = sum(int((mb[1] != -100).sum()) for mb in mbs)
+        for x, y, *extras in mbs:
             with autocast():
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                   reduction="sum") / (G * t.seq_len)
+                logits = model(x, *extras)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                                   ignore_index=-100) / trained
             loss.backward()
             total += float(loss.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
@@ -167,16 +175,16 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
         losses.append(total)
     val = None
     if t.val_samples and len(corpus.val) > t.seq_len:
-        vdata = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False, what="validation")
+        vdata = corpus.sampler("val", t.seq_len, t.seed, document_masking=masking)
         s = c = 0.0
         with torch.no_grad():
             for lo in range(0, t.val_samples, m):
-                x, y = (v.to(device) for v in vdata.batch(lo, min(m, t.val_samples - lo)))
+                x, y, *extras = (v.to(device) for v in vdata.batch(lo, min(m, t.val_samples - lo)))
                 with autocast():
-                    logits = model(x)
-                s += float(
-                    F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-                c += y.numel()
+                    logits = model(x, *extras)
+                s += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                           reduction="sum", ignore_index=-100))
+                c += int((y != -100).sum())
         val = s / c
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"losses": losses, "norms": norms, "state": state, "val": val}

@@ -95,15 +95,19 @@ def _embedding_and_loss_checks(mesh: Mesh, sp: bool) -> dict:
     logits = _rand(B, T, V, seed=7).requires_grad_()
     targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(8))
     local = torch.cat([logits.detach(), torch.full((B, T, 1), 50.0)], -1)[..., r * 5:(r + 1) * 5]
-    for reduction in ("sum", "mean"):
+    ignored = targets.clone()
+    ignored[0, 1:] = -100  # masked targets (a loss mask): F.cross_entropy's ignore_index
+    ignored[2, 0] = -100
+    for reduction, tg, tag in (("sum", targets, ""), ("mean", targets, ""),
+                               ("sum", ignored, "_ignore"), ("mean", ignored, "_ignore")):
         logits.grad = None
-        want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        want = F.cross_entropy(logits.flatten(0, 1), tg.flatten(), reduction=reduction)
         want.backward()
         ll = local.clone().requires_grad_()
-        got = vocab_parallel_cross_entropy(ll, targets, mesh.comm, mesh.tp, r * 5, V, reduction)
+        got = vocab_parallel_cross_entropy(ll, tg, mesh.comm, mesh.tp, r * 5, V, reduction)
         got.backward()
         gref = torch.cat([logits.grad, torch.zeros(B, T, 1)], -1)[..., r * 5:(r + 1) * 5]
-        out[f"cross_entropy_{reduction}"] = max(_err(got, want), _err(ll.grad, gref))
+        out[f"cross_entropy_{reduction}{tag}"] = max(_err(got, want), _err(ll.grad, gref))
     return out
 
 
@@ -117,7 +121,8 @@ def _layers_worker():
 
 
 LAYER_CHECKS = ["column", "column_sp", "row", "row_sp", "embedding", "embedding_sp",
-                "cross_entropy_sum", "cross_entropy_mean"]
+                "cross_entropy_sum", "cross_entropy_mean", "cross_entropy_sum_ignore",
+                "cross_entropy_mean_ignore"]
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, "
                           "a folder of text files, or a .bin of token ids (or leave it empty for "
                           "the default corpus)")
+    if cfg.data.document_masking and not (cfg.data.path and (Path(cfg.data.path)
+                                                             / "meta.json").is_file()):
+        raise ConfigError("data.document_masking = true needs documents that end with an "
+                          "end-of-text token: set data.path to a folder made by `plait data "
+                          "prepare`, or set data.document_masking=false")
 
 
 def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:

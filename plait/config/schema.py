@@ -29,6 +29,9 @@ class DataConfig:
     val_fraction: float = 0.01
     token_dtype: str = "uint16"  # for pre-tokenized .bin files
     cache_dir: str = ""  # empty: ~/.cache/plait
+    # true: attention stays within each document of a packed sequence and RoPE positions restart
+    # at each one (documents end with the prepared data's end-of-text id; needs a prepared folder)
+    document_masking: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from plait.config import DataConfig
+from plait.data.sampler import ChunkSampler
 from plait.data.shards import META, ShardedTokens, load_bin, load_prepared
 from plait.data.tokenizer import ByteTokenizer
 from plait.errors import ConfigError
@@ -37,6 +38,25 @@ class Corpus:
     vocab_size: int
     source: str
     eos_id: int | None = None  # prepared data: the id between documents
+    # fine-tuning data (`plait data prepare --format sft`): uint8 per token, 1 = trained target
+    train_mask: np.ndarray | ShardedTokens | None = None
+    val_mask: np.ndarray | ShardedTokens | None = None
+
+
+    def sampler(self, split: str, seq_len: int, seed: int, *,
+                document_masking: bool = False) -> ChunkSampler:
+        """The sampler of `split` ("train": shuffled; "val": in order) with the split's loss mask;
+        with `document_masking` its batches carry the documents' positions (x, y, positions)."""
+        if document_masking and self.eos_id is None:
+            raise ConfigError(f"data.document_masking = true needs documents that end with an "
+                              f"end-of-text token, which only a folder made by `plait data "
+                              f"prepare` has, not {self.source}: point data.path at one, or set "
+                              f"data.document_masking=false")
+        train = split == "train"
+        return ChunkSampler(self.train if train else self.val, seq_len, seed, shuffle=train,
+                            what="train" if train else "validation",
+                            loss_mask=self.train_mask if train else self.val_mask,
+                            eos_id=self.eos_id if document_masking else None)
 
 
 def stdlib_files() -> list[Path]:
@@ -96,12 +116,13 @@ def load_corpus(cfg: DataConfig, vocab_size: int = 0) -> Corpus:
         if not p.exists():
             raise ConfigError(f"data.path = {cfg.path!r} does not exist")
         if p.is_dir() and (p / META).exists():
-            meta, splits = load_prepared(p, vocab_size, _cache_dir(cfg))
+            meta, splits, masks = load_prepared(p, vocab_size, _cache_dir(cfg))
             vocab = int(meta["vocab_size"])
             tok = meta.get("tokenizer", {}).get("name", "?")
             source = f"{p} (prepared: {len(splits['train']):,} train tokens, tokenizer {tok})"
             return Corpus(train=splits["train"], val=splits["val"], vocab_size=vocab_size or vocab,
-                          source=source, eos_id=int(meta["eos_id"]))
+                          source=source, eos_id=int(meta["eos_id"]), train_mask=masks["train"],
+                          val_mask=masks["val"])
         if p.suffix == ".bin":
             tokens, vocab = load_bin(p, cfg.token_dtype, vocab_size, _cache_dir(cfg))
             source = str(p)

@@ -8,6 +8,10 @@ the parts, in task order, into the shards (plait.data.prepare).
 The split is a pure function of a document's text: a document goes to validation when the first
 8 bytes of its blake2b hash, read as a number in [0, 1), fall below val_fraction. It does not
 depend on file order, task cutting or workers, and duplicate documents share a split.
+
+Fine-tuning records (`--format sft`, plait.data.sft): a document is a record's rendered segments;
+beside each part file a loss-mask part (uint8, one per token, 1 = trained target) is written and
+hashed the same way. A record's text, as rendered, decides its split.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from plait.data import sft
 from plait.data.sources import Task, read_documents
 from plait.data.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -39,8 +44,12 @@ def init_worker(spec: dict, counters) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     byte = spec["tokenizer"] == "byte"
     tok = ByteTokenizer() if byte else load_tokenizer(spec["tokenizer"], spec["eos"])
+    template = spec.get("chat_template")
+    if template and not byte:  # a template's special tokens (<|im_start|> ...) are tokens
+        tok.tok.encode_special_tokens = False
+    parse = sft.parse_record(template) if spec.get("sft") else None
     _W.update(spec, tok=tok, counters=counters, eos=spec["eos_id"], dtype=np.dtype(spec["dtype"]),
-              threshold=int(spec["val_fraction"] * 2**64))
+              threshold=int(spec["val_fraction"] * 2**64), parse=parse)
 
 
 def is_val(data: bytes, threshold: int) -> bool:
@@ -58,43 +67,74 @@ def as_bytes_and_text(doc: str | bytes) -> tuple[bytes, str | None]:
         return data, data.decode("utf-8")
 
 
-class _Part:
-    """One split's output of one task: a file of `ids..., eos` per document, hashed as written."""
+class _File:
+    """A file written in pieces and hashed as written (opened at the first write)."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.fh = None
-        self.sha = hashlib.sha256()
+        self.path, self.fh, self.sha, self.bytes = path, None, hashlib.sha256(), 0
+
+    def write(self, data: np.ndarray) -> None:
+        if self.fh is None:
+            self.fh = open(self.path, "wb")
+        self.fh.write(memoryview(data))
+        self.sha.update(memoryview(data))
+        self.bytes += data.nbytes
+
+    def close(self) -> dict:
+        if self.fh is not None:
+            self.fh.close()
+        return {"path": str(self.path), "bytes": self.bytes, "sha256": self.sha.hexdigest()}
+
+
+class _Part:
+    """One split's output of one task: a file of `ids..., eos` per document, and for fine-tuning
+    records the loss mask beside it (`<part>.mask`, one uint8 per token)."""
+
+    def __init__(self, path: Path, with_mask: bool):
+        self.ids = _File(path)
+        self.mask = _File(path.with_suffix(".mask")) if with_mask else None
         self.documents = self.tokens = 0
         self.max_id = -1
 
-    def write(self, ids: np.ndarray, documents: int) -> None:
-        if self.fh is None:
-            self.fh = open(self.path, "wb")
-        self.fh.write(memoryview(ids))
-        self.sha.update(memoryview(ids))
+    def write(self, ids: np.ndarray, documents: int, mask: np.ndarray | None = None) -> None:
+        self.ids.write(ids)
+        if self.mask is not None:
+            self.mask.write(mask)
         self.documents += documents
         self.tokens += len(ids)
         self.max_id = max(self.max_id, int(ids.max()))
 
     def close(self) -> dict:
-        if self.fh is not None:
-            self.fh.close()
-        return {"path": str(self.path), "documents": self.documents, "tokens": self.tokens,
-                "bytes": self.tokens * _W["dtype"].itemsize, "sha256": self.sha.hexdigest(),
-                "max_id": self.max_id}
+        out = {**self.ids.close(), "documents": self.documents, "tokens": self.tokens,
+               "max_id": self.max_id}
+        if self.mask is not None:
+            out["loss_mask"] = self.mask.close()
+        return out
 
 
-def _pack(seqs: list, eos: int, dtype: np.dtype) -> np.ndarray:
-    """Documents' ids, each followed by eos, as one array."""
+def _pack(seqs: list, eos: int, dtype: np.dtype, ends: list | None = None) -> np.ndarray:
+    """Documents' ids, each followed by eos (or by its own `ends[i]`), as one array."""
     out = np.empty(sum(len(s) for s in seqs) + len(seqs), dtype=dtype)
     at = 0
-    for s in seqs:
+    for i, s in enumerate(seqs):
         out[at: at + len(s)] = s
         at += len(s)
-        out[at] = eos
+        out[at] = eos if ends is None else ends[i]
         at += 1
     return out
+
+
+def _encode_records(records: list) -> tuple[list, list[bool], list]:
+    """Fine-tuning records (segments) -> (ids per record, split, loss mask per record)."""
+    tok, threshold = _W["tok"], _W["threshold"]
+    texts = [sft.text_of(r) for r in records]
+    val = [is_val(as_bytes_and_text(t)[0], threshold) for t in texts]
+    if isinstance(tok, ByteTokenizer):
+        pairs = [sft.byte_ids_and_mask(r) for r in records]
+        return [p[0] for p in pairs], val, [p[1] for p in pairs]
+    encs = tok.tok.encode_batch(texts, add_special_tokens=False)  # with offsets
+    masks = [sft.token_mask(e.offsets, sft.char_mask(r)) for e, r in zip(encs, records)]
+    return [e.ids for e in encs], val, masks
 
 
 def _encode(docs: list[str | bytes]) -> tuple[list, list[bool]]:
@@ -108,13 +148,20 @@ def _encode(docs: list[str | bytes]) -> tuple[list, list[bool]]:
 
 
 def _flush(docs: list, parts: dict[str, _Part]) -> None:
-    seqs, val = _encode(docs)
+    if _W["parse"] is not None:
+        seqs, val, masks = _encode_records(docs)
+    else:
+        (seqs, val), masks = _encode(docs), None
     tokens = 0
     for name, want in (("train", False), ("val", True)):
-        chosen = [s for s, v in zip(seqs, val) if v == want]
+        chosen = [i for i, v in enumerate(val) if v == want]
         if chosen:
-            ids = _pack(chosen, _W["eos"], _W["dtype"])
-            parts[name].write(ids, len(chosen))
+            ids = _pack([seqs[i] for i in chosen], _W["eos"], _W["dtype"])
+            # a record's end-of-text is trained when its last token is
+            mask = None if masks is None else _pack(
+                [masks[i] for i in chosen], 0, np.dtype(np.uint8),
+                ends=[bool(len(masks[i]) and masks[i][-1]) for i in chosen])
+            parts[name].write(ids, len(chosen), mask)
             tokens += len(ids)
     with _W["counters"][1].get_lock():
         _W["counters"][1].value += tokens
@@ -131,7 +178,8 @@ def _fault(index: int) -> None:
 def run_task(task: Task) -> dict:
     """Encode one task into DIR/part-<index>-{train,val}.bin; returns both parts' statistics."""
     tmp = Path(_W["tmp"])
-    parts = {name: _Part(tmp / f"part-{task.index:06d}-{name}.bin") for name in ("train", "val")}
+    parts = {name: _Part(tmp / f"part-{task.index:06d}-{name}.bin", _W["parse"] is not None)
+             for name in ("train", "val")}
     counter = _W["counters"][0]
 
     def progress(n: int) -> None:
@@ -140,9 +188,9 @@ def run_task(task: Task) -> dict:
 
     block: list = []
     size = 0
-    for doc in read_documents(task, _W["field"], progress):
+    for doc in read_documents(task, _W["field"], progress, _W["parse"]):
         block.append(doc)
-        size += len(doc)
+        size += len(doc) if _W["parse"] is None else sum(len(t) for t, _ in doc)
         if size >= BLOCK_BYTES or len(block) >= BLOCK_DOCS:
             _flush(block, parts)
             block, size = [], 0

@@ -14,7 +14,6 @@ next run removes the leftover folder of a dead run). The format is described in 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -28,7 +27,8 @@ from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime
 from pathlib import Path
 
-from plait.data import encode
+from plait.data import encode, sft
+from plait.data.merge import ShardWriter
 from plait.data.progress import Progress
 from plait.data.shards import DTYPES, FORMAT, META, VERSION
 from plait.data.sources import FORMATS, discover, plan_tasks, read_documents
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "document's text")
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
     parser.add_argument("--format", default="auto", choices=FORMATS,
-                        help="read every input as this format (auto: by suffix)")
+                        help="read every input as this format (auto: by suffix; sft: .jsonl "
+                             "fine-tuning records, prompt/response or chat messages, stored with "
+                             "a loss mask)")
     parser.add_argument("--eos", default=None,
                         help="end-of-text token of a given tokenizer (default: its tokenizer_config"
                              ".json eos_token, else a known name such as <|endoftext|>)")
@@ -129,11 +131,14 @@ def _tokenizer(args, tasks, tmp: Path, show: bool) -> tuple[object, dict]:
         cap = int(args.train_mb * MB)
         threshold = int(args.val_fraction * 2**64)
         seen = [0]
+        # fine-tuning records: the BPE learns from their plain rendering (no template yet)
+        parse = sft.parse_record(None) if args.format == "sft" else None
 
         def texts():  # the training split's documents only: validation stays unseen
             for task in tasks:
-                for doc in read_documents(task, args.field, lambda n: None):
-                    data, text = encode.as_bytes_and_text(doc)
+                for doc in read_documents(task, args.field, lambda n: None, parse):
+                    data, text = encode.as_bytes_and_text(doc if parse is None
+                                                          else sft.text_of(doc))
                     if encode.is_val(data, threshold):
                         continue
                     yield text if text is not None else data.decode("utf-8", "replace")
@@ -155,59 +160,6 @@ def _tokenizer(args, tasks, tmp: Path, show: bool) -> tuple[object, dict]:
     return tok, info
 
 
-class _ShardWriter:
-    """Finished parts of one split, in task order -> shards of about `target` bytes.
-
-    A part that alone reaches the target becomes a shard by renaming; smaller parts are copied
-    into the open shard, which is hashed as it grows.
-    """
-
-    def __init__(self, folder: Path, split: str, target: int):
-        self.folder, self.split, self.target = folder, split, target
-        self.shards: list[dict] = []
-        self.fh = None
-        self.cur: dict = {}
-
-    def _name(self) -> str:
-        return f"{self.split}-{len(self.shards):05d}.bin"
-
-    def add(self, part: dict) -> None:
-        src = Path(part.pop("path"))
-        if part["documents"] == 0:
-            src.unlink(missing_ok=True)
-            return
-        if self.fh is None and part["bytes"] >= self.target:
-            name = self._name()
-            os.replace(src, self.folder / name)
-            self.shards.append({"file": name, **part})
-            return
-        if self.fh is None:
-            self.cur = {"file": self._name(), "documents": 0, "tokens": 0, "bytes": 0, "max_id": -1,
-                        "sha": hashlib.sha256()}
-            self.fh = open(self.folder / self.cur["file"], "wb")
-        with open(src, "rb") as fh:
-            while chunk := fh.read(16 * MB):
-                self.fh.write(chunk)
-                self.cur["sha"].update(chunk)
-        src.unlink()
-        for k in ("documents", "tokens", "bytes"):
-            self.cur[k] += part[k]
-        self.cur["max_id"] = max(self.cur["max_id"], part["max_id"])
-        if self.cur["bytes"] >= self.target:
-            self.close()
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
-            sha = self.cur.pop("sha").hexdigest()
-            self.shards.append({**self.cur, "sha256": sha})
-
-    def summary(self) -> dict:
-        return {"documents": sum(s["documents"] for s in self.shards),
-                "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
-
-
 def _stop_workers(ex: ProcessPoolExecutor, clean: bool) -> None:
     if clean:
         ex.shutdown(wait=True)
@@ -221,16 +173,18 @@ def _stop_workers(ex: ProcessPoolExecutor, clean: bool) -> None:
         p.join(timeout=5)
 
 
-def _encode_all(args, tasks, tmp: Path, tok_info: dict, workers: int, bar: Progress) -> dict:
+def _encode_all(args, tasks, tmp: Path, tok_info: dict, workers: int, bar: Progress,
+                template: dict | None = None) -> dict:
     # fork: workers start at once, without re-importing plait (and torch) as spawn would
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counters = (ctx.Value("q", 0), ctx.Value("q", 0))  # input bytes read, tokens written
     spec = {"tokenizer": "byte" if tok_info["kind"] == "byte" else str(tmp / "tokenizer.json"),
             "eos": tok_info.get("eos_token"), "eos_id": tok_info["eos_id"],
             "dtype": DTYPES[tok_info["dtype"]].str, "val_fraction": args.val_fraction,
-            "field": args.field, "tmp": str(tmp)}
+            "field": args.field, "tmp": str(tmp), "sft": args.format == "sft",
+            "chat_template": template}
     target = max(1, int(args.shard_mb * MB))
-    writers = {s: _ShardWriter(tmp, s, target) for s in ("train", "val")}
+    writers = {s: ShardWriter(tmp, s, target) for s in ("train", "val")}
     ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=encode.init_worker,
                              initargs=(spec, counters))
     # forked workers inherit this: one tokenizers thread each, and no warning about a fork after
@@ -293,11 +247,13 @@ def prepare(args: argparse.Namespace) -> dict:
     tmp.mkdir()
     try:
         tok, tok_info = _tokenizer(args, tasks, tmp, show)
+        # fine-tuning records: rendered with the tokenizer folder's chat template, if it has one
+        template = sft.chat_template(args.tokenizer) if args.format == "sft" else None
         vocab = tok_info["vocab_size"]
         tok_info["dtype"] = "uint16" if vocab <= 2**16 else "uint32"
         workers = min(args.workers or cores(), len(tasks))
         with Progress(total, enabled=show) as bar:
-            splits = _encode_all(args, tasks, tmp, tok_info, workers, bar)
+            splits = _encode_all(args, tasks, tmp, tok_info, workers, bar, template)
         if splits["train"]["tokens"] == 0:
             raise ConfigError(f"the inputs ({', '.join(args.inputs)}) hold no text for the "
                               f"training split: check --field {args.field!r} and --val-fraction")
@@ -309,6 +265,13 @@ def prepare(args: argparse.Namespace) -> dict:
             "dtype": tok_info.pop("dtype"),
             "layout": "each document's token ids, then eos_id; a split's shards concatenate in "
                       "order",
+            "input_format": args.format,
+            **({"sft": {
+                "rendering": "the chat template of tokenizer_config.json" if template else
+                "plain: '<role>: ' + content + newline per message; prompt + response verbatim",
+                "loss_mask": "per shard, uint8 per token: 1 where the token is a trained target "
+                             "(response / assistant messages; a record's eos_id when its last "
+                             "token is)"}} if args.format == "sft" else {}),
             "tokenizer": tok_info,
             "val_fraction": args.val_fraction,
             "val_rule": "a document is held out when blake2b(its UTF-8 text, 8 bytes) as a "

@@ -9,6 +9,8 @@ Checks (each failure is one ConfigError naming the file and the fix):
   shard: one of them hashes, the others read its verdict;
 - every load: the largest id is below the model's vocabulary (model.vocab_size when set, else
   meta.json's).
+A shard's loss mask (`plait data prepare --format sft`) gets the same size and sha256 checks, is
+one byte per token of its shard and holds only 0 and 1.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ META = "meta.json"
 FORMAT = "plait.tokens"
 VERSION = 1  # bumped only when a field changes meaning; new optional keys keep it
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+MASK_DTYPE = np.dtype("u1")  # loss masks (fine-tuning data): 1 where the token is a trained target
 _READ = 16 << 20  # a multiple of every dtype's size
 
 
@@ -149,8 +152,10 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def load_prepared(folder: Path, model_vocab: int, cache: Path) -> tuple[dict, dict[str, object]]:
-    """(meta, {"train": tokens, "val": tokens}) of a prepared folder, every shard checked."""
+def load_prepared(folder: Path, model_vocab: int, cache: Path
+                  ) -> tuple[dict, dict[str, object], dict[str, object]]:
+    """(meta, {"train": tokens, "val": tokens}, {"train": loss mask or None, "val": ...}) of a
+    prepared folder, every shard and loss-mask file checked."""
     meta = read_meta(folder)
     dtype = DTYPES[meta["dtype"]]
     vocab = int(meta["vocab_size"])
@@ -159,37 +164,65 @@ def load_prepared(folder: Path, model_vocab: int, cache: Path) -> tuple[dict, di
                           f"the prepared data ({vocab}, {folder / META}): set model.vocab_size = 0 "
                           f"(the data's) or at least {vocab}")
     limit = model_vocab or vocab
-    redo = "the folder changed after `plait data prepare`: copy it again whole or prepare it again"
-    splits = {}
+    splits, masks = {}, {}
     for name in ("train", "val"):
+        shards = meta["splits"].get(name, {}).get("shards", [])
         parts = []
-        for shard in meta["splits"].get(name, {}).get("shards", []):
+        for shard in shards:
             path = folder / shard["file"]
-            if not path.is_file():
-                raise ConfigError(f"{path} is missing ({folder / META} lists it): {redo}")
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise ConfigError(f"{path} is {size} bytes, {folder / META} says "
-                                  f"{shard['bytes']}: {redo}")
-            _whole_tokens(path, size, dtype, redo)
-            if shard["tokens"] * dtype.itemsize != size:
-                raise ConfigError(f"{path}: {shard['tokens']} tokens of {meta['dtype']} are not "
-                                  f"{size} bytes: {folder / META} names the wrong dtype; prepare "
-                                  f"the data again")
-            got = verified(path, dtype, cache)
-            if got["sha256"] != shard["sha256"]:
-                raise ConfigError(f"{path}: sha256 {got['sha256'][:16]}... differs from "
-                                  f"{shard['sha256'][:16]}... in {folder / META}: {redo}")
+            got = _checked(folder, shard, shard["tokens"], dtype, cache)
             if got["max_id"] >= limit:
                 whose = "model.vocab_size" if model_vocab else f"vocab_size in {META}"
                 raise ConfigError(f"{path} holds token id {got['max_id']}, not below the "
                                   f"vocabulary {limit} ({whose}): prepare the data again (its "
                                   f"vocab_size is wrong)")
-            if size:
+            if shard["bytes"]:
                 parts.append(np.memmap(path, dtype=dtype, mode="r"))
         # one shard: a plain ndarray view of its memmap (slicing it is cheaper than the memmap's)
         splits[name] = np.asarray(parts[0]) if len(parts) == 1 else ShardedTokens(parts)
-    return meta, splits
+        masks[name] = _loss_mask(folder, shards, cache)
+    return meta, splits, masks
+
+
+def _checked(folder: Path, entry: dict, tokens: int, dtype: np.dtype, cache: Path) -> dict:
+    """{sha256, max_id} of the file `entry` of meta.json describes, after its size and hash
+    checks (ConfigError naming the file and the fix)."""
+    redo = "the folder changed after `plait data prepare`: copy it again whole or prepare it again"
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing ({folder / META} lists it): {redo}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ConfigError(f"{path} is {size} bytes, {folder / META} says {entry['bytes']}: {redo}")
+    _whole_tokens(path, size, dtype, redo)
+    if tokens * dtype.itemsize != size:
+        raise ConfigError(f"{path}: {tokens} tokens of {dtype.name} are not {size} bytes: "
+                          f"{folder / META} names the wrong dtype; prepare the data again")
+    got = verified(path, dtype, cache)
+    if got["sha256"] != entry["sha256"]:
+        raise ConfigError(f"{path}: sha256 {got['sha256'][:16]}... differs from "
+                          f"{entry['sha256'][:16]}... in {folder / META}: {redo}")
+    return got
+
+
+def _loss_mask(folder: Path, shards: list[dict], cache: Path):
+    """The split's loss mask (uint8 per token, 1 = trained target) when its shards have one."""
+    with_mask = [s for s in shards if "loss_mask" in s]
+    if not with_mask:
+        return None
+    if len(with_mask) != len(shards):
+        raise ConfigError(f"{folder / META}: some shards have a loss mask and some do not: "
+                          f"prepare the data again")
+    parts = []
+    for shard in shards:
+        entry = shard["loss_mask"]
+        got = _checked(folder, entry, shard["tokens"], MASK_DTYPE, cache)
+        if got["max_id"] > 1:
+            raise ConfigError(f"{folder / entry['file']} holds the value {got['max_id']}; a loss "
+                              f"mask holds 0 and 1 only: prepare the data again")
+        if entry["bytes"]:
+            parts.append(np.memmap(folder / entry["file"], dtype=MASK_DTYPE, mode="r"))
+    return np.asarray(parts[0]) if len(parts) == 1 else ShardedTokens(parts)
 
 
 def load_bin(path: Path, dtype_name: str, model_vocab: int, cache: Path) -> tuple[np.ndarray, int]:

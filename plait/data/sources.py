@@ -18,7 +18,8 @@ from pathlib import Path
 from plait.data.corpus import TEXT_SUFFIXES, stdlib_files
 from plait.errors import ConfigError
 
-FORMATS = ("auto", "text", "jsonl", "parquet")
+# sft: every input is .jsonl / .jsonl.gz fine-tuning records (plait.data.sft)
+FORMATS = ("auto", "text", "jsonl", "parquet", "sft")
 # an input naming the running Python's standard library sources: plait's default corpus as text
 STDLIB = "python:stdlib"
 
@@ -26,6 +27,7 @@ STDLIB = "python:stdlib"
 def read_as(name: str, fmt: str) -> str:
     """How a file is read: text | jsonl | jsonl.gz | parquet (auto: by its suffix)."""
     name = name.lower()
+    fmt = "jsonl" if fmt == "sft" else fmt
     if fmt == "auto":
         fmt = ("jsonl" if name.endswith((".jsonl", ".jsonl.gz"))
                else "parquet" if name.endswith(".parquet") else "text")
@@ -194,10 +196,12 @@ def _jsonl_lines(piece: Piece, progress: Callable[[int], None]) -> Iterator[tupl
         progress(end - seen)
 
 
-def read_documents(task: Task, field: str,
-                   progress: Callable[[int], None]) -> Iterator[str | bytes]:
+def read_documents(task: Task, field: str, progress: Callable[[int], None],
+                   parse: Callable | None = None) -> Iterator:
     """The task's documents in input order: bytes for text files, str for JSON lines and parquet.
 
+    `parse(obj, where)`: what a JSON line becomes instead of its `field` (a fine-tuning record's
+    segments, plait.data.sft), None to skip it; `where()` names the file and line for errors.
     Empty documents are skipped (they would add nothing but an end-of-text id).
     """
     for piece in task.pieces:
@@ -214,7 +218,7 @@ def read_documents(task: Task, field: str,
                     obj = json.loads(line)
                 except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
                     raise ConfigError(f"{where()} is not JSON ({e}): fix or remove the line") from e
-                text = _field(obj, field, where)
+                text = _field(obj, field, where) if parse is None else parse(obj, where)
                 if text:
                     yield text
         else:

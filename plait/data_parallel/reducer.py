@@ -14,6 +14,12 @@ Communication contract
   buffer, per-parameter views)` instead of the all-reduce: issued at the same point, in the same
   order; its later phases run when `finish()` waits the buckets, in bucket order.
 - While `sync` is False (non-final micro-batches of gradient accumulation) hooks only accumulate.
+- Pipelines (`segments`, `final_backward`): the parameters of each pipeline chunk are one
+  segment, and no bucket spans two segments, so a chunk's buckets are complete as soon as its own
+  last backward of the step is (the runner runs that one inside `final_backward(chunk modules)`,
+  every other instruction under `no_sync()`). Segments are laid out last first, as parameters
+  are, which is the order in which the schedules finish chunks. The issue order stays the bucket
+  index order, the same on every dp rank: the dp ranks of a pipeline stage run the same program.
 - ZeRO options (plait.data_parallel.zero): `pad_to` zero-pads each bucket to a multiple of it (a
   reduce-scatter needs equal chunks; the padding stays zero and no view covers it);
   `release_after_reduce` drops each bucket's buffer (and its parameters' `.grad`) once its
@@ -67,7 +73,10 @@ class GradReducer:
                  bucket_bytes: int = 25 * 2**20, first_bucket_bytes: int = 2**20,
                  average: bool = False, dtype: torch.dtype | None = None,
                  compressor: Compressor | None = None, pad_to: int = 1,
-                 release_after_reduce: bool = False):
+                 release_after_reduce: bool = False,
+                 segments: list[list[nn.Parameter]] | None = None):
+        """`segments`: the parameters in groups that never share a bucket (pipeline chunks), in
+        place of `params`' order; parameters of `params` in no segment get the last buckets."""
         self.group = group
         self.pad_to = pad_to
         self.release_after_reduce = release_after_reduce
@@ -77,8 +86,20 @@ class GradReducer:
         self.compressor = compressor.bind(group, comm) if compressor is not None else None
         self.average = average
         self.sync = True
+        self._on_issue = None  # final_backward's callback: bucket index -> None
+        groups = [list(params)] if segments is None else [list(g) for g in segments]
+        seg_of: dict[int, int] = {}  # the first group a trainable parameter appears in
+        for i, group_params in enumerate(groups):
+            for p in group_params:
+                if p.requires_grad:
+                    seg_of.setdefault(id(p), i)
+        # parameters in no segment: laid out first, so their buckets come last
+        rest = [p for p in params if p.requires_grad and id(p) not in seg_of]
+        for p in rest:
+            seg_of[id(p)] = -1
         seen: set[int] = set()
-        params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        params = [p for p in (*rest, *(p for g in groups for p in g)) if p.requires_grad
+                  and not (id(p) in seen or seen.add(id(p)))]
         self.params = params
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
@@ -86,9 +107,9 @@ class GradReducer:
         # buckets asked smaller than 1 MiB: all of them
         cur_bytes, cap = 0, min(first_bucket_bytes, bucket_bytes)
         for p in reversed(params):
-            # a bucket holds one dtype and device
+            # a bucket holds one dtype and device, and one segment
             if cur and (cur_bytes + p.numel() * p.element_size() > cap or p.dtype != cur[0].dtype
-                        or p.device != cur[0].device):
+                        or p.device != cur[0].device or seg_of[id(p)] != seg_of[id(cur[0])]):
                 self._add_bucket(cur, dtype)
                 cur, cur_bytes, cap = [], 0, bucket_bytes
             cur.append(p)
@@ -163,6 +184,8 @@ class GradReducer:
             b.handle = self.compressor.exchange(b.index, b.buffer,
                                                 [b.views[id(p)] for p in b.params])
         self._next += 1
+        if self._on_issue is not None:
+            self._on_issue(b.index)
 
     # -- step ------------------------------------------------------------------------------
     @contextmanager
@@ -173,6 +196,27 @@ class GradReducer:
             yield
         finally:
             self.sync = prev
+
+    @contextmanager
+    def final_backward(self, modules: list[nn.Module], on_issue=None):
+        """The backward run inside is the step's last one for `modules`' parameters: their
+        buckets are exchanged from the hooks as they fill (in index order, after every earlier
+        bucket), and on leaving, those of their parameters that got no gradient count as ready
+        (zeros, as in `finish`). `on_issue(bucket index)` is called at each issue inside.
+        Under an outer `no_sync()` it is one more accumulating backward."""
+        if not self.sync:
+            yield
+            return
+        prev, self.sync, self._on_issue = self.sync, True, on_issue
+        try:
+            yield
+            for m in modules:
+                for p in m.parameters():
+                    b = self._bucket_of.get(id(p))
+                    if b is not None and id(p) not in b.ready:
+                        self._on_grad(p)
+        finally:
+            self.sync, self._on_issue = prev, None
 
     def finish(self) -> None:
         """Issue remaining buckets in order, wait for all, then (optionally) average."""

@@ -17,7 +17,8 @@ Stages 1 and 2 are plait's own, built on the plain reducer (plait.data_parallel.
 Communication contract (every rank of mesh.dp, in bucket order, from the training thread):
 - backward: each bucket is reduce-scattered (SUM) from the reducer's post-accumulate-grad hooks,
   as plain DP issues its all-reduce (overlapped with the rest of backward; `ShardExchange`):
-  (Nd−1)/Nd · 4p_b bytes per bucket. Non-final micro-batches (`no_sync`) only accumulate.
+  (Nd−1)/Nd · 4p_b bytes per bucket. Non-final micro-batches (`no_sync`) only accumulate; in a
+  pipeline, each chunk's buckets go from its own last backward (the reducer's `final_backward`).
 - step: once the leaves are stepped, one all-gather per bucket of the flat parameter buffer, in
   place (the input is this rank's chunk of the output), all issued, then all waited.
   Per step 2·(Nd−1)/Nd·4(Ψ+P) bytes: plain DP's all-reduce plus the padding.
@@ -83,14 +84,16 @@ class ShardExchange(Compressor):
 
 
 # -- ZeRO-1/2 construction -------------------------------------------------------------------
-def build_reducer(params: list[nn.Parameter], mesh: Mesh, stage: int, bucket_bytes: int):
+def build_reducer(params: list[nn.Parameter], mesh: Mesh, stage: int, bucket_bytes: int,
+                  segments: list[list[nn.Parameter]] | None = None):
     """The ZeRO-1/2 gradient path: a GradReducer whose buckets are padded to a multiple of dp and
-    reduce-scattered (ZeRO-2 also frees the full buckets after each exchange)."""
+    reduce-scattered (ZeRO-2 also frees the full buckets after each exchange); `segments` as the
+    reducer's (pipeline chunks)."""
     from plait.data_parallel.reducer import GradReducer
 
     return GradReducer(params, mesh.dp, mesh.comm, bucket_bytes=bucket_bytes, pad_to=mesh.dp_size,
                        compressor=ShardExchange(keep_shards=stage == 2),
-                       release_after_reduce=stage == 2)
+                       release_after_reduce=stage == 2, segments=segments)
 
 
 def shard_buckets(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh,
@@ -171,17 +174,20 @@ def check_zero(cfg, mesh: Mesh, compression=None, optimizer=None) -> None:
                           "interleaved_1f1b, or parallel.zero <= 2")
 
 
-def apply_zero(model: nn.Module, mesh: Mesh, cfg, compression=None, optimizer=None):
+def apply_zero(model: nn.Module, mesh: Mesh, cfg, compression=None, optimizer=None,
+               segments: list[list[nn.Parameter]] | None = None):
     """The dp gradient path for parallel.zero = 1, 2 (a padded, reduce-scattering GradReducer) or
-    3 (FSDP2 over mesh.dp; changes `model` in place). None at dp = 1, where ZeRO is the identity."""
+    3 (FSDP2 over mesh.dp; changes `model` in place). None at dp = 1, where ZeRO is the identity.
+    `segments`: the reducer's (pipeline chunks; FSDP2's units follow the model's blocks)."""
     check_zero(cfg, mesh, compression, optimizer)
     if mesh.dp_size == 1:
         return None
     if cfg.zero == 3:
         from plait.data_parallel.zero3 import FullyShardedDP
 
-        return FullyShardedDP(model, mesh, reduce_every_backward=mesh.pp_size > 1)
-    return build_reducer(list(model.parameters()), mesh, cfg.zero, int(cfg.bucket_mb * 2**20))
+        return FullyShardedDP(model, mesh)
+    return build_reducer(list(model.parameters()), mesh, cfg.zero, int(cfg.bucket_mb * 2**20),
+                         segments)
 
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, cfg) -> ZeroOptimizer:

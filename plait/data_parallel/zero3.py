@@ -16,14 +16,22 @@ plait.comm; their bytes are written into `mesh.comm.stats` by formula, here):
   backward all-gathers them again;
 - backward: each unit's gradients are reduce-scattered (SUM, see below) once its backward is done;
   under `no_sync()` (non-final micro-batches) they only accumulate, unsharded, and the last
-  backward reduce-scatters the sum. In a pipeline the runner holds no_sync over the whole step, so
-  with pp > 1 every backward reduce-scatters and the shards accumulate (same sum, m× the bytes).
+  backward reduce-scatters the sum.
+- pipelines: the runner runs every instruction under `no_sync()` except, per chunk, the last
+  backward of the step, which it runs inside `final_backward(chunk modules)`: there exactly the
+  units whose parameters all became final reduce-scatter (every other unit's flag is off, since
+  FSDP2's end-of-backward callback visits every unit of the module), so each unit reduce-scatters
+  once per step, from the chunk's last backward. Trade-off: a unit holds its unsharded
+  accumulated gradient (4 bytes per parameter of the unit, as ZeRO-2's full buckets) from its
+  first backward of the step to its last, where reduce-scattering every micro-batch would keep
+  only the 1/Nd shard but send m× the bytes.
 - bytes per step: all-gather 2·(Nd−1)/Nd·4(Ψ+P) per micro-batch and reduce-scatter
-  (Nd−1)/Nd·4(Ψ+P) per synchronized backward, P the dim-0 padding: 3Ψ elements for a step of one
-  micro-batch, as in Rajbhandari et al. Records are written from module hooks when the forward
-  that implies them runs: an all-gather for every unit whose parameters are sharded when its
-  forward starts, another for every unit still sharded after its forward (gathered again in
-  backward), and a reduce-scatter when gradients will be synchronized.
+  (Nd−1)/Nd·4(Ψ+P) once, P the dim-0 padding: 3Ψ elements for a step of one micro-batch, as in
+  Rajbhandari et al. Records are written from module hooks when the forward that implies them
+  runs: an all-gather for every unit whose parameters are sharded when its forward starts,
+  another for every unit still sharded after its forward (gathered again in backward), and a
+  reduce-scatter when gradients will be synchronized (in a pipeline: when `final_backward` turns
+  a unit's reduction on).
 - summed gradients: FSDP2 averages over dp; plait's trainer divides the loss by the global token
   count and sums. `set_gradient_divide_factor(1.0)` with `set_force_sum_reduction_for_comms(True)`
   make the reduce-scatter a plain SUM (exact; gloo has no PREMUL_SUM); on a torch without them
@@ -36,7 +44,7 @@ plait.comm; their bytes are written into `mesh.comm.stats` by formula, here):
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -76,13 +84,14 @@ def units_of(model: nn.Module) -> list[nn.Module]:
 
 
 class FullyShardedDP:
-    """ZeRO-3's gradient path, in the place of the reducer: `no_sync()`, `finish()`, `zero_grad()`.
+    """ZeRO-3's gradient path, in the place of the reducer: `no_sync()`, `final_backward()`,
+    `finish()`, `zero_grad()`.
 
     `model` is changed in place (FSDP2 swaps its parameters for DTensor shards); `state_gatherer`
     turns its sharded state dict back into full tensors (a collective over mesh.dp).
     """
 
-    def __init__(self, model: nn.Module, mesh: Mesh, reduce_every_backward: bool = False):
+    def __init__(self, model: nn.Module, mesh: Mesh):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -110,8 +119,10 @@ class FullyShardedDP:
             for a, v in attrs.get(name, {}).items():
                 setattr(p, a, v)
         self.tp_summed = [p for p in self.params if getattr(p, "plait_tp_grad_hook", False)]
-        self.reduce_every_backward = reduce_every_backward
         self.sync = True
+        # this step's pipeline bookkeeping: modules whose gradients are final, units reduced
+        self._final: set[int] = set()
+        self._reduced: set[int] = set()
         self.optimizer: ZeroOptimizer | None = None
         self._managed = {id(u): self._direct_params(u) for u in self.units}
         # per unit: its current forward started from sharded parameters
@@ -157,17 +168,13 @@ class FullyShardedDP:
             return
         if self._sharded(unit):  # resharded: backward gathers it again
             self._record("all_gather", unit)
-        if self.sync or self.reduce_every_backward:
+        if self.sync:
             self._record("reduce_scatter", unit)
 
     # -- the reducer's interface -----------------------------------------------------------
     @contextmanager
     def no_sync(self):
         """Accumulate unsharded gradients; the next backward outside reduce-scatters the sum."""
-        if self.reduce_every_backward:
-            with nullcontext():
-                yield
-            return
         prev, self.sync = self.sync, False
         self.model.set_requires_gradient_sync(False)
         try:
@@ -176,10 +183,44 @@ class FullyShardedDP:
             self.sync = prev
             self.model.set_requires_gradient_sync(prev)
 
+    @contextmanager
+    def final_backward(self, modules: list[nn.Module], on_issue=None):
+        """The backward run inside is the step's last one for `modules` (a pipeline chunk's
+        layers): every unit whose parameters all belong to modules made final so far this step
+        reduce-scatters in it, once; every other unit only accumulates. `on_issue(unit index)` is
+        called for each unit turned on (the reduce-scatter itself runs in FSDP2's hooks). Under
+        an outer `no_sync()` it is one more accumulating backward."""
+        if not self.sync:
+            yield
+            return
+        self._final.update(id(m) for mod in modules for m in mod.modules())
+        now = [i for i, u in enumerate(self.units) if self._managed[id(u)]
+               and id(u) not in self._reduced
+               and all(id(m) in self._final for m, _, _ in self._managed[id(u)])]
+        for i, u in enumerate(self.units):
+            u.set_requires_gradient_sync(i in now, recurse=False)
+        for i in now:
+            self._reduced.add(id(self.units[i]))
+            self._record("reduce_scatter", self.units[i])
+            if on_issue is not None:
+                on_issue(i)
+        try:
+            yield
+        finally:
+            for u in self.units:
+                u.set_requires_gradient_sync(self.sync, recurse=False)
+
     @torch.no_grad()
     def finish(self) -> None:
         """After the step's last backward: make the gradient shards plain sums,
         bind the optimizer's pieces."""
+        if self._final:  # a pipeline step: every unit must have been made final once
+            left = [i for i, u in enumerate(self.units)
+                    if self._managed[id(u)] and id(u) not in self._reduced]
+            if left:
+                raise RuntimeError(f"ZeRO-3 units {left} hold parameters outside every module "
+                                   "given to final_backward: their gradients were never reduced")
+        self._final, self._reduced = set(), set()
         if not self.exact_sum:
             for p in self.params:
                 if p.grad is not None:

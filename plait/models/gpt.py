@@ -3,6 +3,10 @@
 RMSNorm, rotary position embeddings, SwiGLU feed-forward, causal SDPA attention with optional
 grouped-query attention (fewer key/value heads than query heads), optional tied embeddings.
 
+Packed documents: `forward(idx, positions)` takes each token's position within its document
+(0 where a document starts). RoPE then rotates by those positions, and attention is causal and
+block-diagonal: a token attends only to earlier tokens of its own document (`document_mask`).
+
 This file imports nothing distributed. Parallel transforms swap its Linear / Embedding layers for
 sharded ones; attention reads its local head count from the projection shapes, so a
 tensor-parallel q_proj holding 1/t of the heads just works.
@@ -77,10 +81,31 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, T, E); rotate pairs (x[2i], x[2i+1])
+    # x: (B, heads, T, E); cos, sin: (T, E/2), or (B, 1, T, E/2) for per-sample positions;
+    # rotate pairs (x[2i], x[2i+1])
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions within documents -> (B, 1, T, T) boolean attention mask, True = attend.
+
+    A document starts where the position is 0; token i may attend to token j when j <= i and both
+    are in the same document (causal, block-diagonal).
+    """
+    doc = torch.cumsum(positions == 0, dim=-1)  # (B, T): document number of each token
+    T = positions.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return (causal & (doc.unsqueeze(-1) == doc.unsqueeze(-2))).unsqueeze(1)
+
+
+def rope_at(cos: torch.Tensor, sin: torch.Tensor, T: int, positions: torch.Tensor | None = None):
+    """The RoPE tables for a sequence of length T: rows [0, T), or (B, 1, T, E/2) gathered at
+    per-sample `positions` (B, T)."""
+    if positions is None:
+        return cos[:T], sin[:T]
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -92,21 +117,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over (B, H, T, E) queries and (B, K, T, E) keys/values."""
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention over (B, H, T, E) queries and (B, K, T, E) keys/values; `mask`
+        (B, 1, T, T) boolean, True = attend, replaces the plain causal mask (document_mask)."""
         if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/K query heads
             rep = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.core(q, k, v)  # (B, H, T, E)
+        y = self.core(q, k, v, mask)  # (B, H, T, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -129,8 +159,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -160,13 +191,14 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, V)."""
-        T = idx.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V). positions: (B, T) each token's position in
+        its document (packed documents: attention stays within each one), or None: one sequence."""
+        cos, sin = rope_at(self.rope_cos, self.rope_sin, idx.shape[1], positions)
+        mask = None if positions is None else document_mask(positions)
         x = self.tok_emb(idx)  # (B, T, D)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         return self.lm_head(self.norm(x))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from plait.errors import ConfigError
-from plait.models.gpt import GPT, Attention, Block, lm_loss
+from plait.models.gpt import GPT, Attention, Block, document_mask, lm_loss, rope_at
 from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, Plan, register_spec
 
 # Megatron's layout: q/k/v and gate/up split by output (heads, hidden units), o/down by input;
@@ -48,8 +48,13 @@ def check_tp(model: GPT, tp: int) -> None:
 
 # -- the pipeline cut: embedding | each block | final norm + head ----------------------------------
 def _rope_block(mods, x, shared):
-    T = shared["seq_len"]  # the model input's length: under sequence parallelism x holds 1/tp of it
-    return mods[0](x, shared["rope_cos"][:T], shared["rope_sin"][:T])
+    if "_rope" not in shared:  # once per stage call: the chunk's blocks share tables and mask
+        # the model input's length: under sequence parallelism x holds 1/tp of it
+        T = shared["seq_len"]
+        positions = shared["extras"][0] if shared.get("extras") else None  # GPT.forward's
+        cos, sin = rope_at(shared["rope_cos"], shared["rope_sin"], T, positions)
+        shared["_rope"] = (cos, sin, None if positions is None else document_mask(positions))
+    return mods[0](x, *shared["_rope"])
 
 
 def _norm_head(mods, x, shared):
@@ -66,7 +71,10 @@ class _Hidden:
 
 
 def pipeline_cut(model: GPT) -> PipelineSpec:
-    """Token embedding, each block (with the RoPE tables every stage keeps), final norm + head."""
+    """Token embedding, each block (with the RoPE tables every stage keeps), final norm + head.
+
+    A micro-batch's extra input (`positions`, GPT.forward's second argument) reaches each block
+    as `shared["extras"][0]`: RoPE at those positions and the document mask."""
     if model.cfg.tie_embeddings:
         raise ConfigError("model.tie_embeddings = true with parallel.pp > 1: the embedding (first "
                           "stage) and the output head (last stage) cannot share one weight; set "

@@ -30,7 +30,8 @@ def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: C
     Every rank computes the same split from the same model (no communication). `costs` per layer
     overrides the parameter-count balance (e.g. `measured_costs`, averaged over ranks first so
     that all agree). Returns (this rank's stage, its runner, the gatherer of the whole model's
-    state dict).
+    state dict). With tp > 1 and no sequence parallelism the runner sends 1/tp of each hidden
+    state and all-gathers it over tp on receipt (plait.pipeline.p2p.HiddenWire).
     """
     p, v = mesh.pp_size, cfg.virtual_stages
     spec = pipeline_spec(model)
@@ -38,10 +39,12 @@ def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: C
     mine = [stages[c * p + mesh.pp_index] for c in range(v)]
     # the stage answers spec_of() with the model's spec: later steps find the blocks through it
     stage = PipelineStage(mine, spec.shared, mesh.pp_index, p, model_spec=spec_of(model))
-    hidden = (SequenceSharded(spec.hidden, mesh.tp_size)
-              if cfg.sequence_parallel and mesh.tp_size > 1 else spec.hidden)
+    sp = cfg.sequence_parallel and mesh.tp_size > 1
+    hidden = SequenceSharded(spec.hidden, mesh.tp_size) if sp else spec.hidden
+    # tp ranks hold the same hidden state unless its sequence is split: each sends 1/tp of it
     runner = PipelineRunner(stage, mesh, schedule=cfg.schedule, virtual=v, loss_fn=loss_fn,
-                            hidden=hidden, measure_memory=measure_memory)
+                            hidden=hidden, measure_memory=measure_memory,
+                            scatter_tp=mesh.tp_size > 1 and not sp)
     gatherer = StageStateGatherer(mesh.comm, mesh.pp, stage_keys(spec, stages, p), spec.keys,
                                   mesh.device)
     return stage, runner, gatherer

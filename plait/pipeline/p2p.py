@@ -1,4 +1,4 @@
-"""The pipeline's communication besides the schedule's own messages, all over `mesh.pp`.
+"""The pipeline's communication around the schedule's own messages.
 
 - `post_batch`: one batch of the schedule's sends and receives as a single batched isend/irecv.
 - `gather_rows`: every pp rank's variable-length float table, to every pp rank (counts
@@ -6,10 +6,15 @@
 - `StageStateGatherer`: this rank's stage state dict -> the whole model's, on every pp rank. For
   each pp rank in turn, that rank broadcasts the shapes of its tensors (their number and ranks
   are known everywhere from the split), then one flat buffer per dtype.
-All are collectives of the pp group: every member calls them in the same order.
+- `HiddenWire`: what of a hidden state is sent, and how a received one is rebuilt (with tp > 1,
+  1/tp of it per message and an all-gather over tp on receipt).
+All but HiddenWire's all-gather are collectives of the pp group: every member calls them in the
+same order.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -82,3 +87,46 @@ class StageStateGatherer:
                 for i, part in zip(idx, torch.split(flat, sizes)):
                     out[entries[i][0]] = part.view(shapes[i]).clone()
         return {k: out[k] for k in self.keys}
+
+
+class HiddenWire:
+    """How a hidden state travels between stages over pp.
+
+    Without `tp_group`: as it is. With it (tp > 1 without sequence parallelism, where every tp
+    rank holds the same hidden state; Megatron's scatter/gather): each tp rank sends only its
+    slice of the flattened tensor, zero-padded to c = ⌈n/tp⌉ elements per rank, to the same tp
+    rank of the next (or, for gradients, previous) stage, and the receiver rebuilds the whole
+    tensor with one all-gather of tp·c elements over `tp_group`. Per message pp carries c elements
+    instead of n; the padding, at most tp − 1 elements, is sent and counted. The all-gathers are
+    collectives of the tp group: its members run the same pipeline program, so they issue them in
+    the same order.
+    """
+
+    def __init__(self, comm: Comm, tp_group: Group | None = None):
+        self.comm, self.group = comm, tp_group
+        self.n = tp_group.size if tp_group is not None else 1
+
+    def outgoing(self, t: torch.Tensor) -> torch.Tensor:
+        """What this rank sends of hidden state `t`."""
+        if self.n == 1:
+            return t
+        flat = t.reshape(-1)
+        c = -(-flat.numel() // self.n)
+        if flat.numel() % self.n:
+            flat = torch.nn.functional.pad(flat, (0, c * self.n - flat.numel()))
+        r = self.group.rank
+        return flat[r * c:(r + 1) * c].contiguous()
+
+    def buffer(self, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The receive buffer for a hidden state of `shape`."""
+        if self.n == 1:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty(-(-math.prod(shape) // self.n), dtype=dtype, device=device)
+
+    def incoming(self, buf: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """The whole hidden state from a received buffer (all-gathers over tp when sliced)."""
+        if self.n == 1:
+            return buf
+        full = torch.empty(buf.numel() * self.n, dtype=buf.dtype, device=buf.device)
+        self.comm.all_gather(full, buf, self.group)
+        return full[:math.prod(shape)].view(shape)

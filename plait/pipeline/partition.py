@@ -105,7 +105,8 @@ def measured_costs(spec: PipelineSpec, sample: torch.Tensor, repeats: int = 3) -
     """Median forward+backward seconds of each layer on `sample` (a model input), layer by layer."""
     sync = ((lambda: torch.cuda.synchronize(sample.device)) if sample.device.type == "cuda"
             else (lambda: None))
-    shared = {**spec.shared, "seq_len": sample.shape[1] if sample.dim() > 1 else None}
+    shared = {**spec.shared, "seq_len": sample.shape[1] if sample.dim() > 1 else None,
+              "extras": ()}
     x = sample
     out = []
     for layer in spec.layers:
@@ -222,11 +223,13 @@ class PipelineStage(nn.Module):
     def layer_names(self, chunk: int) -> list[str]:
         return [n for layer in self._chunks[chunk] for n in layer.names]
 
-    def forward(self, x: torch.Tensor, chunk: int = 0, seq_len: int | None = None) -> torch.Tensor:
-        """`seq_len`: the model input's sequence length (default x.shape[1]),
-        for layers that need it."""
+    def forward(self, x: torch.Tensor, chunk: int = 0, seq_len: int | None = None,
+                extras: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """`seq_len`: the model input's sequence length (default x.shape[1]), for layers that need
+        it; `extras`: the micro-batch's model inputs after the first (plait.parallel_spec.Layer)."""
         shared = {k: getattr(self, k) for k in self._shared_names}
         shared["seq_len"] = x.shape[1] if seq_len is None else seq_len
+        shared["extras"] = tuple(extras)
         for layer in self._chunks[chunk]:
             x = layer.call(layer.modules, x, shared)
         return x

@@ -1,11 +1,16 @@
 """Runs one pp rank's schedule program: the thin executor under the schedules.
 
-Communication contract (all on `mesh.pp`, the ranks with this rank's dp and tp index):
+Communication contract (on `mesh.pp`, the ranks with this rank's dp and tp index, unless said):
 - each batch of consecutive Send/Recv instructions is posted as one batched isend/irecv; a
   receive is waited right before the compute that reads it, sends are released once complete
   and all waited before the step ends (the program's OptimizerStep);
 - the hidden state between stages is one tensor of the shape and dtype `hidden(x)` gives for
-  the micro-batch's model input x (for a GPT (B, T, D)), the same on every tp rank;
+  the micro-batch's model input x (for a GPT (B, T, D)), the same on every tp rank. With tp > 1
+  and no sequence parallelism (`scatter_tp`) a message carries only this tp rank's 1/tp slice of
+  it (flattened, zero-padded to ⌈n/tp⌉ elements), and the receiver all-gathers the slices over
+  `mesh.tp` before the compute that reads it (plait.pipeline.p2p.HiddenWire): b·s·h/tp elements
+  per message instead of b·s·h. Under sequence parallelism the hidden state is already 1/tp
+  (its sequence split) and goes as it is;
 - at the end of a training step one all-gather of a few numbers per rank (loss, step time,
   busy time, in-flight peaks) gives every pp rank the loss, computed on the last stage only,
   and every rank's measured bubble; evaluation broadcasts (loss sum, tokens) from the last stage.
@@ -13,9 +18,15 @@ Every rank of the pp group must call `train_step` / `evaluate` with the same num
 of micro-batches (every rank reads the batch; only the first stage uses the inputs' values and
 only the last the targets).
 
-Gradients accumulate in `.grad` over the step's micro-batches; reducing them over dp is the
-caller's (run the step inside the reducer's `no_sync()` and let the optimizer step reduce once).
-Activations of a micro-batch are released as soon as its backward (its W, for ZB-H1) is done.
+Gradients accumulate in `.grad` over the step's micro-batches. With a data-parallel gradient
+path (`grad_sync`: plait.data_parallel's reducer, ZeRO-1/2 reducer or ZeRO-3 engine) every
+instruction runs under its `no_sync()` except, per chunk, the last one producing that chunk's
+weight gradients (its last Backward, or BackwardWeight under ZB-H1), which runs inside
+`grad_sync.final_backward(chunk modules)`: the chunk's dp exchange (buckets in index order, or
+ZeRO-3's one reduce-scatter per unit) starts from that instruction's gradient hooks, overlapped
+with the rest of the pipeline, and the optimizer step only finishes it. Each issue is a "dp"
+event of the timeline. Activations of a micro-batch are released as soon as its backward (its W,
+for ZB-H1) is done.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 from plait.errors import ConfigError
 from plait.mesh import Mesh
 from plait.parallel_spec import next_token_loss
-from plait.pipeline.p2p import gather_rows, post_batch
+from plait.pipeline.p2p import HiddenWire, post_batch
 from plait.pipeline.partition import PipelineStage
 from plait.pipeline.schedules import (
     COMM,
@@ -45,14 +56,14 @@ from plait.pipeline.schedules import (
     SendActivation,
     build,
     check,
+    final_grads,
     forward_only,
-    theoretical_bubble,
 )
 from plait.pipeline.split_backward import backward_input, backward_weight
+from plait.pipeline.step_stats import StepStats
 
-KINDS = ("F", "B", "W", "comm", "wait")  # timeline event kinds, by index
+KINDS = ("F", "B", "W", "comm", "wait", "dp")  # timeline event kinds, by index
 _KIND = {Forward: 0, Backward: 1, BackwardInput: 1, BackwardWeight: 2}
-STAT_FIELDS = ("loss", "wall_s", "busy_s", "peak_in_flight", "peak_saved_bytes")
 
 
 @dataclass
@@ -63,7 +74,7 @@ class _Saved:
     wgrad: object = None
 
 
-class PipelineRunner:
+class PipelineRunner(StepStats):
     """Executes the schedule for this rank's `PipelineStage`.
 
     Measured per step and rank: the time of every instruction (`events`), the idle fraction
@@ -75,8 +86,10 @@ class PipelineRunner:
 
     def __init__(self, stage: PipelineStage, mesh: Mesh, *, schedule: str = "1f1b",
                  virtual: int = 1, loss_fn=next_token_loss, hidden=None,
-                 measure_memory: bool = False):
+                 measure_memory: bool = False, scatter_tp: bool = False):
         self.stage, self.mesh, self.schedule, self.v = stage, mesh, schedule, virtual
+        self.wire = HiddenWire(mesh.comm, mesh.tp if scatter_tp and mesh.tp_size > 1 else None)
+        self._grad_sync, self._final = None, {}
         self.loss_fn, self.hidden = loss_fn, hidden
         self.measure_memory = measure_memory
         self.p, self.rank = mesh.pp_size, mesh.pp_index
@@ -104,54 +117,29 @@ class PipelineRunner:
                               f"train.global_batch / train.micro_batch (micro-batches per "
                               f"pipeline) or the schedule") from e
 
-    def train_step(self, batches, divisor: float = 1.0, autocast=None, no_sync=None,
+    def train_step(self, batches, divisor: float = 1.0, autocast=None, grad_sync=None,
                    step_fn=None) -> torch.Tensor:
         """Forward and backward of all micro-batches; returns Σ loss_sum(mb) / divisor as a device
         tensor on the last stage (zero on the others: only the last stage computes the loss).
 
-        `no_sync`: a context factory (the data-parallel reducer's) held around the whole step.
-        `step_fn`: called at the program's OptimizerStep, once every gradient of this rank is final.
-        No host synchronization and no collective besides the schedule's p2p: the measurements
-        stay on their rank until `collect_stats()` gathers them.
+        `grad_sync`: the data-parallel gradient path (`no_sync()`, `final_backward(modules,
+        on_issue)`), or None; see the module docstring. `step_fn`: called at the program's
+        OptimizerStep, once every gradient of this rank is final. No host synchronization and no
+        collective besides the schedule's p2p, the tp all-gathers of sliced hidden states and the
+        dp exchange: the measurements stay on their rank until `collect_stats()` gathers them.
         """
         batches = list(batches)
         self.check(len(batches))
         self.m = len(batches)
         program = build(self.schedule, self.rank, self.p, self.m, self.v)
-        with (no_sync() if no_sync is not None else nullcontext()):
+        self._grad_sync, self._final = grad_sync, final_grads(program)
+        try:
             loss, row = self._run(program, batches, True, divisor, autocast or nullcontext(),
                                   step_fn)
+        finally:
+            self._grad_sync = None
         self._rows.append(row)
         return loss
-
-    def collect_stats(self) -> list[dict]:
-        """Gather every pp rank's measurements of the steps since the last call (collective over pp,
-        one all-gather); returns the last step's, per pp rank."""
-        if self._rows:
-            k, n = len(self._rows), len(STAT_FIELDS)
-            local = torch.tensor(self._rows, dtype=torch.float64,
-                                 device=self.mesh.device).reshape(-1)
-            out = torch.empty(self.p * k * n, dtype=torch.float64, device=self.mesh.device)
-            self.mesh.comm.all_gather(out, local, self.mesh.pp)
-            table = out.view(self.p, k, n).tolist()
-            self._rows = []
-            for j in range(k):
-                stats = [dict(zip(STAT_FIELDS, table[r][j])) for r in range(self.p)]
-                for st in stats:
-                    st["bubble"] = 1.0 - st["busy_s"] / st["wall_s"] if st["wall_s"] > 0 else 0.0
-                self._history.append(stats)
-        return self._history[-1] if self._history else []
-
-    @property
-    def stats(self) -> list[dict]:
-        """The last training step's measurements, per pp rank (collective: see collect_stats)."""
-        return self.collect_stats()
-
-    @property
-    def history(self) -> deque:
-        """Per training step: `stats` (collective: see collect_stats)."""
-        self.collect_stats()
-        return self._history
 
     @torch.no_grad()
     def evaluate(self, batches, autocast=None) -> torch.Tensor:
@@ -161,36 +149,6 @@ class PipelineRunner:
         acc = self._run(program, batches, False, 1.0, autocast or nullcontext(), None)
         self.mesh.comm.broadcast(acc, self.p - 1, self.mesh.pp)
         return acc
-
-    def bubbles(self) -> list[float]:
-        """Measured idle fraction of each pp rank in the last training step (collective over pp)."""
-        return [s["bubble"] for s in self.stats]
-
-    def summary(self) -> dict:
-        """Medians over the training steps (the first excluded when there are more) of the
-        measurements."""
-        history = self.history
-        steps = list(history)[1:] or list(history)
-        if not steps:
-            return {}
-        per_rank = [sorted(step[r]["bubble"] for step in steps) for r in range(self.p)]
-        bubble = [v[len(v) // 2] for v in per_rank]
-        return {"schedule": self.schedule, "pp": self.p, "virtual_stages": self.v,
-                "micro_batches": self.m, "bubble_per_rank": bubble,
-                "bubble_mean": sum(bubble) / self.p,
-                "bubble_theory": theoretical_bubble(self.schedule, self.p, self.m, self.v),
-                "peak_in_flight_per_rank": [max(int(step[r]["peak_in_flight"]) for step in steps)
-                                            for r in range(self.p)],
-                "peak_saved_bytes_per_rank": [
-                    max(int(step[r]["peak_saved_bytes"]) for step in steps) for r in range(self.p)]}
-
-    def gather_timeline(self):
-        """Every pp rank's events of the last training step (collective over pp)."""
-        from plait.pipeline.timeline import Timeline
-
-        rows = torch.tensor(self.events, dtype=torch.float64).reshape(-1, 5).to(self.mesh.device)
-        per_rank = [t.cpu().tolist() for t in gather_rows(self.mesh.comm, self.mesh.pp, rows)]
-        return Timeline(per_rank, self.schedule, self.p, self.m, self.v, self.bubbles())
 
     # -- execution ---------------------------------------------------------------------------
     def _now(self) -> float:
@@ -220,7 +178,8 @@ class PipelineRunner:
             if isinstance(ins, OptimizerStep):  # every gradient of this rank is final from here
                 stepped = True
                 continue
-            self._compute(ins)
+            with self._dp_scope(ins):
+                self._compute(ins)
         if pending:
             self._post(pending)
         self._drain()
@@ -249,12 +208,12 @@ class PipelineRunner:
             key = (kind, ins.mb, ins.chunk)
             if isinstance(ins, (RecvActivation, RecvGrad)):
                 shape, dtype = self.hidden(self._batches[ins.mb][0])
-                buf = torch.empty(shape, dtype=dtype, device=self.mesh.device)
-                self._bufs[key] = buf
+                buf = self.wire.buffer(shape, dtype, self.mesh.device)
+                self._bufs[key] = (buf, shape)
                 recvs.append((buf, ins.peer))
                 keys.append(key)
-            else:
-                t = self._outbox.pop(key)
+            else:  # with scatter_tp, this tp rank's slice
+                t = self.wire.outgoing(self._outbox.pop(key))
                 sends.append((t, ins.peer))
                 keep.append(t)
         h = post_batch(self.mesh.comm, self.mesh.pp, sends, recvs)
@@ -277,7 +236,27 @@ class PipelineRunner:
             t0 = self._now()
             h.wait()
             self._ev.append((4, key[1], key[2], t0, self._now()))
-        return self._bufs.pop(key)
+        buf, shape = self._bufs.pop(key)
+        if self.wire.n == 1:
+            return buf
+        t0 = self._now()
+        full = self.wire.incoming(buf, shape)  # the tp all-gather of the slices
+        self._ev.append((3, key[1], key[2], t0, self._now()))
+        return full
+
+    def _dp_scope(self, ins):
+        """The data-parallel context of one compute instruction (module docstring)."""
+        gs = self._grad_sync
+        if gs is None:
+            return nullcontext()
+        if self._final.get(ins.chunk) != ins:
+            return gs.no_sync()
+        modules = [self.stage.get_submodule(n) for n in self.stage.layer_names(ins.chunk)]
+        return gs.final_backward(modules, on_issue=lambda i, c=ins.chunk: self._dp_issued(i, c))
+
+    def _dp_issued(self, index: int, chunk: int) -> None:
+        now = self._now()
+        self._ev.append((5, index, chunk, now, now))
 
     def _drain(self) -> None:
         t0 = self._now()
@@ -321,8 +300,9 @@ class PipelineRunner:
         self._ev.append((_KIND[type(ins)], ins.mb, ins.chunk, t0, t1))
 
     def _forward(self, mb: int, chunk: int, s: int, received: torch.Tensor | None) -> None:
-        x, y = self._batches[mb]
+        x, y, *extras = self._batches[mb]  # (x, y, *extras): model(x, *extras), every stage
         dev = self.mesh.device
+        extras = tuple(e.to(dev, non_blocking=True) for e in extras)
         if s == 0:
             inp = x.to(dev, non_blocking=True)
         else:
@@ -331,11 +311,12 @@ class PipelineRunner:
                 inp.requires_grad_(True)
         hooks, counter = self._saved_bytes_hooks()
         with hooks, self._autocast:
-            out = self.stage(inp, chunk, x.shape[1] if x.dim() > 1 else None)
+            out = self.stage(inp, chunk, x.shape[1] if x.dim() > 1 else None, extras)
         if s == self.last_stage:
-            loss = self.loss_fn(out, y.to(dev, non_blocking=True), reduction="sum")
-            if not self._train:
-                tokens = torch.tensor(float(y.numel()), dtype=torch.float64, device=dev)
+            y = y.to(dev, non_blocking=True)
+            loss = self.loss_fn(out, y, reduction="sum")
+            if not self._train:  # targets of -100 (a loss mask) are no tokens of the mean
+                tokens = (y != -100).sum().to(torch.float64)
                 self._eval += torch.stack([loss.detach().double(), tokens])
                 return
             out = loss / self._divisor

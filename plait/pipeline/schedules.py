@@ -294,6 +294,13 @@ def build(name: str, rank: int, p: int, m: int, v: int = 1) -> list[Instr]:
     return [*_programs(name, p, m, v)[rank], OptimizerStep()]
 
 
+def final_grads(program: list[Instr]) -> dict[int, Instr]:
+    """Per chunk, the program's last instruction that produces weight gradients for it (a
+    Backward, or under ZB-H1 a BackwardWeight): after it the chunk's gradients of the step are
+    final, and the data-parallel exchange of them can start."""
+    return {ins.chunk: ins for ins in program if isinstance(ins, (Backward, BackwardWeight))}
+
+
 def forward_only(rank: int, p: int, m: int, v: int = 1) -> list[Instr]:
     """Evaluation: forwards only, in groups of p micro-batches per chunk; any m >= 1."""
     order = [Forward(mb, c) for g in range(0, m, p) for c in range(v)

@@ -6,7 +6,9 @@ for), but the gradient flowing into each weight branch is needed later: a pre-ho
 "split node" (a node on the path to the input with a child that leads only to weights) records
 the gradient arriving at it. W restarts autograd from exactly those nodes with the recorded
 gradients and asks for the parameters, so it computes the weight products and nothing else.
-The graph is kept (retain_graph) between B and W; W frees it.
+The graph is kept (retain_graph) between B and W; W frees it. W accumulates into `.grad` through
+autograd's own accumulation (`backward(..., inputs=weights)`), so post-accumulate-grad hooks (the
+data-parallel reducer's) fire as they do in a plain backward.
 
 When the stage input needs no gradient (the first stage reads token ids), B has nothing to do and
 W is the whole backward.
@@ -112,16 +114,6 @@ def backward_input(output: torch.Tensor, grad_output: torch.Tensor | None,
     return WeightGrad(captured=[(n, got[n], below[n]) for n in nodes if n in got])
 
 
-def _accumulate(params, grads) -> None:
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-
-
 def backward_weight(work: WeightGrad, params: list[torch.nn.Parameter]) -> None:
     """W: accumulate the weights' gradients into `.grad` (in place where a .grad exists)."""
     wanted = {id(p) for p in params if p.requires_grad}
@@ -131,7 +123,8 @@ def backward_weight(work: WeightGrad, params: list[torch.nn.Parameter]) -> None:
             torch.autograd.backward(out, g)
             return
         ps = [p for p in params if p.requires_grad]
-        _accumulate(ps, torch.autograd.grad(out, ps, g, allow_unused=True))
+        if ps:  # backward refuses an empty `inputs`
+            torch.autograd.backward(out, g, inputs=ps)
         return
     # W's calls cover disjoint parts of the graph: under one GraphExecGroup an
     # activation-checkpointed region is recomputed once for all of them, not once per call
@@ -143,5 +136,4 @@ def backward_weight(work: WeightGrad, params: list[torch.nn.Parameter]) -> None:
             edges = [(GradientEdge(node, i), g) for i, g in enumerate(gouts) if g is not None]
             if not ws or not edges:
                 continue
-            _accumulate(ws, torch.autograd.grad([e for e, _ in edges], ws, [g for _, g in edges],
-                                                allow_unused=True))
+            torch.autograd.backward([e for e, _ in edges], [g for _, g in edges], inputs=ws)

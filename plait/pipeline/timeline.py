@@ -3,8 +3,12 @@
 Events come from `PipelineRunner.gather_timeline()`: per rank, rows (kind, micro-batch, chunk,
 start, end) in seconds of one clock shared by the ranks of a machine (wall-clock based, so across
 machines only as good as their clock sync). Kinds: F forward, B backward (input gradient only,
-under ZB-H1), W weight gradient, comm (posting a batch of sends/receives), wait (blocked on a
-receive, or on the last sends at the end of the step). Whatever is in no event is idle.
+under ZB-H1), W weight gradient, comm (posting a batch of sends/receives, or the tp all-gather
+that rebuilds a sliced hidden state), wait (blocked on a receive, or on the last sends at the end
+of the step), dp (an instant: the data-parallel exchange of a gradient bucket issued from the
+gradient hooks of its chunk's last backward, or for ZeRO-3 a unit's reduce-scatter turned on at
+the start of that backward; its "micro-batch" field is the bucket's (unit's) index; what the
+optimizer step issues afterwards is not in the timeline). Whatever is in no event is idle.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from pathlib import Path
 
 from plait.pipeline.schedules import theoretical_bubble
 
-KINDS = ("F", "B", "W", "comm", "wait")
+KINDS = ("F", "B", "W", "comm", "wait", "dp")
 CATEGORY = {"F": "forward", "B": "backward", "W": "weight-gradient", "comm": "communication",
-            "wait": "wait"}
-COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#E1B12C", "comm": "#8172B2", "wait": "#D65F5F"}
+            "wait": "wait", "dp": "data-parallel exchange issued"}
+COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#E1B12C", "comm": "#8172B2", "wait": "#D65F5F",
+          "dp": "#000000"}
 IDLE = "#E6E6E6"
 
 
@@ -39,6 +44,8 @@ class Timeline:
     def _name(kind: str, mb: int, chunk: int, v: int) -> str:
         if mb < 0:
             return kind
+        if kind == "dp":
+            return f"dp bucket {mb}"
         return f"{kind}{mb}" + (f".{chunk}" if v > 1 and kind in ("F", "B", "W") else "")
 
     def to_chrome_trace(self) -> dict:
@@ -52,11 +59,14 @@ class Timeline:
                            "args": {"sort_index": r}})
             for kind_i, mb, chunk, a, b in rows:
                 kind = KINDS[int(kind_i)]
-                events.append(
-                    {"name": self._name(kind, int(mb), int(chunk), self.v), "cat": CATEGORY[kind],
-                     "ph": "X", "pid": 0, "tid": r, "ts": (a - t0) * 1e6,
-                     "dur": max(0.0, b - a) * 1e6,
-                     "args": {"micro_batch": int(mb), "chunk": int(chunk)}})
+                ev = {"name": self._name(kind, int(mb), int(chunk), self.v), "cat": CATEGORY[kind],
+                      "ph": "X", "pid": 0, "tid": r, "ts": (a - t0) * 1e6,
+                      "dur": max(0.0, b - a) * 1e6,
+                      "args": {"micro_batch": int(mb), "chunk": int(chunk)}}
+                if kind == "dp":  # an instant on the rank's row
+                    ev.update(ph="i", s="t", args={"bucket": int(mb), "chunk": int(chunk)})
+                    del ev["dur"]
+                events.append(ev)
         return {"traceEvents": events, "displayTimeUnit": "ms",
                 "otherData": {"schedule": self.schedule, "pp": self.p, "micro_batches": self.m,
                               "virtual_stages": self.v, "bubble_per_rank": self.bubbles}}
@@ -86,6 +96,9 @@ class Timeline:
             for kind_i, mb, chunk, a, b in rows:
                 kind = KINDS[int(kind_i)]
                 x, w = (a - t0) * 1e3, (b - a) * 1e3
+                if kind == "dp":  # a tick above the row
+                    ax.plot([x, x], [y + 0.3, y + 0.5], color=COLORS[kind], linewidth=1.0)
+                    continue
                 h = 0.8 if kind in ("F", "B", "W") else 0.3
                 ax.broken_barh([(x, w)], (y - h / 2, h), facecolors=COLORS[kind],
                                edgecolors="white", linewidth=0.4)
@@ -105,7 +118,7 @@ class Timeline:
                      fontsize=10)
         handles = ([Patch(color=COLORS[k], label=CATEGORY[k]) for k in KINDS]
                    + [Patch(color=IDLE, label="idle")])
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=6,
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=7,
                   fontsize=8, frameon=False)
         ax.set_xlim(0, span_ms * 1.01)
         fig.tight_layout()

@@ -188,6 +188,8 @@ def padded_vocab(vocab: int, tp: int) -> int:
 
 
 # -- vocab-parallel cross-entropy --------------------------------------------------------------
+IGNORE_INDEX = -100  # a target that is not trained on (F.cross_entropy's default ignore_index)
+
 class _VocabParallelCE(Function):
     @staticmethod
     def forward(ctx, logits, targets, comm, group, vocab_start, vocab_size):
@@ -206,18 +208,20 @@ class _VocabParallelCE(Function):
         picked = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)  # (N,)
         sums = torch.stack([e.sum(-1), picked])  # one all-reduce for both: (2, N)
         comm.all_reduce(sums, group)
-        loss = sums[0].log() - sums[1]  # (N,) = logsumexp - target logit
+        trained = targets != IGNORE_INDEX  # (N,): an ignored target has loss 0 and no gradient
+        loss = (sums[0].log() - sums[1]).masked_fill(~trained, 0.0)  # logsumexp - target logit
         e.div_(sums[0].unsqueeze(-1))  # softmax of this rank's columns
-        ctx.save_for_backward(e, local_t, inside)
+        ctx.save_for_backward(e, local_t, inside, trained)
         ctx.in_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_t, inside = ctx.saved_tensors
+        softmax, local_t, inside, trained = ctx.saved_tensors
         g = softmax.clone()
         g[torch.arange(g.shape[0], device=g.device), local_t] -= inside.to(g.dtype)
-        g.mul_(grad.unsqueeze(-1))  # no communication: each rank owns its columns' gradient
+        # no communication: each rank owns its columns' gradient
+        g.mul_((grad * trained.to(grad.dtype)).unsqueeze(-1))
         return g.to(ctx.in_dtype), None, None, None, None, None
 
 
@@ -227,17 +231,18 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, co
     """Cross-entropy over vocab-sharded logits, never gathering the full (N, V) logits.
 
     logits (..., V'/t): this rank's columns [vocab_start, vocab_start + V'/t); targets (...) global
-    ids < vocab_size. Columns >= vocab_size (padding) are excluded, so the loss and its gradients
-    equal F.cross_entropy on the unpadded logits. Forward: two all-reduces on `group` of N
-    elements (max, then sum-exp and target logit together); backward: none. reduction: mean | sum
-    | none; the result is the same on every tp rank.
+    ids < vocab_size, or -100 (IGNORE_INDEX: a masked target, loss 0 and no gradient, left out of
+    the mean, as F.cross_entropy's default ignore_index). Columns >= vocab_size (padding) are
+    excluded, so the loss and its gradients equal F.cross_entropy on the unpadded logits.
+    Forward: two all-reduces on `group` of N elements (max, then sum-exp and target logit
+    together); backward: none. reduction: mean | sum | none; the same on every tp rank.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     loss = _VocabParallelCE.apply(flat, targets.reshape(-1), comm, group, vocab_start, vocab_size)
     if reduction == "sum":
         return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
+    if reduction == "mean":  # over the trained targets (all ignored: nan, as F.cross_entropy)
+        return loss.sum() / (targets != IGNORE_INDEX).sum()
     if reduction == "none":
         return loss.view(targets.shape)
     raise ValueError(f"reduction = {reduction!r}: choose mean, sum or none")

@@ -30,7 +30,7 @@ from plait.config import (
     to_toml,
     validate_layout,
 )
-from plait.data import ChunkSampler, load_corpus, micro_batches
+from plait.data import load_corpus, micro_batches
 from plait.data.batching import batch_at, rank_share
 from plait.data_parallel.zero_memory import memory_breakdown
 from plait.flops import peak_flops
@@ -80,10 +80,11 @@ class Trainer:
             for m in blocks_of(self.model.module):  # the model's ParallelSpec block_types
                 m.compile()
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.train_data = ChunkSampler(corpus.train, t.seq_len, t.seed)
+        # with a loss mask (fine-tuning data) and, under data.document_masking, positions
+        masking = cfg.data.document_masking
+        self.train_data = corpus.sampler("train", t.seq_len, t.seed, document_masking=masking)
         self.train_data.pin_memory = mesh.device.type == "cuda"
-        self.val_data = ChunkSampler(corpus.val, t.seq_len, t.seed, shuffle=False,
-                                     what="validation") \
+        self.val_data = corpus.sampler("val", t.seq_len, t.seed, document_masking=masking) \
             if t.val_samples and len(corpus.val) > t.seq_len else None
         self.state = TrainState()
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
@@ -126,7 +127,10 @@ class Trainer:
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
         if self.noise is not None:
             self.noise.begin_step(self.optimizer.loss_scale)
-        loss = self.guard.observe(self.model.train_step(batches, batch * t.seq_len))
+        # the global batch's trained targets (all of them without a loss mask): a pure function
+        # of the data position, so each rank counts them from the sampler, with no collective
+        targets = self.train_data.global_targets(st.samples, batch)
+        loss = self.guard.observe(self.model.train_step(batches, targets))
         applied = self.optimizer.step()  # the guard's agreement runs inside, before the update
         self.guard.finish_step(applied)
         agreed = self.guard.agreed  # world sums, or None between the agreements of a local strategy
@@ -139,7 +143,7 @@ class Trainer:
         if agreed is not None:
             loss = agreed[0]
         elif count:  # this rank's own mean token loss: its share × global tokens / its tokens
-            loss = loss * (batch / count)
+            loss = loss * (targets / max(1, self.train_data.target_count(start, count)))
         return {"loss": loss, "loss_is_local": agreed is None, "lr": lr,
                 "grad_norm": self.optimizer.last_grad_norm, "global_batch": batch,
                 "applied": applied, "loss_scale": self.optimizer.loss_scale, **extra}
