@@ -8,7 +8,11 @@ footprint is not theirs. GPT-style MLPs (4h, GELU) are represented by plait's Sw
 F = 8h/3 (rounded to a multiple of tp), which has the same parameters and FLOPs.
 
 One calibration per GPU type, from the cluster profiles (plait/planner/clusters): A100 matmul
-efficiency 0.80, H100 0.79; nothing is tuned per run.
+efficiency 0.80, H100 0.79; nothing is tuned per run. One engine fact per run: BLOOM and MT-NLG
+ran DeepSpeed's pipeline engine, whose TrainSchedule reduces gradients over dp after the last
+pipeline step (deepspeed/runtime/pipe/schedule.py: ReduceTiedGrads, ReduceGrads, OptimizerStep at
+step total_steps − 1), where plait starts each chunk's exchange from its last backward; it also
+sends 1/tp of each activation between stages (`pipe_partitioned`, on by default), as plait does.
 
 Sources (read through the project's search tool, cited in docs/planner.md):
 - Llama 3 405B: The Llama 3 Herd of Models (arXiv 2407.21783) Table 4; shape from its Table 3.
@@ -55,6 +59,9 @@ class Run:
     ac: tuple = AC_MODES
     sp: tuple = (False, True)
     notes: str = ""
+    # the engine's pipeline reduces gradients after the flush (DeepSpeed's PipelineEngine, which
+    # BLOOM and MT-NLG ran: TrainSchedule issues ReduceGrads at its last step); False: as plait
+    deepspeed_pipe: bool = False
 
     @property
     def world(self) -> int:
@@ -121,6 +128,7 @@ RUNS = [
         ac=("full",),
         sp=(False,),
         notes="DeepSpeed 1F1B, full checkpointing, 50 Gb/s per GPU (4 × 100 Gb/s per node)",
+        deepspeed_pipe=True,
     ),
     Run(
         "OPT-175B, 992 A100",
@@ -159,6 +167,7 @@ RUNS = [
         ac=("full",),
         sp=(False,),
         notes="DeepSpeed 1F1B, 280 nodes",
+        deepspeed_pipe=True,
     ),
     Run(
         "MT-NLG 530B, 2,800 A100",
@@ -178,6 +187,7 @@ RUNS = [
         ac=("full",),
         sp=(False,),
         notes="350 nodes",
+        deepspeed_pipe=True,
     ),
     Run(
         "MT-NLG 530B, 3,360 A100",
@@ -197,6 +207,7 @@ RUNS = [
         ac=("full",),
         sp=(False,),
         notes="420 nodes",
+        deepspeed_pipe=True,
     ),
 ]
 
@@ -216,7 +227,9 @@ def counted_flops_per_token(run: Run, ac: str) -> float:
 
 def predict(run: Run) -> dict:
     cluster = replace(load_cluster(run.cluster), inter_node_gbps=run.inter_node_gbps)
-    planner = Planner(Job(run.shape, run.seq_len, run.global_batch, "bf16"), cluster, run.world)
+    job = Job(run.shape, run.seq_len, run.global_batch, "bf16",
+              dp_overlap_under_pp=not run.deepspeed_pipe)
+    planner = Planner(job, cluster, run.world)
     per_dp = run.global_batch // run.dp
     mbs = [run.micro_batch] if run.micro_batch else divisors(per_dp)
     best = None

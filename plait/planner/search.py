@@ -53,6 +53,9 @@ class Job:
     compression: str = "none"  # the config's compression.name: every layout uses it
     sync: str = "every_step"  # the config's sync.strategy
     settings: Settings = Settings()  # their parameters (rank, fraction, every, quantize)
+    # with pp > 1, the dp exchange starts from each chunk's last backward (plait); False: after
+    # the pipeline flush (DeepSpeed's PipelineEngine: ReduceGrads after the last step)
+    dp_overlap_under_pp: bool = True
 
     @property
     def tokens(self) -> int:
@@ -156,8 +159,8 @@ class Planner(StepTime):
         out = {r: combine(states[r], acts[r]) for r in ranks}
         m = self.job.global_batch // (L.dp * L.micro_batch)
         if (
-            L.zero == 3 and L.pp == 1 and m > 1 and L.dp > 1
-        ):  # FSDP2 accumulates unsharded under no_sync
+            L.zero == 3 and m > 1 and L.dp > 1
+        ):  # FSDP2 accumulates unsharded gradients until each unit's last backward of the step
             for mem in out.values():
                 mem["transient"] += 4 * mem["psi"]
                 mem["total"] += 4 * mem["psi"]

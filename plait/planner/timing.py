@@ -4,13 +4,17 @@
 the search). Costs per stage come from plait.planner.compute; the pipeline from
 plait.planner.pipesim; after the pipeline, on the slowest pp rank:
 - the data-parallel gradient exchange: bucketed all-reduce (ZeRO-0) or reduce-scatter (ZeRO-1/2)
-  over the dp group's link; without a pipeline the buckets go out from the hooks of the last
-  micro-batch's backward and overlap it (on devices that overlap communication), except the last
-  bucket; with a pipeline plait holds no_sync over the whole step, so all of it is exposed;
+  over the dp group's link, issued from the hooks of the last micro-batch's backward (with a
+  pipeline: of each chunk's last weight-gradient instruction) and overlapped (on devices that
+  overlap communication), except the last bucket, with that backward and, under a pipeline, the
+  backward chain of the earlier stages that follows it (`_slack`); `Job.dp_overlap_under_pp =
+  False` models an engine that reduces after the pipeline flush instead (DeepSpeed's);
 - ZeRO-1/2's all-gather of the updated parameters (issued after the step, not overlapped);
-- ZeRO-3: per micro-batch all-gathers before forward and backward (and a reduce-scatter after
-  each backward under a pipeline) inside the stage costs, overlapped with compute on GPUs except
-  the first unit's gather; without a pipeline one reduce-scatter after the last backward;
+- ZeRO-3: per micro-batch all-gathers before forward and backward inside the stage costs,
+  overlapped with compute on GPUs except the first unit's gather; one reduce-scatter per step
+  after the last backward (under a pipeline overlapped with the flush like the buckets above);
+- pipeline messages: the hidden state, 1/tp of it with tp > 1 (sequence parallelism splits it,
+  else each stage sends its tp slice and the receiver all-gathers over tp);
 - the optimizer step: AdamW over the owned elements (GPUs: 40 bytes per element plus 16 per
   gradient element at memory bandwidth; CPUs: the calibrated cost per element and per tensor);
 - the gradient norm's scalar all-reduce (latency only);
@@ -99,22 +103,23 @@ class StepTime:
             sh.emb_shape(L.tp)
         )
         ag = gather_s(4 * psi, L.dp, link)
-        rs = reduce_scatter_s(4 * psi, L.dp, link, c) if L.pp > 1 else 0.0
         first = gather_s(4 * sh.block_params(L.tp), L.dp, link)
         if c.comm_overlap:
-            return f + max(0.0, ag - f) + first, bi + max(0.0, ag + rs - bi - w) + first
-        return f + ag, bi + ag + rs
+            return f + max(0.0, ag - f) + first, bi + max(0.0, ag - bi - w) + first
+        return f + ag, bi + ag
 
     def _p2p(self, L: Layout) -> float:
         c, j = self.cluster, self.job
         _, ppx = group_crosses(L.dp, L.tp, L.pp, c.gpus_per_node)
         bw, lat = c.link(ppx)
-        tsp = L.tp if (L.sequence_parallel and L.tp > 1) else 1
-        return lat + 4 * L.micro_batch * j.seq_len * self.shape.d_model / tsp / bw
+        nbytes = 4 * L.micro_batch * j.seq_len * self.shape.d_model
+        if L.tp > 1 and not L.sequence_parallel:  # 1/tp of it, then an all-gather over tp
+            return lat + nbytes / L.tp / bw + gather_s(nbytes, L.tp, c.link(False))
+        return lat + nbytes / L.tp / bw  # sequence parallel: already 1/tp
 
     def _after(self, L: Layout, costs) -> tuple[float, dict]:
-        key = (L.tp, L.pp, L.virtual_stages, L.zero, L.dp, costs[1][0] if L.pp == 1 else 0.0,
-               L.compression, L.sync, L.micro_batch if L.sync != "every_step" else 0)
+        key = (L.tp, L.pp, L.virtual_stages, L.zero, L.dp, costs, L.compression, L.sync,
+               L.micro_batch)
         if key not in self._after_cache:
             self._after_cache[key] = self._after_uncached(L, costs)
         return self._after_cache[key]
@@ -139,21 +144,23 @@ class StepTime:
                     per = [reduce_scatter_s(4 * n, L.dp, link, c) for n in padded]
                     gather_ag = sum(gather_s(4 * n, L.dp, link) for n in padded)
                 total = sum(per)
-                overlap = L.pp == 1 and c.comm_overlap
-                if overlap:  # the last micro-batch's backward issues them
-                    dp_s = max(per[-1], total - costs[1][0])
-                else:  # a pipeline holds no_sync over the step: all buckets go at the step
-                    dp_s = total
+                overlap = c.comm_overlap and (L.pp == 1 or self.job.dp_overlap_under_pp)
+                slack = self._slack(L, costs, r)
+                # the last backward issues them (with pp: each chunk's last weight gradient)
+                dp_s = max(per[-1], total - slack) if overlap else total
                 if L.sync != "every_step":
                     dp_s = strategy_s(L.sync, psi, L.dp, link, self.job.settings,
                                       self._compute_s(L, costs), dp_s, self.rates.bytes_s)
                 elif L.compression != "none":
                     members = buckets(shapes, int(self.job.bucket_mb * 2**20))
                     dp_s = exchange_s(L.compression, shapes, members, L.dp, link, self.job.settings,
-                                      costs[1][0], overlap, self.rates.bytes_s)
-            elif L.dp > 1 and L.zero == 3 and L.pp == 1:
-                # the one reduce-scatter after the last backward
+                                      slack, overlap, self.rates.bytes_s)
+            elif L.dp > 1 and L.zero == 3:
+                # one reduce-scatter per step; under a pipeline each unit's starts from the chunk's
+                # last weight gradient, overlapping the flush
                 dp_s = reduce_scatter_s(4 * psi, L.dp, link, c)
+                if L.pp > 1 and c.comm_overlap and self.job.dp_overlap_under_pp:
+                    dp_s = max(0.0, dp_s - self._slack(L, costs, r))
             owned = psi if (L.zero == 0 or L.dp == 1) else -(-psi // L.dp)
             opt = self._optimizer_s(owned, psi if L.zero < 2 else owned, len(shapes))
             norm = scalar_allreduce_s(
@@ -171,6 +178,16 @@ class StepTime:
                     },
                 )
         return worst, parts
+
+    def _slack(self, L: Layout, costs, r: int) -> float:
+        """From the start of pp rank r's last weight-gradient instruction to the pipeline's end:
+        that backward itself, then the backward chain of the stages before it (each one's last
+        backward and a message), during which rank r only waits."""
+        F, B, W = costs
+        if L.pp == 1:
+            return B[0] + W[0]
+        t = self._p2p(L)
+        return B[r] + W[r] + sum(B[s] + t for s in range(r))
 
     def _compute_s(self, L: Layout, costs) -> float:
         """The busiest pp rank's compute in a step (what a background exchange can hide behind)."""
