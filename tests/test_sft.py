@@ -61,6 +61,7 @@ def test_byte_records_prompt_response_and_messages(tmp_path):
                     str(out), "--format", "sft", "--val-fraction", "0"]) == 0
     meta, ids, mask = _read(out)
     assert meta["input_format"] == "sft" and meta["sft"]["rendering"].startswith("plain")
+    assert meta["version"] == 2  # a reader of version 1 only would train on the prompts: it refuses
     assert len(ids) == len(mask) == meta["splits"]["train"]["tokens"]
     for s in meta["splits"]["train"]["shards"]:
         m = s["loss_mask"]

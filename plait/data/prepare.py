@@ -30,7 +30,7 @@ from pathlib import Path
 from plait.data import encode, sft
 from plait.data.merge import ShardWriter
 from plait.data.progress import Progress
-from plait.data.shards import DTYPES, FORMAT, META, VERSION
+from plait.data.shards import DTYPES, FORMAT, MASKED_VERSION, META, VERSION
 from plait.data.sources import FORMATS, discover, plan_tasks, read_documents
 from plait.data.tokenizer import ByteTokenizer, load_tokenizer, parse_train_spec, train_bpe
 from plait.errors import ConfigError, PlaitError
@@ -259,7 +259,7 @@ def prepare(args: argparse.Namespace) -> dict:
                               f"training split: check --field {args.field!r} and --val-fraction")
         meta = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": MASKED_VERSION if args.format == "sft" else VERSION,
             "vocab_size": vocab,
             "eos_id": tok_info["eos_id"],
             "dtype": tok_info.pop("dtype"),

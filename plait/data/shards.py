@@ -28,6 +28,10 @@ from plait.errors import ConfigError
 META = "meta.json"
 FORMAT = "plait.tokens"
 VERSION = 1  # bumped only when a field changes meaning; new optional keys keep it
+# loss masks change what is trained: a folder holding them is version 2, so a reader that knows
+# only version 1 refuses it rather than training on the prompts too
+MASKED_VERSION = 2
+VERSIONS = (VERSION, MASKED_VERSION)
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 MASK_DTYPE = np.dtype("u1")  # loss masks (fine-tuning data): 1 where the token is a trained target
 _READ = 16 << 20  # a multiple of every dtype's size
@@ -138,9 +142,10 @@ def read_meta(folder: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ConfigError(f"{f} is not a plait prepared-data file (format {FORMAT!r} expected): "
                           f"point data.path at a folder made by `plait data prepare`")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in VERSIONS:
         raise ConfigError(f"{f} has format version {meta.get('version')!r}; this plait reads "
-                          f"version {VERSION}: {redo}, or use the plait that wrote it")
+                          f"versions {', '.join(map(str, VERSIONS))}: {redo}, or use the plait "
+                          "that wrote it")
     for k in ("vocab_size", "eos_id", "dtype", "splits"):
         if k not in meta:
             raise ConfigError(f"{f} lacks {k!r}: {redo}")
