@@ -93,6 +93,11 @@ class ParallelSpec:
       whose memory grows with the square of the sequence and that runs no collective.
     - `loss(logits, targets, reduction)`: the loss over the whole (unsplit) head's logits; a
       vocab-parallel head brings its own, equal to next-token cross-entropy.
+    - `after_tp(model, tp)`: sets what the model keeps as plain attributes rather than reading
+      from its weights' shapes (GPT-2's attention splits its packed q/k/v output at a stored
+      width), once every layer is split; None: nothing to set.
+    - `no_sequence_parallel`: why the model cannot run under sequence parallelism (a ConfigError
+      says so before any layer is split); None: it can.
     """
 
     tp_plan: Plan | None = None
@@ -101,9 +106,12 @@ class ParallelSpec:
     block_types: tuple[type[nn.Module], ...] = ()
     attention_core: tuple[type[nn.Module], str] | None = None
     loss: Callable[..., torch.Tensor] = next_token_loss
+    after_tp: Callable[[nn.Module, int], None] | None = None
+    no_sequence_parallel: str | None = None
 
 
 _REGISTERED: dict[type, ParallelSpec] = {}
+_FINDERS: list[Callable[[nn.Module], ParallelSpec | None]] = []
 
 
 def register_spec(cls: type[nn.Module], spec: ParallelSpec) -> None:
@@ -111,8 +119,17 @@ def register_spec(cls: type[nn.Module], spec: ParallelSpec) -> None:
     _REGISTERED[cls] = spec
 
 
+def register_finder(find: Callable[[nn.Module], ParallelSpec | None]) -> None:
+    """Ask `find(model)` for the spec of a model no registered class covers: for a family of
+    models whose spec depends on the instance (a transformers model's config) and whose classes
+    live in a package plait does not import until such a model is used."""
+    if find not in _FINDERS:
+        _FINDERS.append(find)
+
+
 def spec_of(model: nn.Module) -> ParallelSpec:
-    """The model's `parallel_spec()`, else its class's registered spec, else `ParallelSpec()`.
+    """The model's `parallel_spec()`, else its class's registered spec, else what a registered
+    finder makes of it, else `ParallelSpec()`.
 
     Subclasses count (torch's FSDP2 turns a module's class into a subclass of it).
     """
@@ -122,6 +139,10 @@ def spec_of(model: nn.Module) -> ParallelSpec:
     for cls in type(model).__mro__:
         if cls in _REGISTERED:
             return _REGISTERED[cls]
+    for find in _FINDERS:
+        spec = find(model)
+        if spec is not None:
+            return spec
     return ParallelSpec()
 
 

@@ -14,5 +14,5 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/pip" install -q torch==2.13.0
   fi
 fi
-"$VENV/bin/pip" install -q -e '.[dev]'
+"$VENV/bin/pip" install -q -e '.[dev,hf]'
 touch "$VENV/.plait-installed"

@@ -83,11 +83,37 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.path = {cfg.data.path!r} does not exist: point it at a text file, "
                           "a folder of text files, or a .bin of token ids (or leave it empty for "
                           "the default corpus)")
+    check_hf_model(cfg)
     if cfg.data.document_masking and not (cfg.data.path and (Path(cfg.data.path)
                                                              / "meta.json").is_file()):
         raise ConfigError("data.document_masking = true needs documents that end with an "
                           "end-of-text token: set data.path to a folder made by `plait data "
                           "prepare`, or set data.document_masking=false")
+
+
+def check_hf_model(cfg: Config) -> None:
+    """model.hf: a local directory with config.json, which alone says the model's shape."""
+    m = cfg.model
+    if not m.hf:
+        return
+    if not (Path(m.hf) / "config.json").is_file():
+        raise ConfigError(f"model.hf = {m.hf!r}: no config.json there; give a local directory "
+                          "holding a transformers config.json (scripts/make_tiny_hf.py writes one)")
+    shape = [k for k in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads",
+                         "ffn_hidden") if getattr(m, k)] + (["tie_embeddings"]
+                                                             if m.tie_embeddings else [])
+    if shape:
+        raise ConfigError(f"model.hf = {m.hf!r} with model.{shape[0]} set: the model's shape comes "
+                          f"from its config.json; unset model.{shape[0]}")
+    if cfg.data.document_masking:
+        raise ConfigError("data.document_masking = true with model.hf: not supported yet for "
+                          "transformers models; set data.document_masking=false")
+    c = cfg.checkpoint
+    if cfg.parallel.tp > 1 and (c.every or c.every_minutes or c.init_from):
+        # a packed q | k | v shard (GPT-2's c_attn) is no contiguous chunk of the full tensor
+        raise ConfigError("checkpoints with model.hf and parallel.tp > 1: not supported yet (the "
+                          "saved shards assume contiguous splits); set checkpoint.every=0, "
+                          "checkpoint.every_minutes=0 and checkpoint.init_from=''")
 
 
 def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:

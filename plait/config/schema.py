@@ -21,6 +21,9 @@ class ModelConfig:
     n_kv_heads: int = 0
     ffn_hidden: int = 0
     tie_embeddings: bool = False
+    # a local transformers model directory (config.json, optional model.safetensors): trains that
+    # causal LM instead of plait's GPT; the shape fields above must stay unset (docs/hf.md)
+    hf: str = ""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,16 @@ def shard(t: torch.Tensor, dim: int, group: Group, padded: int | None = None) ->
     return t.chunk(group.size, dim=dim)[group.rank].detach().clone()
 
 
+def shard_packed(t: torch.Tensor, dim: int, group: Group, parts: int) -> torch.Tensor:
+    """This rank's 1/t of each of `parts` equal consecutive blocks of `t` along `dim`, concatenated
+    (a fused q | k | v weight: every rank keeps its heads' q, k and v)."""
+    blocks = t.unflatten(dim, (parts, -1))
+    if blocks.shape[dim + 1] % group.size:
+        raise ValueError(f"each of the {parts} packed blocks has {blocks.shape[dim + 1]} rows "
+                         f"along dim {dim}, not divisible by the tp size {group.size}")
+    return blocks.chunk(group.size, dim=dim + 1)[group.rank].flatten(dim, dim + 1).detach().clone()
+
+
 def _param(data: torch.Tensor, dim: int, full: int, requires_grad: bool = True) -> nn.Parameter:
     p = nn.Parameter(data, requires_grad=requires_grad)
     p.plait_tp_shard = (dim, full)
@@ -70,32 +80,54 @@ class ColumnParallelLinear(nn.Module):
     all-gather of the sequence (backward reduce-scatter). Without it the caller has done so once
     for several column layers sharing one input (q/k/v; gate/up), so backward sends one
     all-reduce, not one per layer. `out_features` must divide by t (after `padded_out`).
+
+    `parts` > 1: the output is that many equal packed blocks (a fused q | k | v), each split over
+    tp, so rank r holds block 0's r-th slice, then block 1's, ... (`plait_tp_parts` on the
+    weight). `transposed`: the weight is kept as (in, out/t), the layout of the (in, out) matrix
+    it came from (transformers' Conv1D), so state-dict shapes stay the model's; the split
+    dimension is then 1.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh,
                  enter_region: bool = True, sequence_parallel: bool = False,
-                 padded_out: int | None = None):
+                 padded_out: int | None = None, parts: int = 1, transposed: bool = False):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.enter_region = enter_region
         self.sequence_parallel = sequence_parallel
-        full_out, self.in_features = weight.shape
+        self.transposed = transposed
+        full_out, self.in_features = weight.shape  # weight: (out, in)
         self.full_out_features = full_out
-        self.weight = _param(shard(weight, 0, mesh.tp, padded_out), 0, full_out,
-                             weight.requires_grad)
-        self.bias = (_param(shard(bias, 0, mesh.tp, padded_out), 0, full_out) if bias is not None
-                     else None)
-        self.out_features = self.weight.shape[0]  # local: (padded) out / t
+        w = (shard_packed(weight, 0, mesh.tp, parts) if parts > 1
+             else shard(weight, 0, mesh.tp, padded_out))
+        self.out_features = w.shape[0]  # local: (padded) out / t
+        self.weight = _param(w.t().contiguous() if transposed else w, 1 if transposed else 0,
+                             full_out, weight.requires_grad)
+        if bias is not None:
+            b = shard_packed(bias, 0, mesh.tp, parts) if parts > 1 else shard(bias, 0, mesh.tp,
+                                                                                padded_out)
+            self.bias = _param(b, 0, full_out)
+        else:
+            self.bias = None
+        for p in (self.weight, self.bias):
+            if p is not None and parts > 1:
+                p.plait_tp_parts = parts
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, mesh: Mesh, **kw) -> ColumnParallelLinear:
         return cls(lin.weight, lin.bias, mesh, **kw)
 
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, mesh: Mesh, **kw) -> ColumnParallelLinear:
+        """From a transformers Conv1D (weight (in, out), y = x·W + b)."""
+        return cls(conv.weight.t(), conv.bias, mesh, transposed=True, **kw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.enter_region:
             x = gather_seq(x, self.comm, self.group) if self.sequence_parallel else copy_to_tp(
                 x, self.comm, self.group)
-        return F.linear(x, self.weight, self.bias)  # (B, T, out/t)
+        w = self.weight.t() if self.transposed else self.weight
+        return F.linear(x, w, self.bias)  # (B, T, out/t)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} of {self.full_out_features}, "
@@ -110,17 +142,21 @@ class RowParallelLinear(nn.Module):
     identity), replicated (B, T, out); under sequence parallelism a reduce-scatter along the
     sequence instead, (B, T/t, out) (backward: all-gather). The bias is replicated and added after
     the reduction; under sequence parallelism its gradient is summed over tp by a hook.
+    `transposed`: the weight is kept as (in/t, out), as the transformers Conv1D it came from.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, transposed: bool = False):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.sequence_parallel = sequence_parallel
-        self.out_features, full_in = weight.shape
+        self.transposed = transposed
+        self.out_features, full_in = weight.shape  # weight: (out, in)
         self.full_in_features = full_in
-        self.weight = _param(shard(weight, 1, mesh.tp), 1, full_in, weight.requires_grad)
-        self.in_features = self.weight.shape[1]
+        w = shard(weight, 1, mesh.tp)
+        self.in_features = w.shape[1]
+        self.weight = _param(w.t().contiguous() if transposed else w, 0 if transposed else 1,
+                             full_in, weight.requires_grad)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone())
             mark_replicated(self.bias, mesh, partial_grad=sequence_parallel)
@@ -131,8 +167,14 @@ class RowParallelLinear(nn.Module):
     def from_linear(cls, lin: nn.Linear, mesh: Mesh, **kw) -> RowParallelLinear:
         return cls(lin.weight, lin.bias, mesh, **kw)
 
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, mesh: Mesh, **kw) -> RowParallelLinear:
+        """From a transformers Conv1D (weight (in, out), y = x·W + b)."""
+        return cls(conv.weight.t(), conv.bias, mesh, transposed=True, **kw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (B, T, out): this rank's partial sum
+        w = self.weight.t() if self.transposed else self.weight
+        y = F.linear(x, w)  # (B, T, out): this rank's partial sum
         if self.sequence_parallel:
             y = reduce_scatter_seq(y, self.comm, self.group)  # (B, T/t, out)
         else:

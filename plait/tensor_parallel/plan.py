@@ -7,13 +7,18 @@ Styles:
 
 - `column`: nn.Linear -> ColumnParallelLinear (output features split). Inside a `region` module
   it relies on the region's entry collective; elsewhere it applies f (or the SP all-gather) itself.
+  `column/N`: the output is N equal packed blocks (a fused q | k | v), each split over tp.
 - `row`: nn.Linear -> RowParallelLinear (input features split; all-reduce, or SP reduce-scatter).
+- column and row also take a transposed linear: a module with `nf` and a weight of shape
+  (in, nf), y = x·W + b (transformers' Conv1D); the split layer keeps that weight layout.
 - `vocab`: nn.Embedding -> VocabParallelEmbedding; nn.Linear (the head) -> ColumnParallelLinear
   over the (padded) vocabulary, whose sharded logits go to the vocab-parallel cross-entropy.
 - `region`: the module's first input enters the tp region once for all the column layers inside
   (a forward pre-hook: f, or under SP the all-gather of the sequence), so q/k/v (gate/up) share
-  one all-reduce in backward, as Megatron's fused QKV does. The module must read the sequence
-  length from that input (not from a length passed beside it): under SP only that input is whole.
+  one all-reduce in backward, as Megatron's fused QKV does. The first input is the first
+  positional argument or, for a module called by keyword only, the first floating-point tensor
+  keyword argument. The module must read the sequence length from that input (not from a
+  length passed beside it): under SP only that input is whole.
 - `replicate`: parameters kept whole on every tp rank (norms). Under SP they act on 1/t of the
   sequence and get a hook that all-reduces their gradient on tp in backward
   (tp_comm.all_reduce_grad_hook). Parameters no pattern names are treated the same way.
@@ -48,6 +53,24 @@ from plait.tensor_parallel.tp_comm import copy_to_tp, gather_seq
 STYLES = ("column", "row", "vocab", "region", "replicate")
 
 
+def _parse(style: str) -> tuple[str, int]:
+    """`column/3` -> ("column", 3); any other style -> (style, 1)."""
+    base, _, parts = style.partition("/")
+    if base == "column" and parts.isdigit() and int(parts) >= 1:
+        return base, int(parts)
+    if parts or base not in STYLES:
+        raise ConfigError(f"tensor-parallel plan: style {style!r}; choose one of {STYLES} (or "
+                          "column/N for N packed output blocks)")
+    return base, 1
+
+
+def _transposed_linear(mod: nn.Module) -> bool:
+    """A linear layer keeping its weight as (in, out) (transformers' Conv1D: y = x·W + b)."""
+    w = getattr(mod, "weight", None)
+    return (not isinstance(mod, nn.Linear) and isinstance(getattr(mod, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == mod.nf)
+
+
 class TensorParallel(NamedTuple):
     model: nn.Module
     loss_fn: Callable  # (logits, targets, reduction) -> loss, matching the head's output layout
@@ -71,12 +94,19 @@ def plan_for(model: nn.Module) -> Plan:
     return plan
 
 
-def _region_hook(mesh: Mesh, sequence_parallel: bool):
-    def hook(module, args):
-        x = args[0]
-        x = (gather_seq(x, mesh.comm, mesh.tp) if sequence_parallel
-             else copy_to_tp(x, mesh.comm, mesh.tp))
-        return (x, *args[1:])
+def _region_hook(mesh: Mesh, sequence_parallel: bool, name: str):
+    def enter(x):
+        return (gather_seq(x, mesh.comm, mesh.tp) if sequence_parallel
+                else copy_to_tp(x, mesh.comm, mesh.tp))
+
+    # with kwargs: transformers' decoder layers call their attention by keyword only
+    def hook(module, args, kwargs):
+        if args:
+            return (enter(args[0]), *args[1:]), kwargs
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return args, {**kwargs, k: enter(v)}
+        raise RuntimeError(f"tensor-parallel region {name}: called without a tensor input")
 
     return hook
 
@@ -100,12 +130,13 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
     The vocabulary is padded to a multiple of tp where needed; the loss masks the padding.
     """
     plan = plan_for(model) if plan is None else plan
-    for pattern, style in plan:
-        if style not in STYLES:
-            raise ConfigError(f"tensor-parallel plan: style {style!r} for {pattern!r}; choose one "
-                              f"of {STYLES}")
+    for _pattern, style in plan:
+        _parse(style)
     tp = mesh.tp_size
     spec = spec_of(model)
+    if sequence_parallel and spec.no_sequence_parallel:
+        raise ConfigError(f"parallel.sequence_parallel = true: {spec.no_sequence_parallel}; set "
+                          "parallel.sequence_parallel=false")
     if spec.check_tp is not None:
         spec.check_tp(model, tp)
     modules = dict(model.named_modules())
@@ -121,21 +152,26 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
         _check_entry(name, style, modules[name], tp)
     sp = sequence_parallel
     shared: dict[int, nn.Parameter] = {}  # id(original weight) -> its shard, for tied weights
-    specs: dict[str, tuple[int, int, int]] = {}  # module name -> (dim, full size, local size)
+    # parameter name -> (dim, full size, local size, packed blocks)
+    specs: dict[str, tuple[int, int, int, int]] = {}
     loss_fn: Callable = spec.loss
-    for name, style in styled.items():
+    for name, full_style in styled.items():
         mod = modules[name]
+        style, parts = _parse(full_style)
         if style == "region":
-            mod.register_forward_pre_hook(_region_hook(mesh, sp))
+            mod.register_forward_pre_hook(_region_hook(mesh, sp, name), with_kwargs=True)
             continue
         if style == "replicate":
             continue
         if style == "column":
             enter = not any(name.startswith(r + ".") for r in regions)
-            new = ColumnParallelLinear.from_linear(mod, mesh, enter_region=enter,
-                                                   sequence_parallel=sp)
+            kw = dict(enter_region=enter, sequence_parallel=sp, parts=parts)
+            new = (ColumnParallelLinear.from_conv1d(mod, mesh, **kw) if _transposed_linear(mod)
+                   else ColumnParallelLinear.from_linear(mod, mesh, **kw))
         elif style == "row":
-            new = RowParallelLinear.from_linear(mod, mesh, sequence_parallel=sp)
+            new = (RowParallelLinear.from_conv1d(mod, mesh, sequence_parallel=sp)
+                   if _transposed_linear(mod)
+                   else RowParallelLinear.from_linear(mod, mesh, sequence_parallel=sp))
         elif isinstance(mod, nn.Embedding):
             new = VocabParallelEmbedding.from_embedding(mod, mesh, sequence_parallel=sp,
                                                         padded=padded_vocab(mod.num_embeddings, tp))
@@ -154,48 +190,57 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
             new.weight = twin
         shared[id(orig)] = new.weight
         _set(model, name, new)
-        dim, full = new.weight.plait_tp_shard
-        specs[name] = (dim, full, new.weight.shape[dim])
+        for leaf in ("weight", "bias"):
+            p = getattr(new, leaf, None)
+            if p is not None and hasattr(p, "plait_tp_shard"):
+                dim, full = p.plait_tp_shard
+                specs[f"{name}.{leaf}"] = (dim, full, p.shape[dim],
+                                           getattr(p, "plait_tp_parts", 1))
     sharded = {id(p) for p in model.parameters() if hasattr(p, "plait_tp_shard")}
     for p in model.parameters():
         if id(p) not in sharded:
             mark_replicated(p, mesh, partial_grad=sp)
+    if spec.after_tp is not None:
+        spec.after_tp(model, tp)
     return TensorParallel(model, loss_fn, _make_gatherer(specs, mesh))
 
 
-def _check_entry(name: str, style: str, mod: nn.Module, tp: int) -> None:
+def _check_entry(name: str, full_style: str, mod: nn.Module, tp: int) -> None:
+    style, parts = _parse(full_style)
     if style in ("region", "replicate"):
         return
-    if style in ("column", "row") and isinstance(mod, nn.Linear):
-        what, v = (("out_features", mod.out_features) if style == "column"
-                   else ("in_features", mod.in_features))
-        if v % tp:
+    if style in ("column", "row") and (isinstance(mod, nn.Linear) or _transposed_linear(mod)):
+        n_in, n_out = ((mod.in_features, mod.out_features) if isinstance(mod, nn.Linear)
+                       else tuple(mod.weight.shape))
+        what, v = (("out_features", n_out) if style == "column" else ("in_features", n_in))
+        if v % (tp * parts):
+            by = (f"{parts} packed blocks × parallel.tp = {tp}" if parts > 1
+                  else f"parallel.tp = {tp}")
             raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by "
-                              f"parallel.tp = {tp}: choose a tp that divides {v}")
+                              f"{by}: choose a tp that divides {v // parts}")
         return
     if style == "vocab" and isinstance(mod, (nn.Embedding, nn.Linear)):
         return  # the vocabulary is padded to a multiple of tp
-    raise ConfigError(f"tensor-parallel plan: style {style!r} does not apply to {name} "
-                      f"({type(mod).__name__}); column and row take nn.Linear, vocab nn.Embedding "
-                      "or nn.Linear")
+    raise ConfigError(f"tensor-parallel plan: style {full_style!r} does not apply to {name} "
+                      f"({type(mod).__name__}); column and row take nn.Linear (or a transposed "
+                      "linear such as transformers' Conv1D), vocab nn.Embedding or nn.Linear")
 
 
-def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
-    """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension and
-    drop vocabulary padding. Collective: every tp rank calls it with the same keys in the same
-    order.
+def _make_gatherer(specs: dict[str, tuple[int, int, int, int]], mesh: Mesh):
+    """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension,
+    put packed blocks back in order and drop vocabulary padding. Collective: every tp rank calls it
+    with the same keys in the same order.
 
-    Keys are matched by module name + '.weight' / '.bias'; a key under a prefix (a wrapper added by
-    a later step) matches by its longest suffix that names a split module.
+    Keys are matched by parameter name; a key under a prefix (a wrapper added by a later step)
+    matches by its longest suffix that names a split parameter.
     """
 
     def spec_of(key: str):
-        module, _, leaf = key.rpartition(".")
-        parts = module.split(".")
-        for i in range(len(parts)):
-            s = specs.get(".".join(parts[i:]))
-            if s is not None and leaf in ("weight", "bias"):
-                return s if leaf == "weight" or s[0] == 0 else None  # a row layer's bias is whole
+        names = key.split(".")
+        for i in range(len(names) - 1):
+            s = specs.get(".".join(names[i:]))
+            if s is not None:
+                return s
         return None
 
     def gather(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,7 +250,7 @@ def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
             if spec is None or mesh.tp_size == 1:
                 out[key] = t
                 continue
-            dim, full, local = spec
+            dim, full, local, parts = spec
             if t.shape[dim] != local:
                 raise RuntimeError(f"{key}: local shape {tuple(t.shape)} does not match the tp "
                                    f"split ({local} along dim {dim})")
@@ -213,6 +258,8 @@ def _make_gatherer(specs: dict[str, tuple[int, int, int]], mesh: Mesh):
             buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype,
                               device=t.device)
             mesh.comm.all_gather(buf, moved, mesh.tp)
+            if parts > 1:  # (rank, block, rows) -> (block, rank, rows): q | k | v again
+                buf = buf.unflatten(0, (mesh.tp_size, parts, -1)).transpose(0, 1).flatten(0, 2)
             out[key] = buf[:full].transpose(0, dim).contiguous()
         return out
 

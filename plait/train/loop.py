@@ -35,7 +35,7 @@ from plait.data.batching import batch_at, rank_share
 from plait.data_parallel.zero_memory import memory_breakdown
 from plait.flops import peak_flops
 from plait.mesh import Mesh
-from plait.models import GPT, count_params, flops_per_token
+from plait.models import count_params, flops_per_token
 from plait.optim import (
     NoiseScaleMonitor,
     metric_value,
@@ -50,7 +50,7 @@ from plait.planner.auto import compare as compare_plan
 from plait.planner.auto import read_plan
 from plait.train.guard import StepGuard
 from plait.train.metrics import Metrics, peak_memory_bytes, plot_run, prepare_run_dir, write_json
-from plait.train.model_setup import advice, model_config, preflight
+from plait.train.model_setup import advice, build_model, preflight
 from plait.train.state import TrainState
 
 
@@ -62,9 +62,8 @@ class Trainer:
         t = cfg.train
         corpus = corpus if corpus is not None else load_corpus(cfg.data, cfg.model.vocab_size)
         self.corpus_source = corpus.source
-        self.model_cfg = model_config(cfg.model, corpus.vocab_size, t.seq_len)
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its part
-        model = GPT(self.model_cfg)
+        model, self.model_cfg = build_model(cfg, corpus.vocab_size)  # model.hf, or plait's GPT
         self.n_params = count_params(model)
         # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
         build_optimizer = optimizer_factory(cfg.optim, mesh.device,
@@ -250,7 +249,8 @@ class Trainer:
                           progress=cfg.log.progress and lead, tensorboard=cfg.log.tensorboard,
                           start_step=st.step)
         if lead:
-            print(f"plait: {self.model_cfg.n_layers}-layer GPT, {self.n_params / 1e6:.2f}M "
+            kind = f"transformers model ({cfg.model.hf})" if cfg.model.hf else "GPT"
+            print(f"plait: {self.model_cfg.n_layers}-layer {kind}, {self.n_params / 1e6:.2f}M "
                   f"parameters, layout dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, "
                   f"global batch {t.global_batch}×{t.seq_len} tokens "
                   f"({accumulation_steps(cfg, mesh.dp_size)} micro-batches of {t.micro_batch} per "

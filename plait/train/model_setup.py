@@ -1,12 +1,14 @@
-"""What a run settles before it trains: the model's shape from [model], and the layout checks
-that need the model (run by the launcher before any worker starts, and by every rank)."""
+"""What a run settles before it trains: the model (plait's GPT from [model], or the transformers
+causal LM of model.hf) and its shape, and the layout checks that need the model (run by the
+launcher before any worker starts, and by every rank)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from plait.config import Config, ConfigError, ModelConfig
-from plait.models import GPT, build_config
+from plait.models import GPT, GPTConfig, build_config, hf
 from plait.parallel_spec import spec_of
 from plait.pipeline.partition import partition, pipeline_spec
 
@@ -31,6 +33,26 @@ def model_config(m: ModelConfig, vocab_size: int, seq_len: int):
     return cfg
 
 
+def build_model(cfg: Config, vocab_size: int) -> tuple[nn.Module, GPTConfig]:
+    """(model, its shape) for the run: the transformers model of model.hf (its weights, else a
+    random initialization from train.seed), else plait's GPT from the current RNG state."""
+    t = cfg.train
+    if cfg.model.hf:
+        config = hf.read_config(cfg.model.hf)
+        hf.check_data(config, cfg.model.hf, vocab_size, t.seq_len)
+        return hf.load_causal_lm(cfg.model.hf, t.seed), hf.shape_of(config)
+    shape = model_config(cfg.model, vocab_size, t.seq_len)
+    return GPT(shape), shape
+
+
+def _meta_model(cfg: Config) -> nn.Module:
+    """The run's model on the meta device: nothing allocated or initialized."""
+    with torch.device("meta"):
+        if cfg.model.hf:
+            return hf.CausalLM(hf.build_causal_lm(hf.read_config(cfg.model.hf)))
+        return GPT(model_config(cfg.model, cfg.model.vocab_size or 256, cfg.train.seq_len))
+
+
 def preflight(cfg: Config) -> None:
     """The layout checks that need the model (tp divides its heads, pp · virtual stages fit its
     blocks), run by the launcher before any worker starts and by every rank before any collective.
@@ -38,11 +60,13 @@ def preflight(cfg: Config) -> None:
     p = cfg.parallel
     if p.tp == 1 and p.pp == 1:
         return
-    with torch.device("meta"):
-        model = GPT(model_config(cfg.model, cfg.model.vocab_size or 256, cfg.train.seq_len))
-    check_tp = spec_of(model).check_tp
-    if p.tp > 1 and check_tp is not None:
-        check_tp(model, p.tp)
+    model = _meta_model(cfg)
+    spec = spec_of(model)
+    if p.tp > 1 and p.sequence_parallel and spec.no_sequence_parallel:
+        raise ConfigError(f"parallel.sequence_parallel = true: {spec.no_sequence_parallel}; set "
+                          "parallel.sequence_parallel=false")
+    if p.tp > 1 and spec.check_tp is not None:
+        spec.check_tp(model, p.tp)
     if p.pp > 1:
         partition(pipeline_spec(model), p.pp, p.virtual_stages)
 

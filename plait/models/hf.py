@@ -1,0 +1,165 @@
+"""Hugging Face transformers causal LMs in plait: built from a local directory, called by their own
+forward, split by the spec their metadata gives (plait.models.hf_spec).
+
+    model = load_causal_lm("path/to/dir", seed=0)     # config.json (+ model.safetensors)
+    model(input_ids)                                  # (B, T) -> logits (B, T, V)
+
+`CausalLM` only adapts the call: input_ids -> the model's own
+`forward(input_ids=..., position_ids=..., use_cache=False).logits`; the transformers modules are
+the ones that run, plait swaps layers inside them (tensor parallelism) or calls them stage by
+stage (pipeline). Position ids are passed explicitly: under sequence parallelism the model
+would otherwise read the sequence length from the 1/tp it holds. The loss is plait's (token sum
+over pre-shifted targets, -100 ignored), not transformers' per-call mean.
+
+transformers is imported only when a model is built here; plait.models imports this module
+without it, and `spec_of` finds a transformers model's spec through the finder registered below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from plait.errors import ConfigError
+from plait.models.gpt import GPTConfig
+from plait.models.hf_spec import hf_spec
+from plait.parallel_spec import ParallelSpec, register_finder
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM as plait calls a model: `(input_ids) -> logits`."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+
+    def parallel_spec(self) -> ParallelSpec:
+        return hf_spec(self.lm, "lm.", self)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return (any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+            and hasattr(model, "config") and hasattr(model, "base_model_prefix"))
+
+
+def _find(model: nn.Module) -> ParallelSpec | None:
+    return hf_spec(model) if _is_transformers_model(model) else None
+
+
+register_finder(_find)
+
+
+def read_config(path: str | Path):
+    """The transformers config of local directory `path` (its config.json); nothing downloaded."""
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"model.hf = {str(path)!r}: no config.json there; give a local directory "
+                          "holding a transformers config.json (scripts/make_tiny_hf.py writes one)")
+    from transformers import AutoConfig  # heavy optional package: only when an HF model is used
+
+    return AutoConfig.from_pretrained(str(d), local_files_only=True)
+
+
+def build_causal_lm(config) -> nn.Module:
+    """A randomly initialized fp32 model of `config` (seed the RNG first), with SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                            dtype=torch.float32)
+
+
+def load_weights(lm: nn.Module, path: str | Path) -> bool:
+    """Load `path`/model.safetensors (or the shards its index names) into `lm`; False if none.
+
+    Keys must match the model's; a tied output head may be missing from the file."""
+    d = Path(path)
+    if (d / WEIGHTS).is_file():
+        files = [d / WEIGHTS]
+    elif (d / INDEX).is_file():  # sharded: the files its weight map names
+        files = [d / f for f in sorted(set(json.loads((d / INDEX).read_text())["weight_map"]
+                                           .values()))]
+    else:
+        files = []
+    if not files:
+        return False
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    tied = {k for k in missing if _tied(lm, k)}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ConfigError(f"model.hf = {str(path)!r}: the weights do not match config.json: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return True
+
+
+def _tied(lm: nn.Module, key: str) -> bool:
+    head = lm.get_output_embeddings()
+    return (head is not None and head.weight is lm.get_input_embeddings().weight
+            and key.endswith("weight") and key.rpartition(".")[0] in
+            {n for n, m in lm.named_modules() if m is head})
+
+
+def load_causal_lm(path: str | Path, seed: int) -> CausalLM:
+    """The model of local directory `path`: its weights if it has model.safetensors, else a random
+    initialization from `seed` (the same on every rank)."""
+    config = read_config(path)
+    torch.manual_seed(seed)
+    lm = build_causal_lm(config)
+    load_weights(lm, path)
+    return CausalLM(lm)
+
+
+def shape_of(config) -> GPTConfig:
+    """The model's shape in plait's terms (FLOPs per token, the run's summary, checkpoints)."""
+    g = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = g.hidden_size
+    heads = g.num_attention_heads
+    ffn = getattr(g, "intermediate_size", None) or getattr(g, "n_inner", None) or 4 * d
+    return GPTConfig(vocab_size=g.vocab_size, n_layers=g.num_hidden_layers, n_heads=heads,
+                     n_kv_heads=getattr(g, "num_key_value_heads", None) or heads, d_model=d,
+                     ffn_hidden=ffn, max_seq_len=g.max_position_embeddings,
+                     tie_embeddings=bool(getattr(g, "tie_word_embeddings", False)))
+
+
+def check_data(config, path: str, vocab_size: int, seq_len: int) -> None:
+    """ConfigError when the data's vocabulary or the sequence length exceeds the model's."""
+    shape = shape_of(config)
+    if vocab_size > shape.vocab_size:
+        raise ConfigError(f"model.hf = {path!r}: config.json's vocab_size = {shape.vocab_size} is "
+                          f"smaller than the data's vocabulary ({vocab_size} ids): use data "
+                          "tokenized for this model, or a config with a larger vocab_size")
+    if seq_len > shape.max_seq_len:
+        raise ConfigError(f"model.hf = {path!r}: train.seq_len = {seq_len} exceeds config.json's "
+                          f"max_position_embeddings = {shape.max_seq_len}: lower train.seq_len")
+
+
+# -- tiny configurations (scripts/make_tiny_hf.py, tests) ----------------------------------------
+def tiny_config(family: str, vocab_size: int = 256, **over):
+    """A small random-init config of `family` (llama | gpt2): hidden 64, 2 layers, no dropout."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if family == "llama":
+        kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+        return LlamaConfig(**{**kw, **over})
+    if family == "gpt2":
+        kw = dict(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                  bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+        return GPT2Config(**{**kw, **over})
+    raise ValueError(f"family {family!r}: choose llama or gpt2")

@@ -1,0 +1,255 @@
+"""transformers causal LMs (Llama, GPT-2) trained by plait: every layout equals plain PyTorch.
+
+The reference runs in this process with no plait parallel code: the transformers model built from
+the same config directory and seed, called by its own forward, torch.optim.AdamW, clip_grad_norm_
+and gradient accumulation by hand, on the same global batches (plait's data order). plait runs
+`plait train`'s Trainer with model.hf = the directory. fp32, 3 steps, clipping active on every
+step: each step's loss and gradient norm and every final parameter within 1e-5 relative.
+
+Layouts of one world size share one spawn (2 spawns: world 2 and world 4). GPT-2 ties its head to
+its embedding; the pipeline cannot split a tied pair yet (a ConfigError, tested), so its pipeline
+layouts run an untied GPT-2. Vocabulary 257 (odd) makes tp pad the vocabulary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import DEVICE, TOL
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from plait import parity
+from plait.config import ParallelConfig, from_dict
+from plait.data import load_corpus
+from plait.errors import ConfigError
+from plait.models.hf import CausalLM, load_causal_lm, tiny_config
+from plait.optim.build import param_groups
+from plait.testing import run_ranks
+from plait.train.model_setup import preflight
+
+CLIP = 0.05  # below every step's gradient norm of these runs (asserted): clipping always active
+STEPS = 3
+VOCAB = 257
+FAMILIES = {"llama": ("llama", {"num_hidden_layers": 4}), "gpt2": ("gpt2", {}),
+            "gpt2_untied": ("gpt2", {"tie_word_embeddings": False})}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, (family, over) in FAMILIES.items():
+        tiny_config(family, vocab_size=VOCAB, **over).save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def base_cfg(corpus_path: str, model_dir: str, **parallel) -> dict:
+    return {
+        "model": {"hf": model_dir},
+        "data": {"path": corpus_path, "cache_dir": corpus_path + ".cache"},
+        "train": {"steps": STEPS, "global_batch": 8, "micro_batch": 2, "seq_len": 32,
+                  "val_every": 0, "val_samples": 0, "threads": 1},
+        "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "grad_clip": CLIP,
+                  "eps": 1e-6},
+        "log": {"progress": False, "plots": False},
+        "parallel": parallel,
+    }
+
+
+def step_batches(cfg_dict: dict) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Each step's global batch in micro-batches, in plait's data order."""
+    cfg = from_dict(cfg_dict)
+    t = cfg.train
+    data = load_corpus(cfg.data, 0).sampler("train", t.seq_len, t.seed)
+    m = t.micro_batch
+    return [[data.batch(s * t.global_batch + k * m, m)[:2] for k in range(t.global_batch // m)]
+            for s in range(t.steps)]
+
+
+def reference(model_dir: str, steps: list, seed: int, lr: float = 1e-2, clip: float = CLIP,
+              eps: float = 1e-6, weight_decay: float = 0.1) -> dict:
+    """Plain PyTorch: the transformers model's own forward, AdamW, clip_grad_norm_, summed token
+    losses over the global batch divided by its token count."""
+    torch.set_num_threads(1)
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                          dtype=torch.float32).to(DEVICE)
+    params = list(lm.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=eps)
+    losses, norms = [], []
+    for mbs in steps:
+        tokens = sum(y.numel() for _, y in mbs)
+        total = 0.0
+        for x, y in mbs:
+            logits = lm(input_ids=x.to(DEVICE)).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), y.to(DEVICE).flatten(),
+                                   reduction="sum") / tokens
+            loss.backward()
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return {"losses": losses, "norms": norms,
+            "state": {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()}}
+
+
+def _unwrap(state: dict) -> dict:
+    """plait's full state dict (the CausalLM wrapper's keys, `lm.` + the model's) -> the model's."""
+    return {k.removeprefix("lm."): v for k, v in state.items()}
+
+
+def _check(ref: dict, got, label: str) -> None:
+    assert not isinstance(got, str), f"{label} failed:\n{got}"
+    assert all(n > CLIP for n in ref["norms"]), f"clipping must be active: {ref['norms']}"
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains: the comparison means something
+    for rank, res in enumerate(got):
+        e = parity.errors(ref, {**res, "state": _unwrap(res["state"])})
+        for what in ("loss", "norm", "param"):
+            assert e[what] <= TOL[what], (f"{label} rank {rank}: {what} error {e[what]:.2e} "
+                                          f"(losses {res['losses']} vs {ref['losses']}; {e})")
+
+
+# (name, family, parallel section): world 2, then world 4
+LAYOUTS = [
+    ("dp2", "llama", {"dp": 2}),
+    ("tp2", "llama", {"tp": 2}),
+    ("tp2-sp", "llama", {"tp": 2, "sequence_parallel": True}),
+    ("pp2-1f1b", "llama", {"pp": 2, "schedule": "1f1b"}),
+    ("pp2-zb_h1", "llama", {"pp": 2, "schedule": "zb_h1"}),
+    ("pp2-gpipe", "llama", {"pp": 2, "schedule": "gpipe"}),
+    ("dp2-zero3", "llama", {"dp": 2, "zero": 3}),
+    ("dp2", "gpt2", {"dp": 2}),
+    ("tp2", "gpt2", {"tp": 2}),
+    ("pp2-1f1b", "gpt2_untied", {"pp": 2, "schedule": "1f1b"}),
+    ("pp2-zb_h1", "gpt2_untied", {"pp": 2, "schedule": "zb_h1"}),
+    ("dp2-zero3", "gpt2", {"dp": 2, "zero": 3}),
+    ("dp2-tp2-zero1", "llama", {"dp": 2, "tp": 2, "zero": 1}),
+    ("dp2-tp2-zero1", "gpt2", {"dp": 2, "tp": 2, "zero": 1}),
+    ("pp2-interleaved", "llama", {"pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 2}),
+]
+
+
+def _world(parallel: dict) -> int:
+    return parallel.get("dp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
+
+
+class _Spawns:
+    def __init__(self, corpus_path: str, dirs: dict):
+        self.corpus_path, self.dirs, self.results = corpus_path, dirs, {}
+
+    def get(self, name: str, family: str, parallel: dict):
+        key = f"{family}-{name}"
+        if key not in self.results:
+            world = _world(parallel)
+            cases = [(f"{f}-{n}", base_cfg(self.corpus_path, self.dirs[f], **p))
+                     for n, f, p in LAYOUTS if _world(p) == world]
+            per_rank = run_ranks(parity.run_cases, world, args=(cases, DEVICE), timeout=600)
+            for case, _ in cases:
+                failed = [r[case] for r in per_rank if isinstance(r[case], str)]
+                self.results[case] = failed[0] if failed else [r[case] for r in per_rank]
+        return self.results[key]
+
+
+@pytest.fixture(scope="module")
+def spawns(corpus_path, dirs):
+    return _Spawns(corpus_path, dirs)
+
+
+@pytest.fixture(scope="module")
+def refs(corpus_path, dirs):
+    out = {}
+    for family, d in dirs.items():
+        cfg = base_cfg(corpus_path, d)
+        out[family] = reference(d, step_batches(cfg), from_dict(cfg).train.seed)
+    return out
+
+
+@pytest.mark.parametrize("name,family,parallel", LAYOUTS,
+                         ids=[f"{f}-{n}" for n, f, _ in LAYOUTS])
+def test_hf_parity(spawns, refs, name, family, parallel):
+    _check(refs[family], spawns.get(name, family, parallel), f"{family} {name}")
+
+
+def test_single_process_equals_reference(corpus_path, dirs, refs):
+    """plait's own loop on one process with a transformers model (the CausalLM wrapper)."""
+    got = parity.train_case(base_cfg(corpus_path, dirs["gpt2"]), DEVICE)
+    _check(refs["gpt2"], [got], "gpt2 single process")
+
+
+# -- a user's own loop with parallelize(); a wrong split of GPT-2's packed c_attn must fail ------
+class _ContiguousQKV(CausalLM):
+    """GPT-2 with c_attn split as one contiguous block (each rank: a mix of q, k and v columns)."""
+
+    def parallel_spec(self):
+        spec = super().parallel_spec()
+        plan = tuple((p, "column" if s == "column/3" else s) for p, s in spec.tp_plan)
+        return type(spec)(**{**spec.__dict__, "tp_plan": plan})
+
+
+def _user_loop(model_dir: str, steps: list, seed: int, wrong: bool) -> dict:
+    import plait
+
+    mesh = plait.Mesh.build(dp=1, tp=2, pp=1)
+    model = load_causal_lm(model_dir, seed)
+    if wrong:
+        model = _ContiguousQKV(model.lm)
+    pmodel, opt = plait.parallelize(
+        model, lambda ps: torch.optim.AdamW(param_groups(ps, 0.1), lr=1e-2, betas=(0.9, 0.95),
+                                            eps=1e-6),
+        mesh, plait.ParallelOptions(parallel=ParallelConfig(tp=2), grad_clip=CLIP))
+    losses, norms = [], []
+    for mbs in steps:
+        loss = pmodel.train_step(mbs, sum(y.numel() for _, y in mbs))
+        opt.step()
+        norms.append(float(opt.last_grad_norm))
+        opt.zero_grad()
+        losses.append(float(loss))
+    state = {k: v.cpu() for k, v in pmodel.full_state_dict().items()}
+    return {"losses": losses, "norms": norms, "state": state}
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["per-block-qkv", "contiguous-qkv"])
+def test_gpt2_user_loop_and_wrong_qkv_split(corpus_path, dirs, refs, wrong):
+    d = dirs["gpt2"]
+    cfg = base_cfg(corpus_path, d)
+    got = run_ranks(_user_loop, 2, args=(d, step_batches(cfg), from_dict(cfg).train.seed, wrong),
+                    timeout=300)
+    if not wrong:
+        _check(refs["gpt2"], got, "gpt2 user loop tp2")
+        return
+    e = parity.errors(refs["gpt2"], {**got[0], "state": _unwrap(got[0]["state"])})
+    assert e["loss"] > 1e-3 and e["param"] > 1e-3, e
+
+
+# -- what is refused, before anything runs -----------------------------------------------------
+@pytest.mark.parametrize("family,parallel,field", [
+    ("gpt2", {"pp": 2}, "tie_word_embeddings"),
+    ("gpt2", {"tp": 2, "sequence_parallel": True}, "sequence_parallel"),
+    ("llama", {"tp": 4}, "num_key_value_heads"),
+])
+def test_refused_layouts_name_the_field(corpus_path, dirs, family, parallel, field):
+    with pytest.raises(ConfigError, match=field):
+        preflight(from_dict(base_cfg(corpus_path, dirs[family], **parallel)))
+
+
+def test_shape_fields_with_hf_refused(corpus_path, dirs):
+    cfg = base_cfg(corpus_path, dirs["llama"])
+    cfg["model"]["n_layers"] = 4
+    with pytest.raises(ConfigError, match="model.n_layers"):
+        from_dict(cfg)
+
+
+def test_unsupported_family_named(corpus_path, tmp_path):
+    from transformers import MistralConfig
+
+    MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB).save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ConfigError, match="'mistral'"):
+        preflight(from_dict(base_cfg(corpus_path, str(tmp_path / "mistral"), tp=2)))
