@@ -19,14 +19,14 @@ from plait.models.hf import tiny_config
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="directory to write config.json into")
-    ap.add_argument("--family", choices=("llama", "gpt2"), default="llama")
+    ap.add_argument("--family", choices=("llama", "gpt2", "gemma", "phi3"), default="llama")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--untied", action="store_true",
                     help="GPT-2: separate embedding and head (needed for parallel.pp > 1)")
     args = ap.parse_args()
-    over = ({"num_hidden_layers": args.layers} if args.family == "llama"
-            else {"n_layer": args.layers, "tie_word_embeddings": not args.untied})
+    over = ({"n_layer": args.layers, "tie_word_embeddings": not args.untied}
+            if args.family == "gpt2" else {"num_hidden_layers": args.layers})
     tiny_config(args.family, vocab_size=args.vocab, **over).save_pretrained(args.out)
     print(f"wrote {args.out}/config.json ({args.family}, {args.layers} layers)")
 

@@ -1,4 +1,5 @@
-"""transformers causal LMs (Llama, GPT-2) trained by plait: every layout equals plain PyTorch.
+"""transformers causal LMs (Llama, GPT-2, Gemma, Phi-3) trained by plait: every layout equals plain
+PyTorch.
 
 The reference runs in this process with no plait parallel code: the transformers model built from
 the same config directory and seed, called by its own forward, torch.optim.AdamW, clip_grad_norm_
@@ -32,7 +33,8 @@ CLIP = 0.05  # below every step's gradient norm of these runs (asserted): clippi
 STEPS = 3
 VOCAB = 257
 FAMILIES = {"llama": ("llama", {"num_hidden_layers": 4}), "gpt2": ("gpt2", {}),
-            "gpt2_untied": ("gpt2", {"tie_word_embeddings": False})}
+            "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}), "gemma": ("gemma", {}),
+            "phi3": ("phi3", {})}
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,13 @@ LAYOUTS = [
     ("dp2-tp2-zero1", "llama", {"dp": 2, "tp": 2, "zero": 1}),
     ("dp2-tp2-zero1", "gpt2", {"dp": 2, "tp": 2, "zero": 1}),
     ("pp2-interleaved", "llama", {"pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 2}),
+    # Gemma: scaled embedding, tied head; Phi-3: packed q | k | v (grouped-query) and gate | up
+    ("tp2", "gemma", {"tp": 2}),
+    ("tp2-sp", "gemma", {"tp": 2, "sequence_parallel": True}),
+    ("tp2", "phi3", {"tp": 2}),
+    ("tp2-sp", "phi3", {"tp": 2, "sequence_parallel": True}),
+    ("pp2-1f1b", "phi3", {"pp": 2, "schedule": "1f1b"}),
+    ("dp2-tp2-zero1", "phi3", {"dp": 2, "tp": 2, "zero": 1}),
 ]
 
 
@@ -192,13 +201,24 @@ class _ContiguousQKV(CausalLM):
         return type(spec)(**{**spec.__dict__, "tp_plan": plan})
 
 
-def _user_loop(model_dir: str, steps: list, seed: int, wrong: bool) -> dict:
+class _UnscaledEmbedding(CausalLM):
+    """Gemma whose vocab-parallel embedding drops the model's √hidden factor."""
+
+    def parallel_spec(self):
+        from plait.models.hf_spec import after_tp
+
+        spec = super().parallel_spec()
+        return type(spec)(**{**spec.__dict__,
+                             "after_tp": lambda _m, tp: after_tp(self.lm, tp, None)})
+
+
+def _user_loop(model_dir: str, steps: list, seed: int, wrong) -> dict:
     import plait
 
     mesh = plait.Mesh.build(dp=1, tp=2, pp=1)
     model = load_causal_lm(model_dir, seed)
     if wrong:
-        model = _ContiguousQKV(model.lm)
+        model = (_ContiguousQKV if wrong is True else wrong)(model.lm)
     pmodel, opt = plait.parallelize(
         model, lambda ps: torch.optim.AdamW(param_groups(ps, 0.1), lr=1e-2, betas=(0.9, 0.95),
                                             eps=1e-6),
@@ -232,6 +252,7 @@ def test_gpt2_user_loop_and_wrong_qkv_split(corpus_path, dirs, refs, wrong):
     ("gpt2", {"pp": 2}, "tie_word_embeddings"),
     ("gpt2", {"tp": 2, "sequence_parallel": True}, "sequence_parallel"),
     ("llama", {"tp": 4}, "num_key_value_heads"),
+    ("gemma", {"pp": 2}, "tie_word_embeddings"),
 ])
 def test_refused_layouts_name_the_field(corpus_path, dirs, family, parallel, field):
     with pytest.raises(ConfigError, match=field):
@@ -253,3 +274,13 @@ def test_unsupported_family_named(corpus_path, tmp_path):
                   vocab_size=VOCAB).save_pretrained(tmp_path / "mistral")
     with pytest.raises(ConfigError, match="'mistral'"):
         preflight(from_dict(base_cfg(corpus_path, str(tmp_path / "mistral"), tp=2)))
+
+
+def test_gemma_embedding_scale_is_kept_under_tp(corpus_path, dirs, refs):
+    """Without the √hidden factor the tp run trains another model: the check above can fail."""
+    d = dirs["gemma"]
+    cfg = base_cfg(corpus_path, d)
+    got = run_ranks(_user_loop, 2, args=(d, step_batches(cfg), from_dict(cfg).train.seed,
+                                         _UnscaledEmbedding), timeout=300)
+    e = parity.errors(refs["gemma"], {**got[0], "state": _unwrap(got[0]["state"])})
+    assert e["loss"] > 1e-3, e

@@ -149,7 +149,8 @@ def check_data(config, path: str, vocab_size: int, seq_len: int) -> None:
 
 # -- tiny configurations (scripts/make_tiny_hf.py, tests) ----------------------------------------
 def tiny_config(family: str, vocab_size: int = 256, **over):
-    """A small random-init config of `family` (llama | gpt2): hidden 64, 2 layers, no dropout."""
+    """A small random-init config of `family` (llama | gpt2 | gemma | phi3): hidden 64, 2 layers,
+    4 heads (2 key/value heads but GPT-2's), no dropout."""
     from transformers import GPT2Config, LlamaConfig
 
     if family == "llama":
@@ -162,4 +163,16 @@ def tiny_config(family: str, vocab_size: int = 256, **over):
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                   bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
         return GPT2Config(**{**kw, **over})
-    raise ValueError(f"family {family!r}: choose llama or gpt2")
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gemma":  # head_dim explicit, as Gemma's configs give it; tied head
+        from transformers import GemmaConfig
+
+        return GemmaConfig(**{**common, "head_dim": 16, **over})
+    if family == "phi3":  # packed qkv_proj (grouped-query: q | k | v unequal) and gate_up_proj
+        from transformers import Phi3Config
+
+        return Phi3Config(**{**common, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                             "attention_dropout": 0.0, "tie_word_embeddings": False, **over})
+    raise ValueError(f"family {family!r}: choose llama, gpt2, gemma or phi3")

@@ -19,6 +19,7 @@ attributes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,29 @@ class Family:
     embed_dropout: str | None = None  # applied to the embeddings' sum
     rotary: str | None = "rotary_emb"
     sequence_parallel: str | None = None  # why not, or None
+    # the plan from the config instead of base_model_tp_plan (whose styles plait cannot map)
+    own_plan: Callable[[object], tuple[tuple[str, str], ...]] | None = None
+
+
+def _phi3_plan(c) -> tuple[tuple[str, str], ...]:
+    """Phi-3 packs q | k | v (with grouped-query attention k and v are smaller) and gate | up."""
+    e = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * e, c.num_key_value_heads * e
+    return (("layers.*.self_attn.qkv_proj", f"column/{q}+{kv}+{kv}"),
+            ("layers.*.self_attn.o_proj", "row"),
+            ("layers.*.mlp.gate_up_proj", "column/2"), ("layers.*.mlp.down_proj", "row"))
+
+
+_LLAMA_FIELDS = (("num_attention_heads", "attention heads"),
+                 ("num_key_value_heads", "key/value heads"),
+                 ("intermediate_size", "MLP hidden units"))
 
 
 _FAMILIES: dict[str, Family] = {
-    "llama": Family(tp_fields=(("num_attention_heads", "attention heads"),
-                               ("num_key_value_heads", "key/value heads"),
-                               ("intermediate_size", "MLP hidden units"))),
+    "llama": Family(tp_fields=_LLAMA_FIELDS),
+    # Gemma: Llama's layout, an embedding scaled by √hidden (kept under tp: after_tp), tied head
+    "gemma": Family(tp_fields=_LLAMA_FIELDS),
+    "phi3": Family(tp_fields=_LLAMA_FIELDS, own_plan=_phi3_plan),
     "gpt2": Family(
         tp_fields=(("n_head", "attention heads"), ("n_inner", "MLP hidden units")),
         extra_plan=(("h.*.attn.c_attn", "column/3"), ("h.*.attn.c_proj", "row"),
@@ -84,13 +102,14 @@ def tp_plan(lm: nn.Module, root: str = "") -> Plan:
     kind, fam = family_of(lm)
     base = f"{root}{lm.base_model_prefix}."
     entries: dict[str, str] = {}
-    for pattern, style in (getattr(lm.config, "base_model_tp_plan", None) or {}).items():
+    meta = {} if fam.own_plan else (getattr(lm.config, "base_model_tp_plan", None) or {})
+    for pattern, style in meta.items():
         if style not in STYLE_MAP:
             raise ConfigError(f"{kind}: config.base_model_tp_plan gives {pattern!r} the style "
                               f"{style!r}, which plait does not map yet (it maps "
                               f"{sorted(STYLE_MAP)})")
         entries[base + pattern] = STYLE_MAP[style]
-    for pattern, style in fam.extra_plan:
+    for pattern, style in (*fam.extra_plan, *(fam.own_plan(lm.config) if fam.own_plan else ())):
         entries[base + pattern] = style
     # a module holding column layers enters the tp region once for all of them
     for pattern, style in list(entries.items()):
@@ -124,12 +143,31 @@ def check_tp(lm: nn.Module, tp: int) -> None:
                                   f"the activations they all hold; set {field} to 0")
 
 
-def after_tp(lm: nn.Module, tp: int) -> None:
-    """GPT-2 splits c_attn's output at a stored width: this rank's third of it, once split."""
-    kind, _ = family_of(lm)
+def after_tp(lm: nn.Module, tp: int, embed_scale: float | None = None) -> None:
+    """What a family reads from stored sizes, set to this rank's once the layers are split.
+
+    GPT-2 splits c_attn's output at a stored width: this rank's third of it. Phi-3 slices its
+    packed q | k | v at the config's head counts: each attention gets its own copy of the config
+    with this rank's counts (the model's config is left as it was). Gemma's embedding multiplies
+    its output by √hidden (`embed_scale`): the vocab-parallel embedding that replaced it does too.
+    """
+    import copy
+
+    kind, fam = family_of(lm)
+    base = lm.get_submodule(lm.base_model_prefix)
     if kind == "gpt2":
-        for block in lm.get_submodule(f"{lm.base_model_prefix}.h"):
+        for block in base.get_submodule("h"):
             block.attn.split_size = block.attn.c_attn.weight.shape[1] // 3
+    if kind == "phi3" and tp > 1:
+        for layer in base.get_submodule(fam.layers):
+            attn = layer.self_attn
+            attn_cfg = copy.copy(attn.config)
+            attn_cfg.num_attention_heads = attn.config.num_attention_heads // tp
+            attn_cfg.num_key_value_heads = attn.config.num_key_value_heads // tp
+            attn.config, attn.num_key_value_heads = attn_cfg, attn_cfg.num_key_value_heads
+    emb = lm.get_input_embeddings()
+    if embed_scale is not None and hasattr(emb, "output_scale"):  # replaced by the tp embedding
+        emb.output_scale = embed_scale
 
 
 # -- the pipeline cut ---------------------------------------------------------------------------
@@ -219,11 +257,13 @@ def hf_spec(lm: nn.Module, root: str = "", model: nn.Module | None = None) -> Pa
 
         return ParallelSpec(check_tp=refuse, pipeline_cut=refuse)
     layer_type = type(lm.get_submodule(f"{lm.base_model_prefix}.{fam.layers}")[0])
+    # read now: after tp the embedding is plait's, which keeps only the factor
+    scale = getattr(lm.get_input_embeddings(), "scalar_embed_scale", None)
     return ParallelSpec(
         tp_plan=tp_plan(lm, root),
         check_tp=lambda _model, tp: check_tp(lm, tp),
         pipeline_cut=lambda _model: pipeline_cut(lm, root, model),
         block_types=(layer_type,),
-        after_tp=lambda _model, tp: after_tp(lm, tp),
+        after_tp=lambda _model, tp: after_tp(lm, tp, scale),
         no_sequence_parallel=fam.sequence_parallel,
     )

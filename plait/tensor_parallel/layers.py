@@ -44,14 +44,29 @@ def shard(t: torch.Tensor, dim: int, group: Group, padded: int | None = None) ->
     return t.chunk(group.size, dim=dim)[group.rank].detach().clone()
 
 
-def shard_packed(t: torch.Tensor, dim: int, group: Group, parts: int) -> torch.Tensor:
-    """This rank's 1/t of each of `parts` equal consecutive blocks of `t` along `dim`, concatenated
-    (a fused q | k | v weight: every rank keeps its heads' q, k and v)."""
-    blocks = t.unflatten(dim, (parts, -1))
-    if blocks.shape[dim + 1] % group.size:
-        raise ValueError(f"each of the {parts} packed blocks has {blocks.shape[dim + 1]} rows "
-                         f"along dim {dim}, not divisible by the tp size {group.size}")
-    return blocks.chunk(group.size, dim=dim + 1)[group.rank].flatten(dim, dim + 1).detach().clone()
+def block_sizes(n: int, parts: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The sizes of the packed blocks along a dimension of n: `parts` equal ones, or as given."""
+    if isinstance(parts, int):
+        if n % parts:
+            raise ValueError(f"{n} rows do not split into {parts} equal packed blocks")
+        return (n // parts,) * parts
+    if sum(parts) != n:
+        raise ValueError(f"packed blocks {parts} add up to {sum(parts)}, not {n}")
+    return tuple(parts)
+
+
+def shard_packed(t: torch.Tensor, dim: int, group: Group,
+                 parts: int | tuple[int, ...]) -> torch.Tensor:
+    """This rank's 1/t of each consecutive packed block of `t` along `dim` (`parts` equal blocks,
+    or blocks of the given sizes), concatenated: a fused q | k | v weight, where every rank keeps
+    its heads' q, k and v (with grouped-query attention k and v are smaller than q)."""
+    sizes = block_sizes(t.shape[dim], parts)
+    bad = [b for b in sizes if b % group.size]
+    if bad:
+        raise ValueError(f"packed blocks of {sizes} rows along dim {dim}: {bad[0]} is not "
+                         f"divisible by the tp size {group.size}")
+    mine = [b.chunk(group.size, dim=dim)[group.rank] for b in t.split(sizes, dim=dim)]
+    return torch.cat(mine, dim=dim).detach().clone()
 
 
 def _param(data: torch.Tensor, dim: int, full: int, requires_grad: bool = True) -> nn.Parameter:
@@ -82,8 +97,9 @@ class ColumnParallelLinear(nn.Module):
     all-reduce, not one per layer. `out_features` must divide by t (after `padded_out`).
 
     `parts` > 1: the output is that many equal packed blocks (a fused q | k | v), each split over
-    tp, so rank r holds block 0's r-th slice, then block 1's, ... (`plait_tp_parts` on the
-    weight). `transposed`: the weight is kept as (in, out/t), the layout of the (in, out) matrix
+    tp, so rank r holds block 0's r-th slice, then block 1's, ...; a tuple: blocks of those sizes
+    (q | k | v under grouped-query attention). `plait_tp_parts` on the weight: the block sizes.
+    `transposed`: the weight is kept as (in, out/t), the layout of the (in, out) matrix
     it came from (transformers' Conv1D), so state-dict shapes stay the model's; the split
     dimension is then 1.
     """
@@ -98,20 +114,20 @@ class ColumnParallelLinear(nn.Module):
         self.transposed = transposed
         full_out, self.in_features = weight.shape  # weight: (out, in)
         self.full_out_features = full_out
-        w = (shard_packed(weight, 0, mesh.tp, parts) if parts > 1
+        w = (shard_packed(weight, 0, mesh.tp, parts) if parts != 1
              else shard(weight, 0, mesh.tp, padded_out))
         self.out_features = w.shape[0]  # local: (padded) out / t
         self.weight = _param(w.t().contiguous() if transposed else w, 1 if transposed else 0,
                              full_out, weight.requires_grad)
         if bias is not None:
-            b = shard_packed(bias, 0, mesh.tp, parts) if parts > 1 else shard(bias, 0, mesh.tp,
-                                                                                padded_out)
+            b = shard_packed(bias, 0, mesh.tp, parts) if parts != 1 else shard(bias, 0, mesh.tp,
+                                                                                 padded_out)
             self.bias = _param(b, 0, full_out)
         else:
             self.bias = None
         for p in (self.weight, self.bias):
-            if p is not None and parts > 1:
-                p.plait_tp_parts = parts
+            if p is not None and parts != 1:
+                p.plait_tp_parts = block_sizes(full_out, parts)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, mesh: Mesh, **kw) -> ColumnParallelLinear:
@@ -192,8 +208,12 @@ class VocabParallelEmbedding(nn.Module):
     Input: token ids (B, T), replicated. Each rank looks up the ids it holds (zeros elsewhere),
     then the partial embeddings are all-reduced on tp (g; backward identity), giving (B, T, D),
     or under sequence parallelism reduce-scattered along the sequence, giving (B, T/t, D)
-    (backward all-gather). Padded rows are never looked up; they stay zero.
+    (backward all-gather). Padded rows are never looked up; they stay zero. `output_scale`: a
+    factor the embedding's output is multiplied by, as the model's own embedding did (Gemma's
+    √hidden), in the weight's dtype; None: none.
     """
+
+    output_scale: float | None = None
 
     def __init__(self, weight: torch.Tensor, mesh: Mesh, sequence_parallel: bool = False,
                  padded: int | None = None):
@@ -216,8 +236,12 @@ class VocabParallelEmbedding(nn.Module):
         # (B, T, D) partial
         x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
-            return reduce_scatter_seq(x, self.comm, self.group)
-        return reduce_from_tp(x, self.comm, self.group)
+            x = reduce_scatter_seq(x, self.comm, self.group)
+        else:
+            x = reduce_from_tp(x, self.comm, self.group)
+        if self.output_scale is not None:
+            x = x * torch.tensor(self.output_scale, dtype=self.weight.dtype, device=x.device)
+        return x
 
     def extra_repr(self) -> str:
         return (f"ids [{self.vocab_start}, {self.vocab_end}) of {self.num_embeddings}, "

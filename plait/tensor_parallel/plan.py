@@ -7,7 +7,8 @@ Styles:
 
 - `column`: nn.Linear -> ColumnParallelLinear (output features split). Inside a `region` module
   it relies on the region's entry collective; elsewhere it applies f (or the SP all-gather) itself.
-  `column/N`: the output is N equal packed blocks (a fused q | k | v), each split over tp.
+  `column/N`: the output is N equal packed blocks (a fused q | k | v), each split over tp;
+  `column/A+B+C`: packed blocks of those sizes (q | k | v with fewer key/value heads).
 - `row`: nn.Linear -> RowParallelLinear (input features split; all-reduce, or SP reduce-scatter).
 - column and row also take a transposed linear: a module with `nf` and a weight of shape
   (in, nf), y = x·W + b (transformers' Conv1D); the split layer keeps that weight layout.
@@ -53,14 +54,19 @@ from plait.tensor_parallel.tp_comm import copy_to_tp, gather_seq
 STYLES = ("column", "row", "vocab", "region", "replicate")
 
 
-def _parse(style: str) -> tuple[str, int]:
-    """`column/3` -> ("column", 3); any other style -> (style, 1)."""
+def _parse(style: str) -> tuple[str, int | tuple[int, ...]]:
+    """`column/3` -> ("column", 3); `column/64+16+16` -> ("column", (64, 16, 16)); any other
+    style -> (style, 1)."""
     base, _, parts = style.partition("/")
     if base == "column" and parts.isdigit() and int(parts) >= 1:
         return base, int(parts)
+    sizes = parts.split("+")
+    if base == "column" and len(sizes) > 1 and all(x.isdigit() and int(x) > 0 for x in sizes):
+        return base, tuple(int(x) for x in sizes)
     if parts or base not in STYLES:
         raise ConfigError(f"tensor-parallel plan: style {style!r}; choose one of {STYLES} (or "
-                          "column/N for N packed output blocks)")
+                          "column/N for N equal packed output blocks, column/A+B+C for packed "
+                          "blocks of those sizes)")
     return base, 1
 
 
@@ -152,8 +158,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
         _check_entry(name, style, modules[name], tp)
     sp = sequence_parallel
     shared: dict[int, nn.Parameter] = {}  # id(original weight) -> its shard, for tied weights
-    # parameter name -> (dim, full size, local size, packed blocks)
-    specs: dict[str, tuple[int, int, int, int]] = {}
+    # parameter name -> (dim, full size, local size, packed block sizes or None)
+    specs: dict[str, tuple] = {}
     loss_fn: Callable = spec.loss
     for name, full_style in styled.items():
         mod = modules[name]
@@ -195,7 +201,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
             if p is not None and hasattr(p, "plait_tp_shard"):
                 dim, full = p.plait_tp_shard
                 specs[f"{name}.{leaf}"] = (dim, full, p.shape[dim],
-                                           getattr(p, "plait_tp_parts", 1))
+                                           getattr(p, "plait_tp_parts", None))
     sharded = {id(p) for p in model.parameters() if hasattr(p, "plait_tp_shard")}
     for p in model.parameters():
         if id(p) not in sharded:
@@ -213,7 +219,12 @@ def _check_entry(name: str, full_style: str, mod: nn.Module, tp: int) -> None:
         n_in, n_out = ((mod.in_features, mod.out_features) if isinstance(mod, nn.Linear)
                        else tuple(mod.weight.shape))
         what, v = (("out_features", n_out) if style == "column" else ("in_features", n_in))
-        if v % (tp * parts):
+        if isinstance(parts, tuple):
+            if sum(parts) != v or any(b % tp for b in parts):
+                raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} as packed blocks "
+                                  f"{'+'.join(map(str, parts))}: the blocks must add up to {v} "
+                                  f"and each be divisible by parallel.tp = {tp}")
+        elif v % (tp * parts):
             by = (f"{parts} packed blocks × parallel.tp = {tp}" if parts > 1
                   else f"parallel.tp = {tp}")
             raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by "
@@ -226,7 +237,7 @@ def _check_entry(name: str, full_style: str, mod: nn.Module, tp: int) -> None:
                       "linear such as transformers' Conv1D), vocab nn.Embedding or nn.Linear")
 
 
-def _make_gatherer(specs: dict[str, tuple[int, int, int, int]], mesh: Mesh):
+def _make_gatherer(specs: dict[str, tuple], mesh: Mesh):
     """The state gatherer: all-gather each split tensor on mesh.tp along its split dimension,
     put packed blocks back in order and drop vocabulary padding. Collective: every tp rank calls it
     with the same keys in the same order.
@@ -258,8 +269,11 @@ def _make_gatherer(specs: dict[str, tuple[int, int, int, int]], mesh: Mesh):
             buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype,
                               device=t.device)
             mesh.comm.all_gather(buf, moved, mesh.tp)
-            if parts > 1:  # (rank, block, rows) -> (block, rank, rows): q | k | v again
-                buf = buf.unflatten(0, (mesh.tp_size, parts, -1)).transpose(0, 1).flatten(0, 2)
+            if parts:  # rank-major (rank, block slices) -> block-major: q | k | v again
+                per_rank = buf.unflatten(0, (mesh.tp_size, local))
+                offs = [sum(parts[:i]) // mesh.tp_size for i in range(len(parts) + 1)]
+                buf = torch.cat([per_rank[:, a:b].flatten(0, 1)
+                                 for a, b in zip(offs, offs[1:])])
             out[key] = buf[:full].transpose(0, dim).contiguous()
         return out
 
