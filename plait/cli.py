@@ -31,10 +31,10 @@ def default_nproc(cfg) -> int:
 
     p = cfg.parallel
     if p.dp > 0:
-        return p.dp * p.tp * p.pp
+        return p.replicas * p.dp * p.tp * p.pp
     machine = (torch.cuda.device_count() if torch.cuda.is_available()
                else min(2, os.cpu_count() or 1))
-    mp = p.tp * p.pp
+    mp = p.replicas * p.tp * p.pp
     return mp * max(1, machine // mp)
 
 

@@ -1,10 +1,12 @@
-"""The dp × pp × tp grid of ranks and its process groups.
+"""The replicas × pp × dp × tp grid of ranks and its process groups.
 
-    rank = (pp_index · dp + dp_index) · tp + tp_index
+    rank = ((replica · pp + pp_index) · dp + dp_index) · tp + tp_index
 
-tp is innermost (neighbouring ranks, the same node, the chattiest dimension), pp outermost.
-A `Mesh` is immutable and passed explicitly to whatever needs a group; plait keeps no
-module-level process-group state.
+tp is innermost (neighbouring ranks, the same node, the chattiest dimension), then dp, then pp;
+replicas (`parallel.replicas`, default 1) outermost: with several nodes, each replica is an
+"island" of whole nodes, and only the replica dimension (`rep`) crosses the slow link between
+them (docs/multinode.md, "Hierarchical layouts"). A `Mesh` is immutable and passed explicitly to
+whatever needs a group; plait keeps no module-level process-group state.
 """
 
 from __future__ import annotations
@@ -20,17 +22,48 @@ from plait.comm import Comm, Group, single
 from plait.config.checks import check_layout, resolve_dp
 
 
-def rank_of(dp_index: int, tp_index: int, pp_index: int, dp: int, tp: int) -> int:
-    return (pp_index * dp + dp_index) * tp + tp_index
+def rank_of(dp_index: int, tp_index: int, pp_index: int, dp: int, tp: int,
+            replica: int = 0, pp: int = 1) -> int:
+    """The global rank at these coordinates (`pp` is needed only when `replica` > 0)."""
+    return ((replica * pp + pp_index) * dp + dp_index) * tp + tp_index
+
+
+def group_members(replicas: int, dp: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Every group of each dimension as lists of global ranks, in the order every rank creates them
+    (a pure function; replicas = 1 gives the plain dp × pp × tp mesh's groups in its order)."""
+    R = range(replicas)
+
+    def r(d: int, t: int, p: int, i: int) -> int:
+        return rank_of(d, t, p, dp, tp, i, pp)
+
+    size = dp * tp * pp  # ranks per replica
+    return {
+        "dp": [[r(d, t, p, i) for d in range(dp)] for i in R for p in range(pp) for t in range(tp)],
+        "tp": [[r(d, t, p, i) for t in range(tp)] for i in R for p in range(pp) for d in range(dp)],
+        "pp": [[r(d, t, p, i) for p in range(pp)] for i in R for d in range(dp) for t in range(tp)],
+        "mp": [sorted(r(d, t, p, i) for p in range(pp) for t in range(tp))
+               for i in R for d in range(dp)],
+        "rep": [[r(d, t, p, i) for i in R]
+                for p in range(pp) for d in range(dp) for t in range(tp)],
+        "replica_world": [list(range(i * size, (i + 1) * size)) for i in R],
+    }
 
 
 @dataclass(frozen=True)
 class Mesh:
-    """This rank's view of the dp × pp × tp grid.
+    """This rank's view of the replicas × pp × dp × tp grid.
 
-    Groups: `dp` (same pp and tp index: gradient reduction, ZeRO sharding), `tp` (same pp and dp:
-    tensor-parallel collectives), `pp` (same dp and tp: stage-to-stage p2p), `mp` (same dp index:
-    every model-parallel rank holding one replica, for norms that span the whole model), `world`.
+    Groups, all but the last two inside one replica: `dp` (same replica, pp and tp index: gradient
+    reduction, ZeRO sharding), `tp` (same replica, pp and dp: tensor-parallel collectives), `pp`
+    (same replica, dp and tp: stage-to-stage p2p), `mp` (same replica and dp index: every
+    model-parallel rank holding one copy of the model, for norms that span the whole model),
+    `replica_world` (every rank of this replica: the whole model once, e.g. the gradient norm
+    when ZeRO shards gradients over dp; the world itself when replicas = 1), `rep` (same pp, dp
+    and tp index across the replicas: the exchange that crosses nodes), `world` (every rank: the
+    training loop's per-step agreement).
+
+    Data: each (replica, dp index) reads its own share of the global batch: `data_size` =
+    replicas · dp ranks, this one at `data_index` = replica · dp + dp_index.
     """
 
     dp_size: int
@@ -44,10 +77,33 @@ class Mesh:
     world: Group
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     comm: Comm = field(default_factory=Comm, compare=False)
+    replicas: int = 1
+    rep: Group | None = None  # None: the group of this rank alone (replicas = 1)
+    replica_world: Group | None = None  # None: `world` (replicas = 1)
+
+    def __post_init__(self):
+        if self.rep is None:
+            object.__setattr__(self, "rep", single("rep", self.rank))
+        if self.replica_world is None:
+            object.__setattr__(self, "replica_world", self.world)
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tp_size * self.pp_size
+        return self.replicas * self.dp_size * self.tp_size * self.pp_size
+
+    @property
+    def replica_index(self) -> int:
+        return self.rep.rank
+
+    @property
+    def data_size(self) -> int:
+        """Ranks that read distinct data: replicas · dp."""
+        return self.replicas * self.dp_size
+
+    @property
+    def data_index(self) -> int:
+        """This rank's share of the global batch: replica · dp + dp_index."""
+        return self.replica_index * self.dp_size + self.dp_index
 
     @property
     def dp_index(self) -> int:
@@ -70,9 +126,11 @@ class Mesh:
         return self.pp.rank == self.pp_size - 1
 
     def __repr__(self) -> str:
-        return (f"Mesh(dp={self.dp_size}, tp={self.tp_size}, pp={self.pp_size}, rank={self.rank}, "
-                f"coords=(dp {self.dp_index}, tp {self.tp_index}, pp {self.pp_index}), "
-                f"device={self.device})")
+        rep = (f"replicas={self.replicas}, " if self.replicas > 1 else "")
+        where = (f"replica {self.replica_index}, " if self.replicas > 1 else "")
+        return (f"Mesh({rep}dp={self.dp_size}, tp={self.tp_size}, pp={self.pp_size}, "
+                f"rank={self.rank}, coords=({where}dp {self.dp_index}, tp {self.tp_index}, "
+                f"pp {self.pp_index}), device={self.device})")
 
     # -- construction ----------------------------------------------------------------------
     @staticmethod
@@ -84,13 +142,13 @@ class Mesh:
 
     @staticmethod
     def build(dp: int = 0, tp: int = 1, pp: int = 1,
-              device: torch.device | str | None = None) -> Mesh:
+              device: torch.device | str | None = None, replicas: int = 1) -> Mesh:
         """Build the mesh over the initialized default process group
         (collective: every rank calls it)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        dp = resolve_dp(world, dp, tp, pp)
-        check_layout(world, dp, tp, pp)
+        dp = resolve_dp(world, dp, tp, pp, replicas)
+        check_layout(world, dp, tp, pp, replicas)
         device = torch.device(device) if device is not None else default_device()
         if world == 1:
             return Mesh.single(device)
@@ -104,22 +162,18 @@ class Mesh:
             assert mine is not None
             return mine
 
-        r = rank_of
-        dp_g = make("dp",
-                    [[r(d, t, p, dp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)])
-        tp_g = make("tp",
-                    [[r(d, t, p, dp, tp) for t in range(tp)] for p in range(pp) for d in range(dp)])
-        pp_g = make("pp",
-                    [[r(d, t, p, dp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)])
-        mp_g = make("mp",
-                    [sorted(r(d, t, p, dp, tp) for p in range(pp) for t in range(tp))
-                     for d in range(dp)])
+        groups = group_members(replicas, dp, tp, pp)
+        dp_g, tp_g, pp_g, mp_g, rep_g = (make(n, groups[n])
+                                         for n in ("dp", "tp", "pp", "mp", "rep"))
         world_g = Group("world", tuple(range(world)), rank, dist.group.WORLD)
-        return Mesh(dp, tp, pp, rank, dp_g, tp_g, pp_g, mp_g, world_g, device, Comm(rank))
+        rw_g = make("replica_world", groups["replica_world"]) if replicas > 1 else world_g
+        return Mesh(dp, tp, pp, rank, dp_g, tp_g, pp_g, mp_g, world_g, device, Comm(rank),
+                    replicas, rep_g, rw_g)
 
     @staticmethod
     def from_env(dp: int = 0, tp: int = 1, pp: int = 1, backend: str | None = None,
-                 timeout_s: float = 600.0, device: torch.device | str | None = None) -> Mesh:
+                 timeout_s: float = 600.0, device: torch.device | str | None = None,
+                 replicas: int = 1) -> Mesh:
         """Initialize torch.distributed from the launcher's environment (torchrun) and build the
         mesh.
 
@@ -127,8 +181,8 @@ class Mesh:
         layout fails on every rank with the same message and no rank waits for a collective.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        dp = resolve_dp(world, dp, tp, pp)
-        check_layout(world, dp, tp, pp)
+        dp = resolve_dp(world, dp, tp, pp, replicas)
+        check_layout(world, dp, tp, pp, replicas)
         if device is None:
             device = default_device()
         if world > 1 and not dist.is_initialized():
@@ -138,7 +192,7 @@ class Mesh:
                 kwargs["device_id"] = torch.device(device)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     **kwargs)
-        return Mesh.build(dp, tp, pp, device)
+        return Mesh.build(dp, tp, pp, device, replicas)
 
     def destroy(self) -> None:
         """Destroy the process groups (every rank, at the end of a run; a one-rank mesh has
@@ -147,12 +201,14 @@ class Mesh:
             dist.destroy_process_group()
 
     def to_device_mesh(self):
-        """The equivalent torch DeviceMesh with dims ('pp', 'dp', 'tp')
-        (for FSDP2, DTensor, DCP)."""
+        """The equivalent torch DeviceMesh with dims ('pp', 'dp', 'tp'), and 'rep' outermost
+        when replicas > 1 (for FSDP2, DTensor, DCP)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(self.device.type, (self.pp_size, self.dp_size, self.tp_size),
-                                mesh_dim_names=("pp", "dp", "tp"))
+        shape, names = (self.pp_size, self.dp_size, self.tp_size), ("pp", "dp", "tp")
+        if self.replicas > 1:
+            shape, names = (self.replicas, *shape), ("rep", *names)
+        return init_device_mesh(self.device.type, shape, mesh_dim_names=names)
 
 
 def default_device() -> torch.device:

@@ -127,9 +127,11 @@ class ParallelOptimizer:
     """Wraps a torch optimizer: `step()` completes the gradient exchange, clips, then steps.
 
     `grad_norm()` returns the global gradient norm of the whole model: the squares of each rank's
-    unique gradient pieces are summed over the model-parallel group, or the world when gradients are
-    sharded over dp (ZeRO); a parameter replicated across tp ranks is counted on tp rank 0 only, so
-    every rank computes the same norm. `step()` clips to `grad_clip` with it.
+    unique gradient pieces are summed over the model-parallel group, or over every rank of the
+    replica (mesh.replica_world; the world when parallel.replicas = 1) when gradients are sharded
+    over dp (ZeRO), so replicas are not counted twice; a parameter replicated across tp ranks is
+    counted on tp rank 0 only, so every rank computes the same norm. `step()` clips to
+    `grad_clip` with it.
 
     fp16 (`scaler`, a plait.optim.loss_scale.LossScaler): the loss was multiplied by `loss_scale`
     before backward; `step()` divides the reduced gradients by it, agrees over mesh.world whether
@@ -180,8 +182,9 @@ class ParallelOptimizer:
             norms = torch._foreach_norm(grads)  # one fused pass instead of a kernel per parameter
             sq = torch.stack([n.float() for n in norms]).pow(2).sum()
         # ZeRO: each rank holds disjoint pieces of the gradients, so the sum runs over dp as well
+        # (within one replica: every replica holds the same summed gradient)
         sharded = getattr(self.optimizer, "dp_sharded", False)
-        self.comm.all_reduce(sq, self.mesh.world if sharded else self.mesh.mp)
+        self.comm.all_reduce(sq, self.mesh.replica_world if sharded else self.mesh.mp)
         return sq.sqrt()
 
     def step(self) -> bool:

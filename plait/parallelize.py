@@ -25,6 +25,7 @@ from plait.activation_checkpointing import apply_activation_checkpointing
 from plait.compression.build import build_compressor
 from plait.config import CompressionConfig, Config, ParallelConfig, SyncConfig, check_options
 from plait.data_parallel.reducer import GradReducer
+from plait.data_parallel.replicas import grad_reducer
 from plait.data_parallel.zero import apply_zero, wrap_optimizer
 from plait.errors import ConfigError
 from plait.mesh import Mesh
@@ -141,24 +142,30 @@ def _apply_mixed_precision(opts: ParallelOptions) -> tuple[torch.dtype | None, L
 
 def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
                          compression: CompressionConfig | None = None,
-                         optimizer: OptimizerOrFactory | None = None) -> GradReducer | None:
+                         optimizer: OptimizerOrFactory | None = None,
+                         across_replicas: bool = True) -> GradReducer | None:
     """The dp gradient path: buckets summed over mesh.dp,
     each exchanged by the configured compressor.
 
+    parallel.replicas > 1 (plait.data_parallel.replicas): the dp sum stays dense inside the
+    replica and the configured compressor acts on the exchange over mesh.rep that follows; ZeRO
+    shards over dp and sums each shard over rep. `across_replicas` False: a sync strategy owns the
+    replica exchange, so only the dense dp sum inside the replica is built.
     An optimizer (or factory) exposing `dp_exchange` (1-bit Adam) exchanges gradients itself: its
     exchange becomes the reducer's compressor (dense during its warm-up, silent afterwards).
     With pp > 1 each pipeline chunk's parameters get buckets of their own (`segments`), so the
     runner can start a chunk's exchange from its last backward of the step (plait.pipeline.runtime).
     """
     segments = _chunk_segments(model)
+    rep = mesh.rep if across_replicas and mesh.replicas > 1 else None
     if cfg.zero:  # ZeRO-1/2: a reduce-scattering reducer; ZeRO-3: FSDP2 in the reducer's place
-        return apply_zero(model, mesh, cfg, compression, optimizer, segments)
+        reducer = apply_zero(model, mesh, cfg, compression, optimizer, segments, rep)
+        if reducer is not None or rep is None:  # dp = 1 with replicas: the plain path over rep
+            return reducer
     compressor = build_compressor(compression, getattr(optimizer, "dp_exchange", None))
-    if mesh.dp_size == 1:
-        return None
-    return GradReducer(list(model.parameters()), mesh.dp, mesh.comm,
-                       bucket_bytes=int(cfg.bucket_mb * 2**20), compressor=compressor,
-                       segments=segments)
+    return grad_reducer(list(model.parameters()), mesh, bucket_bytes=int(cfg.bucket_mb * 2**20),
+                        compressor=compressor, segments=segments,
+                        across_replicas=across_replicas)
 
 
 def _chunk_segments(model: nn.Module) -> list[list[nn.Parameter]] | None:
@@ -169,16 +176,16 @@ def _chunk_segments(model: nn.Module) -> list[list[nn.Parameter]] | None:
 
 
 def _uses_reducer(sync) -> bool:
-    """Only every_step reduces gradients every step;
-    the other strategies exchange over dp themselves."""
+    """Only every_step reduces gradients every step; the other strategies exchange over their
+    replicas themselves (mesh.dp, or mesh.rep with parallel.replicas > 1)."""
     if isinstance(sync, SyncStrategy):
         return sync.uses_reducer
     return sync is None or sync.strategy == "every_step"
 
 
 def _apply_sync(model: nn.Module, mesh: Mesh, sync, total_steps: int | None):
-    """Step 6: the sync strategy over mesh.dp (plait.sync), from a SyncConfig,
-    or a strategy as given.
+    """Step 6: the sync strategy over the replicas (plait.sync: mesh.dp, or mesh.rep when
+    parallel.replicas > 1), from a SyncConfig, or a strategy as given.
 
     Strategies other than every_step keep replicas apart for a while (local SGD, DiLoCo, streaming
     DiLoCo) or step on stale gradients (delayed); they need every replica's whole optimizer state
@@ -233,10 +240,13 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh,
     model = _apply_activation_checkpointing(model, opts.activation_checkpointing)
     # 4. autocast, fp32 master weights, fp16 scaler
     amp_dtype, scaler = _apply_mixed_precision(opts)
-    # 5.+6. dp gradient path, compression; a sync strategy other than every_step exchanges over dp
-    # itself (step 6), so it gets no per-step gradient reducer
-    reducer = (_apply_data_parallel(model, mesh, cfg, opts.compression, optimizer)
-               if _uses_reducer(opts.sync) else None)
+    # 5.+6. dp gradient path, compression; a sync strategy other than every_step exchanges over
+    # the replicas itself (step 6), so it gets no per-step gradient reducer, except the dense dp
+    # sum inside each replica when parallel.replicas > 1
+    every_step = _uses_reducer(opts.sync)
+    reducer = (_apply_data_parallel(model, mesh, cfg, opts.compression, optimizer,
+                                    across_replicas=every_step)
+               if every_step or mesh.replicas > 1 else None)
     opt = _build_optimizer(optimizer, model)
     params = list(model.parameters())
     # each dp rank steps only its shard; params: the pieces it clips

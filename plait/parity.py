@@ -71,7 +71,8 @@ def train_case(cfg_dict: dict, device: str = "cpu", steps: int | None = None) ->
     """Train `cfg_dict` with plait on this process's world: per-step losses and gradient norms, full
     parameters, the validation loss."""
     cfg = from_dict(cfg_dict)
-    mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device=device)
+    mesh = Mesh.build(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, device=device,
+                      replicas=cfg.parallel.replicas)
     tr = Trainer(cfg, mesh)
     losses, norms = [], []
     for _ in range(steps or cfg.train.steps):

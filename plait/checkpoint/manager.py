@@ -159,10 +159,11 @@ class Checkpointer:
         path, manifest = found
         store.check_model(manifest.get("model", {}), self.model_cfg, path / store.MANIFEST)
         here = layout_of(self.cfg, mesh)
-        saved = manifest["layout"]
+        saved = {"replicas": 1, **manifest["layout"]}  # saved before parallel.replicas existed
         same = saved == here
         if not same and saved["sync"] != "every_step":
-            keep = " ".join(f"parallel.{k}={saved[k]}" for k in ("dp", "tp", "pp", "zero"))
+            keep = " ".join(f"parallel.{k}={saved[k]}"
+                            for k in ("replicas", "dp", "tp", "pp", "zero"))
             why = ("its replicas differ between syncs" if saved["sync"] in DIVERGENT
                    else "it holds exchanges in flight, per rank")
             raise CheckpointError(f"checkpoint {str(path)!r} was saved with sync.strategy = "

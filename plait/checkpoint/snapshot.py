@@ -61,7 +61,11 @@ class Parts:
 
 
 def replica_prefix(strategy: str, mesh) -> str:
-    return f"replica{mesh.dp_index}/" if strategy in DIVERGENT else ""
+    """Per-replica keys of a strategy whose replicas drift apart: the dp ranks, or with
+    parallel.replicas > 1 the replicas of the layout (dense dp inside each)."""
+    if strategy not in DIVERGENT:
+        return ""
+    return f"replica{mesh.replica_index if mesh.replicas > 1 else mesh.dp_index}/"
 
 
 def _names(module: torch.nn.Module) -> dict[int, str]:

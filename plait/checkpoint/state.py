@@ -21,8 +21,11 @@ Optimizer state goes through the same path per parameter: an optimizer that shar
 (tp-local) parameters and is used through them; a plain torch optimizer through its state dict.
 
 Sync strategies whose replicas drift apart between syncs (local SGD, DiLoCo, streaming DiLoCo)
-save model and optimizer state per replica, under `replica<d>/`, and resume only under the same
-layout. DCP's own planning traffic (a few small gathers over the default group) bypasses
+save model and optimizer state per replica, under `replica<d>/` (d: the dp index, or the replica
+index when parallel.replicas > 1, whose dp ranks hold the same state), and resume only under the
+same layout. Every other run reshards between layouts, `parallel.replicas` included: replicas hold
+the same model and optimizer state, offered under the same keys and written once.
+DCP's own planning traffic (a few small gathers over the default group) bypasses
 plait.comm: it is not training traffic and is not counted.
 """
 
@@ -46,9 +49,10 @@ def layout_of(cfg, mesh) -> dict:
     per-rank state is restored only when it matches."""
     p = cfg.parallel
     compression = "onebit_adam" if cfg.optim.name == "onebit_adam" else cfg.compression.name
-    return {"world_size": mesh.world_size, "dp": mesh.dp_size, "tp": mesh.tp_size,
-            "pp": mesh.pp_size, "zero": p.zero, "virtual_stages": p.virtual_stages,
-            "bucket_mb": p.bucket_mb, "compression": compression, "sync": cfg.sync.strategy}
+    return {"world_size": mesh.world_size, "replicas": mesh.replicas, "dp": mesh.dp_size,
+            "tp": mesh.tp_size, "pp": mesh.pp_size, "zero": p.zero,
+            "virtual_stages": p.virtual_stages, "bucket_mb": p.bucket_mb,
+            "compression": compression, "sync": cfg.sync.strategy}
 
 
 # -- flat keys ----------------------------------------------------------------------------------

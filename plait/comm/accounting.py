@@ -23,6 +23,11 @@ Two numbers per collective, per rank:
 
 Both are per-rank averages over the group for the symmetric collectives (the group's total is
 n times it); a broadcast is recorded on its source, with the whole group's total.
+
+Intra- and inter-node bytes: the replica group of a hierarchical layout (`rep`, and a sync
+strategy's background duplicate `rep_bg`; parallel.replicas > 1) is the traffic that crosses
+nodes ("inter"); every other group's is "intra". With parallel.replicas = 1 everything counts as
+intra, also in a run that spans nodes: which groups cross a node boundary is then not declared.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 GLOO_MESSAGE_BYTES = 144  # control bytes per message of gloo's TCP transport (3 preambles of 48 B)
+INTER_GROUPS = ("rep", "rep_bg")  # the groups whose traffic crosses nodes (module docstring)
 
 
 def gloo_messages(op: str, n: int, count: int | None = None) -> float:
@@ -179,9 +185,13 @@ class CommStats:
         """Return this step's totals and start counting the next step.
 
         comm_bytes / by_op: what went on the wire; formula_bytes / formula_by_op: the same
-        collectives by the algorithms' formulas.
+        collectives by the algorithms' formulas; inter_bytes / inter_formula_bytes: their part on
+        the groups that cross nodes (INTER_GROUPS), the rest is intra-node.
         """
+        inter = [k for k in self.step_by_key if k[1] in INTER_GROUPS]
         out = {
+            "inter_bytes": sum(self.step_by_key[k] for k in inter),
+            "inter_formula_bytes": sum(self.step_formula_by_key[k] for k in inter),
             "comm_bytes": self.step_bytes,
             "formula_bytes": self.step_formula_bytes,
             "comm_s": self.step_seconds,

@@ -44,6 +44,7 @@ def check_options(parallel: ParallelConfig, compression: CompressionConfig | Non
         raise ConfigError(f"parallel.zero = {parallel.zero}: choose 0, 1, 2 or 3")
     check_compression(compression, onebit=onebit)
     check_sync(sync, parallel, compression, onebit=onebit)
+    check_replicas(parallel, onebit=onebit)
 
 
 def validate(cfg: Config) -> None:
@@ -67,6 +68,7 @@ def validate(cfg: Config) -> None:
     check_sync(cfg.sync, cfg.parallel, cfg.compression, onebit=onebit,
                batch_rampup_samples=cfg.train.batch_rampup_samples)
     check_compression(cfg.compression, onebit=onebit)
+    check_replicas(cfg.parallel, onebit=onebit)
     if cfg.optim.scale_lr_with_batch and cfg.optim.reference_batch <= 0:
         raise ConfigError("optim.scale_lr_with_batch = true needs optim.reference_batch > 0: set "
                           "it to the global batch (in samples) at which optim.lr was tuned")
@@ -176,6 +178,11 @@ def check_sync(s: SyncConfig | None, parallel: ParallelConfig,
                           f"(sync.strategy = diloco or streaming_diloco), not to {s.strategy}: set "
                           f"sync.quantize=none (compress per-step gradients with [compression])")
     if s.strategy != "every_step":
+        if parallel.zero and parallel.replicas > 1:
+            raise ConfigError(f"sync.strategy = {s.strategy} across parallel.replicas = "
+                              f"{parallel.replicas} with parallel.zero = {parallel.zero}: not "
+                              "supported yet (the outer step would have to run on each rank's "
+                              "dp shard); set parallel.zero=0 (dense dp inside each replica)")
         if parallel.zero:
             raise ConfigError(f"sync.strategy = {s.strategy} with parallel.zero = {parallel.zero}: "
                               "replicas that step on their own need their whole optimizer state; "
@@ -191,37 +198,65 @@ def check_sync(s: SyncConfig | None, parallel: ParallelConfig,
                           f"batch, which a ramp-up does not give; set train.batch_rampup_samples=0")
 
 
-def check_layout(world_size: int, dp: int, tp: int, pp: int) -> None:
-    """Raise ConfigError unless dp·tp·pp == world_size with every size positive."""
-    for name, v in (("parallel.dp", dp), ("parallel.tp", tp), ("parallel.pp", pp)):
+def check_replicas(parallel: ParallelConfig, *, onebit: bool = False) -> None:
+    """parallel.replicas: a positive integer; what does not combine with replicas > 1 yet."""
+    r = parallel.replicas
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError(f"parallel.replicas = {r!r}: must be a positive integer (1: no "
+                          "hierarchical layout)")
+    if r > 1 and onebit:
+        raise ConfigError(f"optim.name = onebit_adam with parallel.replicas = {r}: not supported "
+                          "yet (1-bit Adam compresses the dp exchange itself); set "
+                          "parallel.replicas=1, or another optimizer with compression.name")
+    if r > 1 and parallel.auto:
+        raise ConfigError(f"parallel.auto = true with parallel.replicas = {r}: the planner does "
+                          "not model replicas yet; set parallel.replicas=1 or parallel.auto=false")
+
+
+def check_layout(world_size: int, dp: int, tp: int, pp: int, replicas: int = 1) -> None:
+    """Raise ConfigError unless replicas·dp·tp·pp == world_size with every size positive."""
+    for name, v in (("parallel.dp", dp), ("parallel.tp", tp), ("parallel.pp", pp),
+                    ("parallel.replicas", replicas)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} = {v!r}: must be a positive integer")
-    if dp * tp * pp != world_size:
+    n = replicas * dp * tp * pp
+    if n != world_size:
+        what = f"replicas={replicas} × " if replicas > 1 else ""
         raise ConfigError(
-            f"layout dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} ranks, but the world has "
-            f"{world_size} processes: set parallel.dp/tp/pp so that their product is {world_size}, "
-            f"or launch {dp * tp * pp} processes (--nproc {dp * tp * pp})"
+            f"layout {what}dp={dp} × tp={tp} × pp={pp} = {n} ranks, but the world has "
+            f"{world_size} processes: set parallel.{'replicas/' if replicas > 1 else ''}dp/tp/pp "
+            f"so that their product is {world_size}, or launch {n} processes (--nproc {n})"
         )
 
 
-def resolve_dp(world_size: int, dp: int, tp: int, pp: int) -> int:
-    """dp = 0 means 'whatever is left': world_size / (tp·pp), which must divide."""
+def resolve_dp(world_size: int, dp: int, tp: int, pp: int, replicas: int = 1) -> int:
+    """dp = 0 means 'whatever is left': world_size / (replicas·tp·pp), which must divide."""
     if dp == 0:
-        if tp < 1 or pp < 1 or world_size % (tp * pp):
+        if tp < 1 or pp < 1 or replicas < 1 or world_size % (replicas * tp * pp):
+            what, keys = ((f"replicas·tp·pp = {replicas}·{tp}·{pp}", " / parallel.replicas")
+                          if replicas != 1 else (f"tp·pp = {tp}·{pp}", ""))
             raise ConfigError(
-                f"parallel.dp = 0 (auto) needs tp·pp = {tp}·{pp} to divide the world size "
-                f"{world_size}: change parallel.tp / parallel.pp or the number of processes"
+                f"parallel.dp = 0 (auto) needs {what} to divide the world size "
+                f"{world_size}: change parallel.tp / parallel.pp{keys} or the number of processes"
             )
-        return world_size // (tp * pp)
+        return world_size // (replicas * tp * pp)
     return dp
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
     """Checks that need the world size; returns the resolved dp size."""
     p = cfg.parallel
-    dp = resolve_dp(world_size, p.dp, p.tp, p.pp)
-    check_layout(world_size, dp, p.tp, p.pp)
+    check_replicas(p)
+    dp = resolve_dp(world_size, p.dp, p.tp, p.pp, p.replicas)
+    check_layout(world_size, dp, p.tp, p.pp, p.replicas)
     t = cfg.train
+    if p.replicas > 1 and t.global_batch % (t.micro_batch * dp * p.replicas):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} is not divisible by parallel.replicas × dp × "
+            f"train.micro_batch = {p.replicas} × {dp} × {t.micro_batch}: each replica's dp ranks "
+            f"read their own share; choose a global batch that is a multiple of "
+            f"{p.replicas * dp * t.micro_batch}"
+        )
     if t.global_batch % (t.micro_batch * dp):
         raise ConfigError(
             f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch × dp = "
@@ -244,6 +279,8 @@ def check_pipeline(cfg: Config, dp: int) -> None:
     p, t = cfg.parallel, cfg.train
     if p.pp == 1:
         return
+    # every replica's pipelines share the batch too; `dp` below stands for replicas · dp
+    dp = dp * p.replicas
     m = t.global_batch // (t.micro_batch * dp)
     if p.microbatches and p.microbatches != m:
         raise ConfigError(f"parallel.microbatches = {p.microbatches}, but "
@@ -262,4 +299,5 @@ def check_pipeline(cfg: Config, dp: int) -> None:
 
 
 def accumulation_steps(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch // (cfg.train.micro_batch * dp)
+    """Micro-batches per rank and step: global batch / (replicas · dp · micro-batch)."""
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp * cfg.parallel.replicas)

@@ -39,9 +39,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    dp: int = 0  # 0: world size / (tp · pp)
+    dp: int = 0  # 0: world size / (replicas · tp · pp)
     tp: int = 1
     pp: int = 1
+    # replicas of the whole dp × pp × tp layout, outermost in the rank order (one per node or group
+    # of nodes): only this dimension crosses nodes; [compression] and [sync] then act on it
+    replicas: int = 1
     zero: int = 0
     sequence_parallel: bool = False
     schedule: str = "1f1b"
@@ -119,7 +122,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only)
+    # none | fp16 | bf16 | int8 | topk | sign | powersgd (data-parallel gradients only; the
+    # exchange across replicas when parallel.replicas > 1, dp inside a replica staying dense)
     name: str = "none"
     rank: int = 4  # powersgd
     topk_fraction: float = 0.01  # topk: share of each tensor's entries sent
@@ -155,7 +159,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    """How replicas (the dp group) keep in step: plait.sync. H = every, τ = delay, P = fragments."""
+    """How replicas keep in step: plait.sync. H = every, τ = delay, P = fragments. The replicas
+    are the dp ranks, or with parallel.replicas > 1 the replicas of the whole layout (`rep`)."""
 
     strategy: str = "every_step"  # every_step | local_sgd | diloco | streaming_diloco | delayed
     every: int = 50  # H: inner steps between syncs (local_sgd, diloco, streaming_diloco)
@@ -202,9 +207,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE = {
     "train.steps", "train.global_batch", "train.micro_batch", "train.seq_len", "parallel.tp",
-    "parallel.pp", "parallel.virtual_stages", "train.log_every", "train.timeout_s",
-    "parallel.bucket_mb", "compression.rank", "train.max_bad_steps", "train.loss_scale_init",
-    "train.loss_scale_growth_interval", "train.loss_scale_min",
+    "parallel.pp", "parallel.replicas", "parallel.virtual_stages", "train.log_every",
+    "train.timeout_s", "parallel.bucket_mb", "compression.rank", "train.max_bad_steps",
+    "train.loss_scale_init", "train.loss_scale_growth_interval", "train.loss_scale_min",
 }
 NON_NEGATIVE = {
     "parallel.dp", "parallel.zero", "parallel.microbatches", "model.vocab_size", "model.n_layers",

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from plait.comm import Group
 from plait.compression.base import Compressor, Pending
 from plait.data_parallel.zero_optim import Piece, ZeroOptimizer, leaf_of, slots_of
 from plait.errors import ConfigError
@@ -54,13 +55,16 @@ class ShardExchange(Compressor):
 
     ZeRO-1 (`keep_shards=False`) writes rank r's reduced chunk in place into chunk r of the bucket;
     ZeRO-2 into a chunk-sized buffer per bucket (`shard`), which outlives the bucket.
+    With `rep` (parallel.replicas > 1) the reduced chunk is then all-reduced (SUM) over the
+    replicas, when the reducer waits the bucket: (R−1)/R · 2 · 4p_b/Nd bytes on rep (HSDP).
     """
 
     name = "reduce_scatter"
 
-    def __init__(self, keep_shards: bool):
+    def __init__(self, keep_shards: bool, rep: Group | None = None):
         super().__init__(error_feedback=False)
         self.keep_shards = keep_shards
+        self.rep = rep
         self.shards: dict[int, torch.Tensor] = {}
 
     def shard(self, key: int, flat: torch.Tensor | None, padded: int,
@@ -80,19 +84,22 @@ class ShardExchange(Compressor):
             raise RuntimeError(f"bucket {key}: {flat.numel()} elements do not split over dp = "
                                f"{self.group.size}; the reducer must pad buckets (pad_to = dp)")
         out = self.shard(key, flat, flat.numel(), flat)
-        return Pending(self.comm.reduce_scatter(out, flat, self.group, async_op=True))
+        first = self.comm.reduce_scatter(out, flat, self.group, async_op=True)
+        if self.rep is None:
+            return Pending(first)
+        return Pending(first, lambda: self.comm.all_reduce(out, self.rep))
 
 
 # -- ZeRO-1/2 construction -------------------------------------------------------------------
 def build_reducer(params: list[nn.Parameter], mesh: Mesh, stage: int, bucket_bytes: int,
-                  segments: list[list[nn.Parameter]] | None = None):
+                  segments: list[list[nn.Parameter]] | None = None, rep: Group | None = None):
     """The ZeRO-1/2 gradient path: a GradReducer whose buckets are padded to a multiple of dp and
     reduce-scattered (ZeRO-2 also frees the full buckets after each exchange); `segments` as the
-    reducer's (pipeline chunks)."""
+    reducer's (pipeline chunks); `rep`: the replicas' group, over which each shard is summed."""
     from plait.data_parallel.reducer import GradReducer
 
     return GradReducer(params, mesh.dp, mesh.comm, bucket_bytes=bucket_bytes, pad_to=mesh.dp_size,
-                       compressor=ShardExchange(keep_shards=stage == 2),
+                       compressor=ShardExchange(keep_shards=stage == 2, rep=rep),
                        release_after_reduce=stage == 2, segments=segments)
 
 
@@ -175,19 +182,20 @@ def check_zero(cfg, mesh: Mesh, compression=None, optimizer=None) -> None:
 
 
 def apply_zero(model: nn.Module, mesh: Mesh, cfg, compression=None, optimizer=None,
-               segments: list[list[nn.Parameter]] | None = None):
+               segments: list[list[nn.Parameter]] | None = None, rep: Group | None = None):
     """The dp gradient path for parallel.zero = 1, 2 (a padded, reduce-scattering GradReducer) or
     3 (FSDP2 over mesh.dp; changes `model` in place). None at dp = 1, where ZeRO is the identity.
-    `segments`: the reducer's (pipeline chunks; FSDP2's units follow the model's blocks)."""
+    `segments`: the reducer's (pipeline chunks; FSDP2's units follow the model's blocks).
+    `rep` (parallel.replicas > 1): each rank's reduced gradient shard is then summed over it."""
     check_zero(cfg, mesh, compression, optimizer)
     if mesh.dp_size == 1:
         return None
     if cfg.zero == 3:
         from plait.data_parallel.zero3 import FullyShardedDP
 
-        return FullyShardedDP(model, mesh)
+        return FullyShardedDP(model, mesh, rep)
     return build_reducer(list(model.parameters()), mesh, cfg.zero, int(cfg.bucket_mb * 2**20),
-                         segments)
+                         segments, rep)
 
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, reducer, mesh: Mesh, cfg) -> ZeroOptimizer:

@@ -36,6 +36,8 @@ plait.comm; their bytes are written into `mesh.comm.stats` by formula, here):
   count and sums. `set_gradient_divide_factor(1.0)` with `set_force_sum_reduction_for_comms(True)`
   make the reduce-scatter a plain SUM (exact; gloo has no PREMUL_SUM); on a torch without them
   the averaged shards are multiplied by Nd after backward (exact when Nd is a power of two).
+- replicas (parallel.replicas > 1, HSDP): `finish()` sums every local gradient shard over
+  mesh.rep (one coalesced all-reduce), after the dp reduce-scatter: 2(R−1)/R · 4(Ψ+P)/Nd bytes.
 - sequence parallelism: a norm weight's gradient hook (sum over tp) sits on the original
   parameter, which FSDP2 replaces; `finish()` all-reduces those gradient shards over mesh.tp
   instead (one coalesced all-reduce; the sum commutes with the dp reduce-scatter).
@@ -49,7 +51,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from plait.comm import wire_bytes
+from plait.comm import Group, wire_bytes
 from plait.data_parallel.zero_optim import Piece, ZeroOptimizer, leaf_of, slots_of
 from plait.mesh import Mesh
 from plait.parallel_spec import blocks_of
@@ -91,11 +93,12 @@ class FullyShardedDP:
     turns its sharded state dict back into full tensors (a collective over mesh.dp).
     """
 
-    def __init__(self, model: nn.Module, mesh: Mesh):
+    def __init__(self, model: nn.Module, mesh: Mesh, rep: Group | None = None):
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         self.model, self.mesh = model, mesh
+        self.rep = rep  # parallel.replicas > 1: gradient shards are summed over it in finish()
         self.n = mesh.dp_size
         attrs = {name: {a: getattr(p, a) for a in _ATTRS if hasattr(p, a)}
                  for name, p in model.named_parameters()}
@@ -227,12 +230,10 @@ class FullyShardedDP:
                     _local(p.grad).mul_(self.n)
         grads = [_local(p.grad) for p in self.tp_summed if p.grad is not None]
         if grads and self.mesh.tp_size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.mesh.comm.all_reduce(flat, self.mesh.tp)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off: off + g.numel()].view_as(g))
-                off += g.numel()
+            _all_reduce_into(grads, self.mesh.comm, self.mesh.tp)
+        if self.rep is not None:  # HSDP: the same shard of every replica, one coalesced all-reduce
+            _all_reduce_into([_local(p.grad) for p in self.params if p.grad is not None],
+                             self.mesh.comm, self.rep)
         if self.optimizer is not None:
             bind_pieces(self.optimizer)
 
@@ -262,6 +263,18 @@ class FullyShardedDP:
             self.mesh.comm.all_gather(full, chunk, self.mesh.dp)
             out[k] = full[:d0].clone()
         return out
+
+
+def _all_reduce_into(grads: list[torch.Tensor], comm, group: Group) -> None:
+    """SUM-all-reduce `grads` over `group` as one flat tensor, in place."""
+    if not grads or group.size == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, group)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off: off + g.numel()].view_as(g))
+        off += g.numel()
 
 
 def bind_pieces(zo: ZeroOptimizer) -> None:

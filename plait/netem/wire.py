@@ -67,7 +67,7 @@ def _measure_case(overrides: list[str], warmup: int, n: int) -> dict:
 
     cfg = load(None, overrides)
     p = cfg.parallel
-    mesh = Mesh.build(p.dp, p.tp, p.pp)
+    mesh = Mesh.build(p.dp, p.tp, p.pp, replicas=p.replicas)
     tr = Trainer(cfg, mesh)
     for _ in range(warmup):
         tr.train_step()

@@ -227,7 +227,8 @@ class NoiseScaleMonitor:
         # mean over the B/b micro-batches of ‖G_b‖² (see the module docstring)
         sq_small = small * (B / b)
         if own_norm:
-            sq_big = big_sum / self.mesh.dp_size  # every dp rank added the same reduced |G_B|²
+            # every dp rank of every replica added the same reduced |G_B|²
+            sq_big = big_sum / self.mesh.data_size
         else:
             # the pre-clipping norm
             norm = optimizer.last_grad_norm if clipped else optimizer.grad_norm()

@@ -129,6 +129,10 @@ def plan(args) -> int:
     from plait.planner.shape import shape_from_hf_config
 
     cfg = _config(args.rest)
+    if cfg.parallel.replicas > 1:
+        raise ConfigError(f"plait plan with parallel.replicas = {cfg.parallel.replicas}: the "
+                          "planner does not model replicas yet; plan one replica "
+                          "(parallel.replicas=1, --world = its ranks)")
     shape = shape_from_hf_config(args.hf_config) if args.hf_config else None
     world = args.world or (
         cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp if cfg.parallel.dp else 0

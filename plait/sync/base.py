@@ -3,14 +3,18 @@
 A strategy is one method: `step(inner)`, called by `ParallelOptimizer.step()` once per optimizer
 step after the gradients of this step exist, where `inner()` clips and steps the wrapped (inner)
 optimizer on whatever is in `.grad`. The strategy decides when `inner()` runs, on which gradient,
-and what it exchanges over the replicas (`mesh.dp`) before or after. Tensor and pipeline
-parallelism work as usual inside each replica: a strategy sees only this rank's parameters (its
-tp shard of its pp stage) and averages them with the same shard of the other replicas.
+and what it exchanges over the replicas before or after. The replicas are the dp ranks
+(`mesh.dp`), or with parallel.replicas > 1 the replicas of the whole layout (`mesh.rep`), each of
+which sums its gradients over its own dp ranks every step (the dense reducer inside the replica).
+Tensor and pipeline parallelism work as usual inside each replica: a strategy sees only this
+rank's parameters (its tp shard of its pp stage) and averages them with the same shard of the
+other replicas.
 
 Gradient scale: plait's training loop normalizes each micro-batch's loss by the global batch's
 token count and sums gradients over dp (ParallelModel's reducer). A strategy that steps on its own
-replica's gradient multiplies it by dp first, so that it is the mean gradient of the replica's
-samples: the summed (every-step) gradient if every replica had seen the same data.
+replica's gradient multiplies it by the number of replicas n first (dp, or parallel.replicas, the
+strategy group's size), so that it is the mean gradient of the replica's samples: the summed
+(every-step) gradient if every replica had seen the same data.
 """
 
 from __future__ import annotations
@@ -122,10 +126,10 @@ class ScheduledSync(SyncStrategy):
     Subclasses say what a fragment's payload is (`payload`) and how the averaged payload is used
     (`use`). Fragment p is the element range [p·F, (p+1)·F) of the flat parameter vector.
 
-    With `background` the exchanges run on the strategy's background thread and duplicate dp group
-    (created here, collectively, in the same order on every rank; the Mesh is immutable, so the
-    extra group lives in this object). Without it, `Send` averages inline on `mesh.dp` through
-    `mesh.comm`, blocking.
+    With `background` the exchanges run on the strategy's background thread and a duplicate of the
+    replicas' group (created here, collectively, in the same order on every rank; the Mesh is
+    immutable, so the extra group lives in this object). Without it, `Send` averages inline on
+    `self.group` (mesh.dp, or mesh.rep when parallel.replicas > 1) through `mesh.comm`, blocking.
     """
 
     uses_reducer = False
@@ -139,9 +143,11 @@ class ScheduledSync(SyncStrategy):
         self.mesh = mesh
         self.params = [p for p in params if p.requires_grad]
         self.codec = codec
+        # the replicas: the dp ranks, or the replicas of the layout (dense dp inside each)
+        self.group = mesh.rep if mesh.replicas > 1 else mesh.dp
+        n = self.group.size
         numel = sum(p.numel() for p in self.params)
-        unit = fragments * (mesh.dp_size * codec.block
-                            if codec is not None and mesh.dp_size > 1 else 1)
+        unit = fragments * (n * codec.block if codec is not None and n > 1 else 1)
         # F: equal fragments, codec-aligned
         self.fragment_numel = -(-numel // unit) * unit // fragments
         self.fragments = fragments
@@ -153,7 +159,8 @@ class ScheduledSync(SyncStrategy):
         # (fragment, sent step) -> exchange
         self.pending: dict[tuple[int, int], Job | torch.Tensor] = {}
         self.flushed: set[tuple[int, int]] = set()  # applied early by flush(): their Apply is done
-        self.bg = Background(duplicate_group(mesh), mesh.rank, mesh.device) if background else None
+        self.bg = (Background(duplicate_group(mesh, over=self.group.name), mesh.rank, mesh.device)
+                   if background else None)
 
     def span(self, fragment: int) -> tuple[int, int]:
         return fragment * self.fragment_numel, (fragment + 1) * self.fragment_numel
@@ -192,10 +199,11 @@ class ScheduledSync(SyncStrategy):
             self.close()
 
     def _scale_local_grads(self) -> None:
-        if self.mesh.dp_size > 1:
+        n = self.group.size  # the replica's gradient is 1/n of its samples' mean (module docstring)
+        if n > 1:
             for p in self.params:
                 if p.grad is not None:
-                    p.grad.mul_(self.mesh.dp_size)
+                    p.grad.mul_(n)
 
     def _send(self, ins: Send) -> None:
         x = self.payload(ins.fragment)
@@ -205,7 +213,7 @@ class ScheduledSync(SyncStrategy):
                 lambda: average(x, bg.group, bg.comm, codec))
         else:
             t0 = time.perf_counter()
-            self.pending[(ins.fragment, ins.step)] = average(x, self.mesh.dp, self.mesh.comm,
+            self.pending[(ins.fragment, ins.step)] = average(x, self.group, self.mesh.comm,
                                                              self.codec)
             self.wait_s += time.perf_counter() - t0
 

@@ -9,7 +9,9 @@
 |                  |                        | mixed by α                       |                 |
 | delayed          | this step's gradient   | the optimizer step τ steps later | background      |
 
-Bytes per rank (ring formula, n replicas, N local parameters, b bytes per element of the codec):
+Replicas: the dp ranks, or with parallel.replicas > 1 the replicas of the layout (mesh.rep, dense
+dp inside each every step). Bytes per rank (ring formula, n replicas, N local parameters, b bytes
+per element of the codec):
 local_sgd and diloco 2(n−1)/n · 4N every H steps (diloco: b instead of 4 when quantized);
 streaming 2(n−1)/n · b·F per fragment sync with F ≈ N/P, P syncs every H steps (the same average
 as diloco, the peak 1/P of it); delayed 2(n−1)/n · 4N every step, as plain data parallelism.
@@ -31,7 +33,7 @@ from plait.sync.transport import make_codec
 
 class LocalSGD(ScheduledSync):
     """H local steps on each replica's own gradient, then the replicas' parameters are averaged
-    (one blocking all-reduce of every parameter on mesh.dp)."""
+    (one blocking all-reduce of every parameter on the replicas' group, mesh.dp or mesh.rep)."""
 
     name = "local_sgd"
 
@@ -135,8 +137,9 @@ class Delayed(ScheduledSync):
                          background=True, total_steps=total_steps, slow_factor=slow_factor)
 
     def payload(self, fragment):
-        # summed over dp, not averaged: the loop already normalized by the global batch (base.py)
-        return self.flat.read(*self.span(fragment), grads=True).mul_(self.mesh.dp_size)
+        # summed over the replicas, not averaged: the loop already normalized by the global batch
+        # (base.py)
+        return self.flat.read(*self.span(fragment), grads=True).mul_(self.group.size)
 
     def use(self, ins, avg, inner):
         self.flat.write(*self.span(ins.fragment), avg, grads=True)

@@ -10,12 +10,13 @@ Communication contract
   Bytes per rank: (n−1)/n · n·C twice = 2(n−1)/n · L·b, the ring all-reduce formula at b bytes per
   element (`Codec.bytes_per_element`, scales included). L must be a multiple of n · codec.block.
 - `Background`: one daemon thread ("plait-sync") runs jobs in submission order on its own
-  duplicate of the dp group (`duplicate_group`), so the main thread's collectives on the mesh's
-  groups and the background's never interleave on one group and every rank issues the same
-  background collectives in the same order. The thread has its own `Comm`: plait's Comm is not
-  thread-safe for its statistics, so each job counts into a fresh CommStats, and the main thread
-  merges the job's records into the mesh's Comm when it collects the result (`Job.wait`), adding
-  the time it blocked there. Bytes therefore appear in the step that applies the exchange.
+  duplicate of the replicas' group (`duplicate_group`: dp, or rep when parallel.replicas > 1),
+  so the main thread's collectives on the mesh's groups and the background's never interleave on
+  one group and every rank issues the same background collectives in the same order. The thread
+  has its own `Comm`: plait's Comm is not thread-safe for its statistics, so each job counts
+  into a fresh CommStats, and the main thread merges the job's records into the mesh's Comm when
+  it collects the result (`Job.wait`), adding the time it blocked there. Bytes therefore appear
+  in the step that applies the exchange.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from plait.comm import Comm, CommStats, Group, single
-from plait.mesh import Mesh, rank_of
+from plait.mesh import Mesh, group_members
 
 
 # -- codecs ----------------------------------------------------------------------------------
@@ -155,24 +156,23 @@ def average(x: torch.Tensor, group: Group, comm: Comm, codec: Codec | None = Non
 
 
 # -- the background thread -------------------------------------------------------------------
-def duplicate_group(mesh: Mesh, name: str = "dp_bg") -> Group:
-    """A second process group with the members of this rank's dp group
-    (collective: every rank calls it).
+def duplicate_group(mesh: Mesh, over: str = "dp") -> Group:
+    """A second process group with the members of this rank's `over` group ("dp" or "rep"),
+    named "dp_bg" / "rep_bg" (collective: every rank calls it).
 
-    Every rank creates every dp group's duplicate, in Mesh.build's order (torch requires every
+    Every rank creates every such group's duplicate, in Mesh.build's order (torch requires every
     rank to take part in each new_group call), and keeps its own.
     """
-    if mesh.dp_size == 1:
+    name, own = f"{over}_bg", getattr(mesh, over)
+    if own.size == 1:
         return single(name, mesh.rank)
-    dp, tp, pp = mesh.dp_size, mesh.tp_size, mesh.pp_size
+    members = group_members(mesh.replicas, mesh.dp_size, mesh.tp_size, mesh.pp_size)[over]
     mine = None
-    for p in range(pp):
-        for t in range(tp):
-            ranks = [rank_of(d, t, p, dp, tp) for d in range(dp)]
-            pg = dist.new_group(ranks)
-            if mesh.rank in ranks:
-                mine = Group(name, tuple(ranks), ranks.index(mesh.rank), pg)
-    assert mine is not None and mine.ranks == mesh.dp.ranks, (mine, mesh.dp)
+    for ranks in members:
+        pg = dist.new_group(ranks)
+        if mesh.rank in ranks:
+            mine = Group(name, tuple(ranks), ranks.index(mesh.rank), pg)
+    assert mine is not None and mine.ranks == own.ranks, (mine, own)
     return mine
 
 

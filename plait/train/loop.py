@@ -121,8 +121,9 @@ class Trainer:
         # ramp-up or fixed
         batch = batch_at(st.samples, t.global_batch, t.micro_batch, t.batch_rampup_samples)
         lr = self.set_lr(batch)
-        start, count = rank_share(st.samples, batch, t.micro_batch, self.mesh.dp_size,
-                                  self.mesh.dp_index)
+        # each (replica, dp index) reads its own share: replicas · dp of them
+        start, count = rank_share(st.samples, batch, t.micro_batch, self.mesh.data_size,
+                                  self.mesh.data_index)
         batches = micro_batches(self.train_data, start, count, t.micro_batch)
         if self.noise is not None:
             self.noise.begin_step(self.optimizer.loss_scale)
@@ -151,11 +152,12 @@ class Trainer:
         """Mean token loss of the first val_samples validation sequences (same for every layout)."""
         if self.val_data is None:
             return None
-        n, dp, i = self.cfg.train.val_samples, self.mesh.dp_size, self.mesh.dp_index
+        n, dp, i = self.cfg.train.val_samples, self.mesh.data_size, self.mesh.data_index
         lo, hi = n * i // dp, n * (i + 1) // dp
         acc = self.model.eval_step(
             micro_batches(self.val_data, lo, hi - lo, self.cfg.train.micro_batch))
         self.mesh.comm.all_reduce(acc, self.mesh.dp)
+        self.mesh.comm.all_reduce(acc, self.mesh.rep)  # nothing when parallel.replicas = 1
         return float(acc[0] / acc[1])
 
     def full_state(self) -> dict[str, torch.Tensor]:
@@ -204,7 +206,8 @@ class Trainer:
         Returns (the reason to stop now or None, the validation loss when evaluated)."""
         t, st, mesh = self.cfg.train, self.state, self.mesh
         out = self.train_step()
-        metrics.step_done(out["global_batch"], mesh.comm.stats.reset_step(st.step)["comm_bytes"])
+        traffic = mesh.comm.stats.reset_step(st.step)
+        metrics.step_done(out["global_batch"], traffic["comm_bytes"], traffic["inter_bytes"])
         val = None
         if (t.val_every and st.step % t.val_every == 0) or st.step == t.steps:
             with metrics.pause():
@@ -250,8 +253,10 @@ class Trainer:
                           start_step=st.step)
         if lead:
             kind = f"transformers model ({cfg.model.hf})" if cfg.model.hf else "GPT"
+            reps = f"replicas={mesh.replicas} " if mesh.replicas > 1 else ""
             print(f"plait: {self.model_cfg.n_layers}-layer {kind}, {self.n_params / 1e6:.2f}M "
-                  f"parameters, layout dp={mesh.dp_size} tp={mesh.tp_size} pp={mesh.pp_size}, "
+                  f"parameters, layout {reps}dp={mesh.dp_size} tp={mesh.tp_size} "
+                  f"pp={mesh.pp_size}, "
                   f"global batch {t.global_batch}×{t.seq_len} tokens "
                   f"({accumulation_steps(cfg, mesh.dp_size)} micro-batches of {t.micro_batch} per "
                   f"rank), data: {self.corpus_source}, device {mesh.device}", flush=True)
@@ -270,7 +275,8 @@ class Trainer:
             ckpt.wait()  # an asynchronous save in flight is committed on every way out
         summary = metrics.summary(
             final_val_loss=val_loss, steps=st.step, tokens=st.samples * t.seq_len,
-            layout={"dp": mesh.dp_size, "tp": mesh.tp_size, "pp": mesh.pp_size,
+            layout={"replicas": mesh.replicas, "dp": mesh.dp_size, "tp": mesh.tp_size,
+                    "pp": mesh.pp_size,
                     "zero": cfg.parallel.zero, "world_size": mesh.world_size,
                     "micro_batches": accumulation_steps(cfg, mesh.dp_size),
                     "micro_batch": t.micro_batch, "schedule": cfg.parallel.schedule,
@@ -364,7 +370,8 @@ def train(cfg: Config, run_dir: str | None = None) -> dict:
                             checkpoints=root_of(cfg, path))
     owns_groups = not (dist.is_available() and dist.is_initialized())  # caller's groups stay theirs
     mesh = Mesh.from_env(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp, backend=backend,
-                         timeout_s=cfg.train.timeout_s, device=_device(cfg))
+                         timeout_s=cfg.train.timeout_s, device=_device(cfg),
+                         replicas=cfg.parallel.replicas)
     trainer, finished = None, False
     try:
         trainer = Trainer(cfg, mesh)

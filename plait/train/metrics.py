@@ -66,7 +66,7 @@ def human(key: str, v) -> str:
         return f"{v:,.0f} tok/s"
     if key == "mfu":
         return f"{100 * v:.2f}%"
-    if key == "comm_bytes_per_step":
+    if key.startswith("comm_bytes") and key.endswith("per_step"):
         return f"{human_bytes(v)}/step"
     if "bytes" in key:
         return human_bytes(v)
@@ -142,6 +142,7 @@ class Metrics:
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
         self.comm_total = 0.0
+        self.inter_total = 0.0  # the part on groups that cross nodes (plait.comm.accounting)
         self.steps_total = 0
         self.t_start = time.perf_counter()
         self._window_reset()
@@ -150,7 +151,7 @@ class Metrics:
     def _window_reset(self) -> None:
         self.t_mark = time.perf_counter()
         self.w_steps = self.w_tokens = 0
-        self.w_comm = 0.0
+        self.w_comm = self.w_inter = 0.0
         self.paused = 0.0
 
     @contextmanager
@@ -162,11 +163,14 @@ class Metrics:
         finally:
             self.paused += time.perf_counter() - t0
 
-    def step_done(self, global_batch: int, comm_bytes: float) -> None:
+    def step_done(self, global_batch: int, comm_bytes: float, inter_bytes: float = 0.0) -> None:
+        """`inter_bytes`: the part of `comm_bytes` that crossed nodes (the replica group's)."""
         self.w_steps += 1
         self.w_tokens += global_batch * self.seq_len
         self.w_comm += comm_bytes
+        self.w_inter += inter_bytes
         self.comm_total += comm_bytes
+        self.inter_total += inter_bytes
         self.steps_total += 1
 
     def should_log(self, step: int, *, forced: bool = False) -> bool:
@@ -180,7 +184,9 @@ class Metrics:
         rec.update(step_s=dt / steps, window_steps=steps, window_s=dt,
                    tokens_per_s=self.w_tokens / dt,
                    mfu=self.flops_per_token * self.w_tokens / dt / (self.world * self.peak),
-                   comm_bytes=self.w_comm / steps)
+                   comm_bytes=self.w_comm / steps,
+                   comm_bytes_intra=(self.w_comm - self.w_inter) / steps,
+                   comm_bytes_inter=self.w_inter / steps)
         self._window_reset()
         self.records.append(rec)
         if self.fh:
@@ -220,7 +226,11 @@ class Metrics:
         tps = tokens / secs
         return {"final_train_loss": recs[-1]["loss"] if recs else None,
                 "tokens_per_s": tps, "mfu": self.flops_per_token * tps / (self.world * self.peak),
-                "comm_bytes_per_step": self.comm_total / max(1, self.steps_total), **fields}
+                "comm_bytes_per_step": self.comm_total / max(1, self.steps_total),
+                "comm_bytes_intra_per_step": ((self.comm_total - self.inter_total)
+                                              / max(1, self.steps_total)),
+                "comm_bytes_inter_per_step": self.inter_total / max(1, self.steps_total),
+                **fields}
 
     def wall_s(self) -> float:
         """Seconds since the metrics started (this session's training, evaluation and saves)."""
