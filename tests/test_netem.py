@@ -57,3 +57,34 @@ def test_cleanup_on_exception():
             nodes.start(1, ["sleep", "60"])
             raise RuntimeError("boom")
     _gone(nodes, relay)
+
+
+def test_two_launcher_agents_train_a_hierarchical_layout(tmp_path):
+    """Two nodes, each its own `plait train` agent with 2 ranks (one replica of dp 2 per node,
+    DiLoCo across): the run ends on both, the replica exchange is the only inter-node traffic,
+    and it trains exactly as the same config on one machine with 4 ranks."""
+    import json
+    import sys
+
+    from plait.netem.nodes import ADDRS
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [os.path.join(root, "examples", "two_nodes_diloco.toml"), "train.steps=6",
+            "sync.every=3", "train.val_every=0", "log.plots=false"]
+    cmd = [sys.executable, "-m", "plait", "train", *args]
+    with TwoNodes(Link(delay_ms=10, rate="30mbit")) as nodes:
+        codes = nodes.run([[*cmd, "--nnodes", "2", "--node-rank", str(i), "--nproc", "2",
+                            "--rdzv-backend", "static", "--rdzv-endpoint", f"{ADDRS[0]}:29500",
+                            "--run-dir", str(tmp_path / f"node{i}")] for i in range(2)],
+                          env={"PYTHONPATH": root}, timeout_s=240)
+    assert codes == [0, 0], codes
+    two = json.loads((tmp_path / "node0" / "summary.json").read_text())
+    assert two["layout"]["replicas"] == 2 and two["layout"]["world_size"] == 4
+    assert two["comm_bytes_inter_per_step"] > 0 and two["comm_bytes_intra_per_step"] > 0
+    one = subprocess.run([*cmd, "--nproc", "4", "--run-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert one.returncode == 0, one.stdout + one.stderr
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert two["final_train_loss"] == single["final_train_loss"]
+    assert two["comm_bytes_inter_per_step"] == single["comm_bytes_inter_per_step"]
