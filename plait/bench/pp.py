@@ -1,143 +1,37 @@
 """`plait bench pp`: plait's pipeline beside torch.distributed.pipelining, on equal-cost stages.
 
-Model: a stack of identical transformer blocks (plait's GPT `Block`, with its RoPE tables) of the
-preset's width, k blocks per stage with k = max(1, n_layers div p), so every stage costs the same
-and the measured bubble can be held against the theory. The input is a random hidden state, the
-loss the mean squared error against a random target, per micro-batch of one sequence; `--batch`
-sequences per step make m = --batch micro-batches.
+Model (plait.bench.pp_model): a stack of identical transformer blocks (plait's GPT `Block`, with
+its RoPE tables) of the preset's width, k blocks per stage (`--blocks-per-stage`; default the
+even k nearest n_layers / p, at least 2, so interleaved 1F1B with v = 2 has equal chunks). The
+input is a random hidden state, the loss the mean squared error against a random target; m =
+`--batch` micro-batches of `--micro-batch` sequences of `--seq-len` tokens per step.
 
 Per pp size p (p gloo ranks, cores / p threads each): plait under GPipe, 1F1B, interleaved 1F1B
-(v = 2, when m is a multiple of p and there are enough blocks) and ZB-H1; torch's ScheduleGPipe
-and Schedule1F1B on the very same stage modules (plait's split). SGD steps. Repetitions alternate
-the runs; each times `--steps` steps after one untimed warm-up step. Reported per run: the median
-over repetitions of the mean step time, the ratio plait / torch (GPipe and 1F1B), the measured
-bubble (idle fraction, mean over ranks, from plait's per-instruction clock) against the theory
-(p−1)/(m+p−1) for GPipe and 1F1B (interleaved: (p−1)/(vm+p−1); ZB-H1: (p−1)/(3m+p−1)), the
-peak number of micro-batches whose activations are alive per stage and their saved bytes
-(counted by the runtime), and the first step's loss of plait and torch (they must match).
+(v = 2, when m is a multiple of p) and ZB-H1; torch's ScheduleGPipe, Schedule1F1B,
+ScheduleInterleaved1F1B (v = 2) and ScheduleInterleavedZeroBubble (ZB1P, one stage per rank: the
+counterpart of ZB-H1) on the very same stage modules (plait's split; plait.bench.pp_worker), and
+ScheduleZBVZeroBubble on a V split of the same blocks (no plait counterpart; for reference). SGD
+steps. Repetitions alternate the runs (the order reversed every other repetition); each times
+`--steps` steps after one untimed warm-up step, which alone counts the saved activation bytes.
+Reported per run: the median over repetitions of the mean step time, the ratio plait / torch,
+the measured bubble (idle fraction, mean over ranks, from the runtime's per-instruction clock)
+against the theory (plait.pipeline.schedules.theoretical_bubble), the peak number of
+micro-batches whose activations are alive per stage and their saved bytes, and the first step's
+loss of plait and torch (they must match).
+
+`--simulate` also times the last step of every repetition with plait's simulator fed the
+measured costs (plait.bench.pp_sim): the bubble it predicts beside the measured one.
+`--profile DIR` profiles every run instead of timing it (plait.bench.pp_profile).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 
 import torch
-import torch.nn as nn
 
-from plait.models.gpt import Block, build_config, rope_tables
-
-
-class RopeBlock(nn.Module):
-    """A GPT block that carries its own RoPE tables, so it maps one hidden state to the next."""
-
-    def __init__(self, cfg, seq_len: int):
-        super().__init__()
-        self.block = Block(cfg)
-        cos, sin = rope_tables(cfg.head_dim, seq_len, cfg.rope_theta)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        T = x.shape[1]
-        return self.block(x, self.cos[:T], self.sin[:T])
-
-
-def mse_sum(out: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    return nn.functional.mse_loss(out.float(), target.float(), reduction=reduction)
-
-
-def _worker(opts: dict) -> dict:
-    import copy
-
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    from plait.config import ParallelConfig
-    from plait.mesh import Mesh
-    from plait.pipeline.build import build_pipeline
-    from plait.pipeline.schedules import theoretical_bubble
-
-    p, m, T = opts["pp"], opts["m"], opts["seq_len"]
-    mesh = Mesh.build(dp=1, tp=1, pp=p, device="cpu")
-    cfg = build_config(opts["preset"], vocab_size=8, max_seq_len=max(T, 8))
-    torch.manual_seed(0)
-    model = nn.Sequential(*[RopeBlock(cfg, T) for _ in range(opts["blocks"])])
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(m, T, cfg.d_model, generator=g)
-    y = torch.randn(m, T, cfg.d_model, generator=g)
-    batches = [(x[i: i + 1], y[i: i + 1]) for i in range(m)]
-    divisor = m * y[0].numel()  # mean over micro-batches of each one's mean: torch's scale_grads
-    sgd = lambda params: torch.optim.SGD(params, lr=opts["lr"])
-
-    runs, plait_runners = {}, {}
-    schedules = [("gpipe", 1), ("1f1b", 1), ("zb_h1", 1)]
-    if m % p == 0 and opts["blocks"] >= 2 * p:
-        schedules.insert(2, ("interleaved_1f1b", 2))
-    for name, v in schedules:
-        stage, runner, _ = build_pipeline(copy.deepcopy(model), mesh,
-                                          ParallelConfig(pp=p, schedule=name, virtual_stages=v),
-                                          mse_sum, measure_memory=True)
-        opt = sgd(stage.parameters())
-
-        def step(runner=runner, opt=opt) -> float:
-            loss = runner.train_step(batches, divisor)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(loss)
-
-        runs[f"plait/{name}"] = step
-        plait_runners[f"plait/{name}"] = runner
-    for name, cls in (("gpipe", ScheduleGPipe), ("1f1b", Schedule1F1B)):
-        stage, _, _ = build_pipeline(copy.deepcopy(model), mesh,
-                                     ParallelConfig(pp=p, schedule=name), mse_sum)
-        tstage = PipelineStage(stage, mesh.pp_index, p, torch.device("cpu"), group=mesh.pp.pg)
-        sched = cls(tstage, n_microbatches=m, loss_fn=lambda out, tgt: mse_sum(out, tgt, "mean"))
-        opt = sgd(stage.parameters())
-
-        def step(sched=sched, opt=opt) -> float:
-            losses: list = []
-            if mesh.is_first_stage:
-                sched.step(x)
-            elif mesh.is_last_stage:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return float(torch.stack(losses).detach().mean()) if losses else float("nan")
-
-        runs[f"torch/{name}"] = step
-
-    first = {k: fn() for k, fn in runs.items()}  # warm-up: every run starts from the same weights
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    bubbles: dict[str, list[list[float]]] = {k: [] for k in plait_runners}
-    names = list(runs)
-    for rep in range(opts["reps"]):
-        for name in (names if rep % 2 == 0 else names[::-1]):  # alternate who goes first
-            mesh.comm.barrier(mesh.pp)
-            t0 = time.perf_counter()
-            for _ in range(opts["steps"]):
-                runs[name]()
-            times[name].append((time.perf_counter() - t0) / opts["steps"])
-            if name in plait_runners:
-                recent = list(plait_runners[name].history)[-opts["steps"]:]
-                bubbles[name] += [[s["bubble"] for s in step] for step in recent]
-    out = {"pp": p, "m": m, "blocks": opts["blocks"], "runs": {}}
-    for name in runs:
-        row = {"step_s": statistics.median(times[name]), "times": times[name],
-               "first_loss": first[name]}
-        if name in plait_runners:
-            r = plait_runners[name]
-            per_rank = [statistics.median(b[i] for b in bubbles[name]) for i in range(p)]
-            theory = theoretical_bubble(r.schedule, p, m, r.v)
-            row.update(bubble_per_rank=per_rank, bubble=sum(per_rank) / p, bubble_theory=theory,
-                       bubble_rel_err=abs(sum(per_rank) / p - theory) / theory if theory else 0.0,
-                       peak_in_flight_per_stage=[int(s["peak_in_flight"]) for s in r.stats],
-                       peak_saved_bytes_per_stage=[int(s["peak_saved_bytes"]) for s in r.stats])
-        out["runs"][name] = row
-    return out
+from plait.bench.pp_model import RopeBlock, mse_sum  # noqa: F401  (the benchmark's model)
 
 
 def add_arguments(ap) -> None:
@@ -147,54 +41,124 @@ def add_arguments(ap) -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed steps per repetition")
     ap.add_argument("--preset", default="10m", help="model preset of the blocks")
     ap.add_argument("--batch", type=int, default=0,
-                    help="micro-batches per step (0: the benchmark's choice)")
+                    help="micro-batches per step m (0: the benchmark's choice, 8)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--blocks-per-stage", type=int, default=0,
+                    help="blocks per pipeline rank (0: the benchmark's choice)")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved_1f1b,zb_h1",
+                    help="plait's schedules to run (torch's counterparts run beside them)")
+    ap.add_argument("--no-torch", action="store_true", help="plait's runs only")
+    ap.add_argument("--simulate", action="store_true",
+                    help="also simulate each step with its measured costs")
+    ap.add_argument("--profile", default=None,
+                    help="profile the runs instead of timing them; traces go to this folder")
     ap.add_argument("--json", default=None, help="write the results as JSON here")
 
 
+def plan(args, p: int, layers: int) -> dict:
+    """The worker options of pp size p."""
+    m = args.batch or 8
+    k = args.blocks_per_stage or 2 * max(1, round(layers / (2 * p)))
+    blocks = p * k
+    chosen = [s for s in str(args.schedules).split(",") if s]
+    inter = m % p == 0 and k % 2 == 0
+    schedules = [(s, 2 if s == "interleaved_1f1b" else 1) for s in chosen
+                 if s != "interleaved_1f1b" or inter]
+    torch_runs = [] if args.no_torch else [(s, v) for s, v in schedules]
+    if not args.no_torch and "zb_h1" in chosen and k % 2 == 0 and m >= p:
+        torch_runs.append(("zbv", 2))
+    return {"pp": p, "m": m, "mb_size": args.micro_batch, "preset": args.preset,
+            "seq_len": args.seq_len, "blocks": blocks, "reps": args.reps, "steps": args.steps,
+            "lr": 1e-3, "schedules": schedules, "torch": torch_runs,
+            "simulate": args.simulate, "profile": args.profile}
+
+
+def _pair(runs: dict) -> bool:
+    ok = True
+    for name, row in runs.items():
+        if name.startswith("plait/"):
+            peer = runs.get("torch/" + name.split("/")[1])
+            if peer is not None:
+                row["torch_step_s"] = peer["step_s"]
+                row["ratio"] = row["step_s"] / peer["step_s"]
+                # per repetition, the two runs are neighbours in time: their ratio cancels drifts
+                paired = sorted(a / b for a, b in zip(row["times"], peer["times"]))
+                row["paired_ratio"] = paired[len(paired) // 2] if len(paired) % 2 else (
+                    paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
+                row["same_loss"] = (abs(row["first_loss"] - peer["first_loss"])
+                                    <= 1e-5 * abs(peer["first_loss"]))
+                ok &= row["same_loss"]
+    return ok
+
+
+def _line(name: str, row: dict) -> str:
+    line = f"  {name:<26} {row['step_s'] * 1e3:9.1f} ms/step"
+    if "ratio" in row:
+        line += (f"   ratio {row['ratio']:.3f} (paired {row['paired_ratio']:.3f})   "
+                 f"loss {'same' if row['same_loss'] else 'DIFFERENT'}")
+    if "bubble" in row:
+        saved = "/".join(f"{b / 2**20:.1f}" for b in row["peak_saved_bytes_per_stage"])
+        line += (f"   bubble {100 * row['bubble']:.1f}% (theory "
+                 f"{100 * row['bubble_theory']:.1f}%)   in flight per stage "
+                 f"{row['peak_in_flight_per_stage']}   saved MiB {saved}")
+    if "sim_bubble" in row:
+        c = row["sim_costs_ms"]
+        line += (f"\n  {'':<26} simulated with measured costs: bubble "
+                 f"{100 * row['sim_bubble']:.1f}% vs measured "
+                 f"{100 * row['sim_measured_bubble']:.1f}%"
+                 f" (same steps; rel. diff {100 * row['sim_rel_err']:.1f}%)   median ms F "
+                 f"{_ms(c['F'])} B {_ms(c['B'])}" + (f" W {_ms(c['W'])}" if any(c["W"]) else "")
+                 + f" overhead/instr {_ms(c['overhead'])} p2p {c['p2p']:.2f}")
+    return line
+
+
+def _ms(xs: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in xs)
+
+
+def _print_profile(res: list) -> None:
+    from plait.bench.pp_profile import CATEGORIES
+
+    for r, out in enumerate(res):
+        for name, s in out["profile"].items():
+            cats = "  ".join(f"{c} {s['ms_per_step'][c]:.1f}" for c in CATEGORIES)
+            print(f"  rank {r} {name:<24} {s['wall_ms_per_step']:7.1f} ms/step: {cats}",
+                  flush=True)
+
+
 def main(args) -> int:
+    from plait.bench.pp_worker import worker
     from plait.models import build_config
     from plait.testing import run_ranks
 
     sizes = [int(r) for r in str(args.ranks).split(",") if r]
-    m = args.batch or 8
     layers = build_config(args.preset).n_layers
     rows = []
     ok = True
     for p in sizes:
-        blocks = p * max(1, layers // p)
         threads = max(1, (os.cpu_count() or 1) // p)
-        opts = {"pp": p, "m": m, "preset": args.preset, "seq_len": args.seq_len, "blocks": blocks,
-                "reps": args.reps, "steps": args.steps, "lr": 1e-3}
-        print(f"bench pp: p={p} gloo ranks × {threads} threads, {blocks} identical {args.preset} "
-              f"blocks ({blocks // p} per stage), m={m} micro-batches of 1×{args.seq_len}, "
-              f"{args.reps} alternating reps × {args.steps} steps", flush=True)
-        res = run_ranks(_worker, p, args=(opts,), timeout=3600, threads=threads)
-        last = res[-1]  # the last stage holds torch's losses
-        runs = last["runs"]
-        for name, row in runs.items():
-            if name.startswith("plait/"):
-                peer = runs.get("torch/" + name.split("/")[1])
-                if peer is not None:
-                    row["torch_step_s"] = peer["step_s"]
-                    row["ratio"] = row["step_s"] / peer["step_s"]
-                    row["same_loss"] = (abs(row["first_loss"] - peer["first_loss"])
-                                        <= 1e-5 * abs(peer["first_loss"]))
-                    ok &= row["same_loss"]
-        last.update(preset=args.preset, seq_len=args.seq_len, threads_per_rank=threads,
-                    torch=torch.__version__)
+        opts = plan(args, p, layers)
+        print(f"bench pp: p={p} gloo ranks × {threads} threads, {opts['blocks']} identical "
+              f"{args.preset} blocks ({opts['blocks'] // p} per stage), m={opts['m']} "
+              f"micro-batches of {args.micro_batch}×{args.seq_len}, {args.reps} alternating reps "
+              f"× {args.steps} steps; load {os.getloadavg()[0]:.2f}", flush=True)
+        res = run_ranks(worker, p, args=(opts,), timeout=3600, threads=threads)
+        if args.profile:
+            _print_profile(res)
+            rows.append({"pp": p, "profile": [r["profile"] for r in res]})
+            continue
+        last = res[-1]  # the last stage holds the losses of every run but torch's ZBV
+        last["runs"]["torch/zbv"] = res[0]["runs"].get("torch/zbv") or {}
+        if not last["runs"]["torch/zbv"]:
+            del last["runs"]["torch/zbv"]
+        ok &= _pair(last["runs"])
+        last.update(preset=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                    threads_per_rank=threads, torch=torch.__version__,
+                    load_average=os.getloadavg())
         rows.append(last)
-        for name, row in runs.items():
-            line = f"  {name:<24} {row['step_s'] * 1e3:9.1f} ms/step"
-            if "ratio" in row:
-                line += (f"   ratio {row['ratio']:.3f}   "
-                         f"loss {'same' if row['same_loss'] else 'DIFFERENT'}")
-            if "bubble" in row:
-                saved = "/".join(f"{b / 2**20:.1f}" for b in row["peak_saved_bytes_per_stage"])
-                line += (f"   bubble {100 * row['bubble']:.1f}% (theory "
-                         f"{100 * row['bubble_theory']:.1f}%)   in flight per stage "
-                         f"{row['peak_in_flight_per_stage']}   saved MiB {saved}")
-            print(line, flush=True)
+        for name, row in last["runs"].items():
+            print(_line(name, row), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
