@@ -2,14 +2,15 @@
 
     python -m plait.netem probe --delay-ms 10 --rate 30mbit
     python -m plait.netem run --delay-ms 10 --rate 30mbit --each \\
-        'plait train model.preset=tiny --nnodes 2 --node-rank {node} --nproc 2 \\
-         --rdzv-backend static --rdzv-endpoint {addr0}:29500 --run-dir runs/two-nodes'
+        'plait train model.preset=tiny --nnodes 2 --nproc 2 --rdzv-endpoint node0:29500 \\
+         --run-dir runs/two-nodes'
     python -m plait.netem run --node0 'CMD' --node1 'CMD'
     python -m plait.netem clean        # namespaces left by a run killed with SIGKILL
     python -m plait.netem wire         # bytes on the wire against plait's count (plait.netem.wire)
 
 In commands, {node} is the node index (0, 1), {addr0} / {addr1} the nodes' link addresses and
-{dev} the link device. Commands are split like a shell line (no shell runs them).
+{dev} the link device; the nodes' host names `node0` / `node1` resolve to those addresses in
+both nodes. Commands are split like a shell line (no shell runs them).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -55,6 +57,7 @@ def clean() -> int:
             if pids.split():  # someone still runs there: leave it
                 continue
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{name}", ignore_errors=True)  # the node's hosts file
             gone += 1
     print(f"deleted {gone} stale namespace(s)")
     return 0

@@ -10,11 +10,14 @@ node 1 is 10.77.0.2, MTU 1500. Packets between the nodes cross the relay process
 (plait.netem.relay): D ms one way, serialized at R bits/s per direction, queue bounded. A node
 that sends to its own link address stays on its loopback, as on a real host.
 
-Commands run inside their node's namespace with GLOO_SOCKET_IFNAME=link0 (gloo binds the link
-address; left alone it binds what the hostname resolves to, 127.0.0.1, which the other node
-cannot reach), TORCH_CPP_LOG_LEVEL=ERROR (c10d warns that a namespace has no hostname),
-PLAIT_NODE=i and PLAIT_NODE0_ADDR=10.77.0.1 (the static rendezvous endpoint's host: torch's c10d
-rendezvous cannot tell that an address inside a namespace is local, so node 0 hosts the store).
+Each node is also a host of its own name: its commands run in a UTS namespace whose hostname is
+`node0` / `node1`, and `ip netns exec` gives them the namespace's own /etc/hosts
+(/etc/netns/NS/hosts: node0 -> 10.77.0.1, node1 -> 10.77.0.2). So, as between real hosts, the
+hostname resolves to the node's link address on that node and from the other: gloo binds it, the
+elastic agent publishes it as the master address, and torch's c10d rendezvous sees that
+`node0:PORT` is local on node 0 (its agent hosts the store), which is what lets a restarted node
+rejoin a running job. Commands also get GLOO_SOCKET_IFNAME=link0 (what a user sets on real hosts
+with several interfaces), TORCH_CPP_LOG_LEVEL=ERROR, PLAIT_NODE=i and PLAIT_NODE0_ADDR=10.77.0.1.
 
 Everything this creates is deleted on every way out, success, failure, exception, Ctrl-C or
 SIGTERM: the processes started in the nodes (their process groups, then any process left in the
@@ -37,11 +40,13 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from plait.netem import probe as _probe
 from plait.netem import relay as _relay
 
 ADDRS = ("10.77.0.1", "10.77.0.2")
+HOSTS = ("node0", "node1")  # each node's hostname, resolving to its address on both nodes
 DEVICE = "link0"
 _seq = itertools.count()
 
@@ -74,6 +79,8 @@ def cannot() -> str | None:
         return "`ip` not found (package iproute2)"
     if not os.path.exists("/dev/net/tun"):
         return "/dev/net/tun is missing (no TUN support)"
+    if shutil.which("unshare") is None:
+        return "`unshare` not found (package util-linux)"
     return None
 
 
@@ -136,6 +143,10 @@ class TwoNodes:
             _ip("netns", "add", ns)
             self._made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
+            etc = Path("/etc/netns") / ns  # `ip netns exec` mounts these files over /etc's
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+                f"{a} {h}\n" for a, h in zip(ADDRS, HOSTS)))
         fds = []
         try:
             for i, ns in enumerate(self.names):
@@ -171,6 +182,7 @@ class TwoNodes:
             self.relay = None
         for ns in self._made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         self._made.clear()
         if self._signals is not None:
             self._signals.__exit__(None, None, None)
@@ -191,6 +203,19 @@ class TwoNodes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(5)
 
+    def kill(self, node: int) -> None:
+        """SIGKILL to every process in the node, as when that machine goes down: a launcher
+        agent's workers run in sessions of their own, outside the agent's process group."""
+        r = subprocess.run(["ip", "netns", "pids", self.names[node]], capture_output=True,
+                           text=True)
+        for pid in r.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
+    def set_link(self, node: int, up: bool) -> None:
+        """Take the node's link device down (every packet to and from it dropped) or up."""
+        _ip("-n", self.names[node], "link", "set", DEVICE, "up" if up else "down")
+
     # -- running things in the nodes -------------------------------------------------------
     def env(self, node: int, extra: dict | None = None) -> dict:
         env = dict(os.environ, GLOO_SOCKET_IFNAME=DEVICE, PLAIT_NODE=str(node),
@@ -200,7 +225,9 @@ class TwoNodes:
         return env
 
     def argv(self, node: int, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.names[node], *argv]
+        """`argv` run in the node's network namespace under the node's hostname."""
+        return ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "sh", "-c",
+                f'hostname {HOSTS[node]} && exec "$@"', "sh", *argv]
 
     def start(self, node: int, argv: Sequence[str], env: dict | None = None,
               **popen) -> subprocess.Popen:
