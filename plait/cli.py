@@ -100,9 +100,18 @@ def _plan_in_worker(cfg, args):
 
 
 def cmd_export(args) -> int:
-    from plait.checkpoint import export_safetensors
+    if args.format == "hf":  # a transformers directory: model knowledge, under plait.models
+        from plait.models.hf_export import export_hf
 
-    for out in export_safetensors(args.checkpoint, args.out):
+        written = export_hf(args.checkpoint, args.out, args.max_shard_size or "5GB",
+                            args.source or None)
+    else:
+        from plait.checkpoint import export_safetensors
+
+        if args.source or args.max_shard_size:
+            raise ConfigError("--source and --max-shard-size apply to --format hf only")
+        written = export_safetensors(args.checkpoint, args.out)
+    for out in written:
         print(f"wrote {out}")
     return 0
 
@@ -181,14 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=planner_cli.main)
 
     ex = sub.add_parser("export",
-                        help="a checkpoint (any layout) as one safetensors file plus a config JSON")
+                        help="a checkpoint (any layout) as one safetensors file plus a config "
+                             "JSON, or (model.hf runs, --format hf) as a transformers directory")
     ex.add_argument("checkpoint",
                     help="a checkpoint folder (step-NNNNNNNN), or a run / checkpoints folder "
                          "(latest)")
     ex.add_argument("out",
                     help="OUT.safetensors (config: OUT.json), or a folder (model.safetensors, "
-                         "config.json)")
-    ex.add_argument("--format", choices=["safetensors"], default="safetensors")
+                         "config.json); --format hf: a new folder")
+    ex.add_argument("--format", choices=["safetensors", "hf"], default="safetensors",
+                    help="hf: what transformers' from_pretrained loads (docs/hf.md)")
+    ex.add_argument("--max-shard-size", default="",
+                    help="--format hf: the largest weights file, e.g. 5GB (default), 500MB")
+    ex.add_argument("--source", default="",
+                    help="--format hf: the transformers directory whose config.json and "
+                         "tokenizer files to copy (default: the run's model.hf)")
     ex.set_defaults(fn=cmd_export)
 
     rp = sub.add_parser("report", help="plots and summary of a run folder")

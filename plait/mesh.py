@@ -46,6 +46,9 @@ def group_members(replicas: int, dp: int, tp: int, pp: int) -> dict[str, list[li
         "rep": [[r(d, t, p, i) for i in R]
                 for p in range(pp) for d in range(dp) for t in range(tp)],
         "replica_world": [list(range(i * size, (i + 1) * size)) for i in R],
+        # the first and the last pipeline stage (a tied embedding's two copies); one rank at pp = 1
+        "emb": [sorted({r(d, t, 0, i), r(d, t, pp - 1, i)})
+                for i in R for d in range(dp) for t in range(tp)],
     }
 
 
@@ -59,8 +62,10 @@ class Mesh:
     model-parallel rank holding one copy of the model, for norms that span the whole model),
     `replica_world` (every rank of this replica: the whole model once, e.g. the gradient norm
     when ZeRO shards gradients over dp; the world itself when replicas = 1), `rep` (same pp, dp
-    and tp index across the replicas: the exchange that crosses nodes), `world` (every rank: the
-    training loop's per-step agreement).
+    and tp index across the replicas: the exchange that crosses nodes), `emb` (same replica, dp
+    and tp index, the first and the last pipeline stage: the gradient sum of an embedding tied to
+    the output head, plait.pipeline.tied; this rank alone when pp = 1 or it holds neither end),
+    `world` (every rank: the training loop's per-step agreement).
 
     Data: each (replica, dp index) reads its own share of the global batch: `data_size` =
     replicas · dp ranks, this one at `data_index` = replica · dp + dp_index.
@@ -80,10 +85,13 @@ class Mesh:
     replicas: int = 1
     rep: Group | None = None  # None: the group of this rank alone (replicas = 1)
     replica_world: Group | None = None  # None: `world` (replicas = 1)
+    emb: Group | None = None  # None: this rank alone (pp = 1, or a middle pipeline stage)
 
     def __post_init__(self):
         if self.rep is None:
             object.__setattr__(self, "rep", single("rep", self.rank))
+        if self.emb is None:
+            object.__setattr__(self, "emb", single("emb", self.rank))
         if self.replica_world is None:
             object.__setattr__(self, "replica_world", self.world)
 
@@ -153,13 +161,13 @@ class Mesh:
         if world == 1:
             return Mesh.single(device)
 
-        def make(name: str, members: list[list[int]]) -> Group:
+        def make(name: str, members: list[list[int]], everyone: bool = True) -> Group | None:
             mine = None
             for ranks in members:  # every rank creates every group, in the same order
                 pg = dist.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:
                     mine = Group(name, tuple(ranks), ranks.index(rank), pg)
-            assert mine is not None
+            assert mine is not None or not everyone
             return mine
 
         groups = group_members(replicas, dp, tp, pp)
@@ -167,8 +175,10 @@ class Mesh:
                                          for n in ("dp", "tp", "pp", "mp", "rep"))
         world_g = Group("world", tuple(range(world)), rank, dist.group.WORLD)
         rw_g = make("replica_world", groups["replica_world"]) if replicas > 1 else world_g
+        # made last, so the groups above keep their creation order; a middle stage is in none
+        emb_g = make("emb", groups["emb"], everyone=False) if pp > 1 else None
         return Mesh(dp, tp, pp, rank, dp_g, tp_g, pp_g, mp_g, world_g, device, Comm(rank),
-                    replicas, rep_g, rw_g)
+                    replicas, rep_g, rw_g, emb_g)
 
     @staticmethod
     def from_env(dp: int = 0, tp: int = 1, pp: int = 1, backend: str | None = None,

@@ -13,6 +13,7 @@ from plait.data_parallel.reducer import GradReducer
 from plait.mesh import Mesh
 from plait.optim.loss_scale import LossScaler
 from plait.parallel_spec import next_token_loss
+from plait.shared_grads import SharedGrads
 
 StateGatherer = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -130,8 +131,10 @@ class ParallelOptimizer:
     unique gradient pieces are summed over the model-parallel group, or over every rank of the
     replica (mesh.replica_world; the world when parallel.replicas = 1) when gradients are sharded
     over dp (ZeRO), so replicas are not counted twice; a parameter replicated across tp ranks is
-    counted on tp rank 0 only, so every rank computes the same norm. `step()` clips to
-    `grad_clip` with it.
+    counted on tp rank 0 only, a tied embedding's copy on the last pipeline stage and kv heads
+    replicated over tp ranks once (plait.shared_grads), so every rank computes the same norm.
+    `step()` first sums those shared gradients over the ranks holding a copy, then clips to
+    `grad_clip` with the norm.
 
     fp16 (`scaler`, a plait.optim.loss_scale.LossScaler): the loss was multiplied by `loss_scale`
     before backward; `step()` divides the reduced gradients by it, agrees over mesh.world whether
@@ -154,6 +157,8 @@ class ParallelOptimizer:
         self.last_grad_norm: torch.Tensor | None = None
         self.scaler = scaler
         self.before_update: Callable[[], bool] | None = None
+        # tied embeddings across the pipeline, kv heads replicated over tp
+        self.shared = SharedGrads(params, optimizer, mesh)
 
     @property
     def loss_scale(self) -> float:
@@ -174,9 +179,7 @@ class ParallelOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         """The whole model's gradient 2-norm, as a tensor (no host sync)."""
-        skip_replicated = self.mesh.tp_index != 0
-        grads = [p.grad.detach() for p in self.params if p.grad is not None
-                 and not (skip_replicated and getattr(p, "plait_tp_replicated", False))]
+        grads = self.shared.norm_grads()
         sq = torch.zeros((), dtype=torch.float32, device=self.mesh.device)
         if grads:
             norms = torch._foreach_norm(grads)  # one fused pass instead of a kernel per parameter
@@ -192,6 +195,7 @@ class ParallelOptimizer:
         False when an fp16 overflow skipped the update."""
         self.last_grad_norm = None  # set again by this step's clipping, if any
         self.finish_grads()
+        self.shared.sum()  # copies of one weight held by several model-parallel ranks
         # unscaled before clipping; an overflow on any rank skips on all
         if self.scaler is not None:
             if not self.scaler.unscale_and_check(

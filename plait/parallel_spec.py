@@ -80,8 +80,10 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor,
 class ParallelSpec:
     """How a model is parallelized; every field has a model-agnostic default.
 
-    - `tp_plan`: (pattern, style) table for plait.tensor_parallel; None: no built-in plan, so
-      parallel.tp > 1 needs `apply_tensor_parallel(model, mesh, plan)` with an explicit one.
+    - `tp_plan`: (pattern, style) table for plait.tensor_parallel, or a function of the model
+      returning one (a style that depends on its sizes, e.g. `column@K` for K key/value heads);
+      None: no built-in plan, so parallel.tp > 1 needs `apply_tensor_parallel(model, mesh, plan)`
+      with an explicit one.
     - `check_tp(model, tp)`: raises ConfigError naming the model field tp does not divide (heads,
       hidden sizes); runs before the first layer is split, whatever the plan.
     - `pipeline_cut(model) -> PipelineSpec`: the layers in order, the shared tables and the hidden
@@ -100,7 +102,7 @@ class ParallelSpec:
       says so before any layer is split); None: it can.
     """
 
-    tp_plan: Plan | None = None
+    tp_plan: Plan | Callable[[nn.Module], Plan] | None = None
     check_tp: Callable[[nn.Module, int], None] | None = None
     pipeline_cut: Callable[[nn.Module], PipelineSpec] | None = None
     block_types: tuple[type[nn.Module], ...] = ()

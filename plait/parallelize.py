@@ -28,6 +28,7 @@ from plait.data_parallel.reducer import GradReducer
 from plait.data_parallel.replicas import grad_reducer
 from plait.data_parallel.zero import apply_zero, wrap_optimizer
 from plait.errors import ConfigError
+from plait.materialize import materialize, on_meta
 from plait.mesh import Mesh
 from plait.optim.loss_scale import LossScaler
 from plait.parallel_model import ParallelModel, ParallelOptimizer, StateGatherer
@@ -169,10 +170,25 @@ def _apply_data_parallel(model: nn.Module, mesh: Mesh, cfg: ParallelConfig,
 
 
 def _chunk_segments(model: nn.Module) -> list[list[nn.Parameter]] | None:
-    """A pipeline stage's parameters chunk by chunk (plait.pipeline.PipelineStage), else None."""
+    """A pipeline stage's parameters chunk by chunk (plait.pipeline.PipelineStage), else None.
+
+    A weight tied across the pipeline (plait.pipeline.tied) is a segment of its own, so it has a
+    gradient bucket of its own: both ends then shard it alike over dp (ZeRO-1/2), and summing
+    their pieces over mesh.emb sums the same elements (plait.shared_grads)."""
     if not hasattr(model, "chunk_parameters"):
         return None
-    return [model.chunk_parameters(c) for c in range(model.num_chunks)]
+    out = []
+    for c in range(model.num_chunks):
+        seg: list[nn.Parameter] = []
+        for p in model.chunk_parameters(c):
+            if getattr(p, "plait_tied", None) is None:
+                seg.append(p)
+                continue
+            out += [s for s in (seg, [p]) if s]
+            seg = []
+        if seg:
+            out.append(seg)
+    return out
 
 
 def _uses_reducer(sync) -> bool:
@@ -212,7 +228,8 @@ def _build_optimizer(optimizer: OptimizerOrFactory, model: nn.Module) -> torch.o
 
 
 def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh,
-                options: ParallelOptions | None = None,
+                options: ParallelOptions | None = None, *,
+                init_weights: Callable[[nn.Module, Mesh], None] | None = None,
                 ) -> tuple[ParallelModel, ParallelOptimizer]:
     """Make `model` parallel over `mesh` and return (model, optimizer) ready for a training loop.
 
@@ -221,6 +238,11 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh,
     optimizer has one param group and no state (then it is rebuilt with the same class and
     defaults). `options` (ParallelOptions): the layout, compression, sync strategy, clipping,
     recomputation and precision; checked before anything changes.
+
+    A model built on the meta device (no storage) is split as it is; then this rank's part gets
+    storage on mesh.device (plait.materialize) and `init_weights(part, mesh)` fills it (e.g.
+    reads this rank's slices of a weights file), before the data-parallel step: no rank ever
+    allocates more than its own part.
 
     Training loop contract, every step: `model.train_step(micro_batches, global_tokens)`, then
     `optimizer.step()` (False: an fp16 overflow skipped the update on every rank) and
@@ -232,10 +254,17 @@ def parallelize(model: nn.Module, optimizer: OptimizerOrFactory, mesh: Mesh,
                   dtype=opts.dtype, activation_checkpointing=opts.activation_checkpointing,
                   onebit=hasattr(optimizer, "dp_exchange"))
     cfg = opts.parallel
-    model = model.to(mesh.device)
+    meta = on_meta(model)
+    if meta and init_weights is None:
+        raise ConfigError("parallelize(): the model is on the meta device (no storage); pass "
+                          "init_weights=(module, mesh) -> None to fill this rank's part")
+    model = model if meta else model.to(mesh.device)
     model, loss_fn, tp_gather = _apply_tensor_parallel(model, mesh, cfg)  # 1. split layers over tp
     # 2. keep this rank's stage
     model, runner, pp_gather = _apply_pipeline(model, mesh, cfg, loss_fn)
+    if meta:  # 2b. storage for this rank's part only, then its values
+        materialize(model, mesh.device)
+        init_weights(model, mesh)
     # 3. recompute in backward
     model = _apply_activation_checkpointing(model, opts.activation_checkpointing)
     # 4. autocast, fp32 master weights, fp16 scaler

@@ -7,9 +7,11 @@ and gradient accumulation by hand, on the same global batches (plait's data orde
 `plait train`'s Trainer with model.hf = the directory. fp32, 3 steps, clipping active on every
 step: each step's loss and gradient norm and every final parameter within 1e-5 relative.
 
-Layouts of one world size share one spawn (2 spawns: world 2 and world 4). GPT-2 ties its head to
-its embedding; the pipeline cannot split a tied pair yet (a ConfigError, tested), so its pipeline
-layouts run an untied GPT-2. Vocabulary 257 (odd) makes tp pad the vocabulary.
+Layouts of one world size share one spawn (2 spawns: world 2 and world 4). GPT-2 and Gemma tie
+their head to the embedding: under a pipeline the last stage keeps a copy whose gradient is summed
+with the first stage's (plait.pipeline.tied). `llama_kv1` / `phi3_kv1` have one key/value head, and
+Llama's 2 kv heads at tp 4 two: tp above the kv heads replicates them over tp ranks, whose partial
+gradients are summed (plait.shared_grads). Vocabulary 257 (odd) makes tp pad the vocabulary.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ CLIP = 0.05  # below every step's gradient norm of these runs (asserted): clippi
 STEPS = 3
 VOCAB = 257
 FAMILIES = {"llama": ("llama", {"num_hidden_layers": 4}), "gpt2": ("gpt2", {}),
-            "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}), "gemma": ("gemma", {}),
-            "phi3": ("phi3", {})}
+            "gemma": ("gemma", {"num_hidden_layers": 4}), "phi3": ("phi3", {}),
+            "llama_kv1": ("llama", {"num_key_value_heads": 1}),
+            "phi3_kv1": ("phi3", {"num_key_value_heads": 1})}
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +131,8 @@ LAYOUTS = [
     ("dp2-zero3", "llama", {"dp": 2, "zero": 3}),
     ("dp2", "gpt2", {"dp": 2}),
     ("tp2", "gpt2", {"tp": 2}),
-    ("pp2-1f1b", "gpt2_untied", {"pp": 2, "schedule": "1f1b"}),
-    ("pp2-zb_h1", "gpt2_untied", {"pp": 2, "schedule": "zb_h1"}),
+    ("pp2-1f1b", "gpt2", {"pp": 2, "schedule": "1f1b"}),
+    ("pp2-zb_h1", "gpt2", {"pp": 2, "schedule": "zb_h1"}),
     ("dp2-zero3", "gpt2", {"dp": 2, "zero": 3}),
     ("dp2-tp2-zero1", "llama", {"dp": 2, "tp": 2, "zero": 1}),
     ("dp2-tp2-zero1", "gpt2", {"dp": 2, "tp": 2, "zero": 1}),
@@ -141,6 +144,17 @@ LAYOUTS = [
     ("tp2-sp", "phi3", {"tp": 2, "sequence_parallel": True}),
     ("pp2-1f1b", "phi3", {"pp": 2, "schedule": "1f1b"}),
     ("dp2-tp2-zero1", "phi3", {"dp": 2, "tp": 2, "zero": 1}),
+    # tied head under a pipeline (Gemma: 4 layers, so interleaved stages fit)
+    ("pp2-1f1b", "gemma", {"pp": 2, "schedule": "1f1b"}),
+    ("pp2-interleaved", "gemma", {"pp": 2, "schedule": "interleaved_1f1b", "virtual_stages": 2}),
+    ("pp2-tp2", "gpt2", {"pp": 2, "tp": 2}),
+    ("dp2-pp2-zero1", "gemma", {"dp": 2, "pp": 2, "zero": 1}),
+    # key/value heads replicated over tp ranks
+    ("tp2", "llama_kv1", {"tp": 2}),
+    ("tp2-sp", "llama_kv1", {"tp": 2, "sequence_parallel": True}),
+    ("tp2", "phi3_kv1", {"tp": 2}),
+    ("dp2-tp2-zero1", "llama_kv1", {"dp": 2, "tp": 2, "zero": 1}),
+    ("tp4", "llama", {"tp": 4}),
 ]
 
 
@@ -249,14 +263,25 @@ def test_gpt2_user_loop_and_wrong_qkv_split(corpus_path, dirs, refs, wrong):
 
 # -- what is refused, before anything runs -----------------------------------------------------
 @pytest.mark.parametrize("family,parallel,field", [
-    ("gpt2", {"pp": 2}, "tie_word_embeddings"),
     ("gpt2", {"tp": 2, "sequence_parallel": True}, "sequence_parallel"),
-    ("llama", {"tp": 4}, "num_key_value_heads"),
-    ("gemma", {"pp": 2}, "tie_word_embeddings"),
 ])
 def test_refused_layouts_name_the_field(corpus_path, dirs, family, parallel, field):
     with pytest.raises(ConfigError, match=field):
         preflight(from_dict(base_cfg(corpus_path, dirs[family], **parallel)))
+
+
+@pytest.mark.parametrize("kv,tp,message", [
+    (3, 2, "num_key_value_heads = 3 is not divisible by parallel.tp = 2"),
+    (2, 3, "num_key_value_heads = 2 with parallel.tp = 3: tp above"),
+])
+def test_tp_must_divide_or_be_a_multiple_of_the_kv_heads(corpus_path, tmp_path, kv, tp, message):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=6, num_key_value_heads=kv,
+                max_position_embeddings=256).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match=message):
+        preflight(from_dict(base_cfg(corpus_path, str(tmp_path / "llama"), tp=tp)))
 
 
 def test_shape_fields_with_hf_refused(corpus_path, dirs):

@@ -177,8 +177,6 @@ def test_partition_keeps_names_and_balances():
 def test_partition_errors_are_clear():
     with pytest.raises(ConfigError, match="every stage needs at least one"):
         partition(pipeline_spec(_gpt(2)), 4)
-    with pytest.raises(ConfigError, match="tie_embeddings"):
-        pipeline_spec(_gpt(2, tie_embeddings=True))
     with pytest.raises(ConfigError, match="cannot be split into pipeline stages"):
         pipeline_spec(nn.Linear(3, 3))
 

@@ -222,9 +222,15 @@ def _fake_mesh(tp: int) -> Mesh:
     return Mesh(1, tp, 1, 0, g["dp"], tp_g, g["pp"], g["mp"], g["world"])
 
 
-@pytest.mark.parametrize("tp,overrides,field",
-                         [(3, {}, "model.n_heads"), (4, {}, "model.n_kv_heads"),
-                          (4, {"n_kv_heads": 4, "ffn_hidden": 66}, "model.ffn_hidden")])
+_HEADS6 = {"n_heads": 6, "d_model": 48, "ffn_hidden": 96}
+
+
+@pytest.mark.parametrize("tp,overrides,field", [
+    (3, {}, "model.n_heads"),
+    # tp below the kv heads must divide them; above them, be a multiple of them
+    (2, {**_HEADS6, "n_kv_heads": 3}, "model.n_kv_heads = 3 is not divisible by parallel.tp = 2"),
+    (3, {**_HEADS6, "n_kv_heads": 2}, "model.n_kv_heads = 2 with parallel.tp = 3"),
+    (4, {"n_kv_heads": 4, "ffn_hidden": 66}, "model.ffn_hidden")])
 def test_non_divisible_sizes_are_config_errors(tp, overrides, field):
     with pytest.raises(ConfigError, match=field):
         apply_tensor_parallel(GPT(build_config("tiny", **overrides)), _fake_mesh(tp), GPT_PLAN)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from plait.checkpoint import store
+from plait.checkpoint.slices import SafetensorsFiles, load_entries
 from plait.checkpoint.snapshot import read_index
-from plait.checkpoint.state import DIVERGENT, Entry, Shards, _scatter_dp, raise_agreed
+from plait.checkpoint.state import DIVERGENT, Entry, Shards, _scatter_dp, named_params
 from plait.checkpoint.store import CheckpointError
 
 FORMAT = "plait-safetensors/1"
@@ -90,8 +91,6 @@ def load_safetensors(model, path: str | Path, mesh, model_cfg=None) -> None:
     `model`: a ParallelModel (its `module` keeps the original parameter names, also as a pipeline
     stage). Collective: one all-reduce over mesh.world to agree that every tensor fits.
     """
-    from safetensors import safe_open
-
     tensor_file, config_file = _paths(path)
     if not tensor_file.is_file():
         raise CheckpointError(f"safetensors file {str(tensor_file)!r} does not exist: give the "
@@ -104,37 +103,10 @@ def load_safetensors(model, path: str | Path, mesh, model_cfg=None) -> None:
                                   f"({e})") from e
         store.check_model(saved, model_cfg, config_file)
     entries: list[Entry] = Shards.local_entries(model.module, mesh)
-    problems = []
-    try:
-        handle = safe_open(str(tensor_file), framework="pt", device="cpu")
-    except Exception as e:  # noqa: BLE001 - a damaged header fails in several ways
-        raise CheckpointError(f"safetensors file {str(tensor_file)!r} cannot be read ({e}): it is "
-                              "damaged") from e
-    with handle as f:
-        keys = set(f.keys())
-        for e in entries:
-            if e.name not in keys:
-                problems.append(f"{tensor_file} has no tensor {e.name!r}")
-            elif tuple(f.get_slice(e.name).get_shape()) != e.global_shape:
-                problems.append(f"{tensor_file}: {e.name} has shape "
-                                f"{f.get_slice(e.name).get_shape()} there, {list(e.global_shape)} "
-                                "in this model")
-        raise_agreed(problems, mesh, "safetensors file does not fit this model")
-        params = dict(model.module.named_parameters())
-        with torch.no_grad():
-            for e in entries:
-                sl = f.get_slice(e.name)
-                dst = e.tensor
-                if e.split is not None:
-                    dim, full = e.split
-                    c = dst.shape[dim]
-                    lo = mesh.tp_index * c
-                    n = max(0, min(c, full - lo))
-                    index = [slice(None)] * dst.dim()
-                    index[dim] = slice(lo, lo + n)
-                    if n:
-                        dst.narrow(dim, 0, n).copy_(sl[tuple(index)])
-                else:
-                    dst.copy_(sl[:] if dst.dim() else f.get_tensor(e.name))
-                if e.name in params:
-                    _scatter_dp(params[e.name], dst, mesh)
+    with SafetensorsFiles([tensor_file]) as files:
+        load_entries(entries, files, mesh, {}, str(tensor_file),
+                     "safetensors file does not fit this model")
+    params = named_params(model.module)  # a tied copy under the embedding's name
+    for e in entries:
+        if e.name in params:
+            _scatter_dp(params[e.name], e.tensor, mesh)

@@ -22,12 +22,14 @@ from plait.checkpoint.state import (
     compressor_of,
     flatten,
     load_optimizer_state,
+    named_params,
     optimizer_slots,
     optimizer_state,
     raise_agreed,
     rng_state,
     scalars_into,
     set_rng_state,
+    settle,
     template,
     unflatten,
 )
@@ -69,8 +71,8 @@ def replica_prefix(strategy: str, mesh) -> str:
 
 
 def _names(module: torch.nn.Module) -> dict[int, str]:
-    # each parameter once, under its first name
-    return {id(p): n for n, p in module.named_parameters()}
+    # each parameter once, under its first name (a tied copy under the first stage's)
+    return {id(p): n for n, p in named_params(module).items()}
 
 
 def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
@@ -86,8 +88,8 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
     sd: dict = {}
     entries = shards.entries(tr.model.module)
     for e in entries:
-        sd[f"{pre}model/{e.name}"] = shards.wrap(keep(e.tensor), e.split)
-    split = {e.name: e.split for e in entries}
+        sd[f"{pre}model/{e.name}"] = shards.wrap(keep(e.tensor), e.split, e.parts)
+    by_name = {e.name: e for e in entries}
     names = _names(tr.model.module)
     opt = tr.optimizer.optimizer
     slots = optimizer_slots(opt)
@@ -98,7 +100,8 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
             key = f"{pre}optim/{name}/{k}"
             # one value per element
             if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
-                sd[key] = shards.wrap(keep(v), split[name])
+                e = by_name[name]
+                sd[key] = shards.wrap(keep(v), e.split, e.parts)
             else:
                 sd[key] = keep(v) if torch.is_tensor(v) else v
     for k, v in tr.state.state_dict().items():
@@ -140,9 +143,11 @@ def load_model(tr: Parts, shards: Shards, path: Path, prefix: str = "") -> None:
     entries = shards.entries(tr.model.module)
     raise_agreed(check_entries(entries, index, prefix, f"checkpoint {path}"), tr.mesh,
                  "checkpoint does not fit")
-    tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}
+    tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e.split, e.parts) for e in entries}
     dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
-    params = dict(tr.model.module.named_parameters())
+    for obj in tmpl.values():
+        settle(obj)
+    params = named_params(tr.model.module)
     for e in entries:
         if e.name in params:
             _scatter_dp(params[e.name], e.tensor, tr.mesh)
@@ -164,8 +169,8 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
     raise_agreed(check_entries(entries, index, pre, f"checkpoint {path}"), mesh,
                  "checkpoint does not fit this model")
     # loaded in place
-    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split) for e in entries}
-    split = {e.name: e.split for e in entries}
+    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split, e.parts) for e in entries}
+    by_name = {e.name: e for e in entries}
     shapes = {e.name: e.global_shape for e in entries}
     opt = tr.optimizer.optimizer
     slots = optimizer_slots(opt)
@@ -188,7 +193,8 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
                     # p.shape: the tp-local shape (for ZeRO-3 DTensors the shape gathered over dp)
                     local = torch.zeros(tuple(p.shape), dtype=md.properties.dtype,
                                         device=mesh.device)
-                    tmpl[key] = shards.wrap(local, split[name])
+                    e = by_name[name]
+                    tmpl[key] = shards.wrap(local, e.split, e.parts)
                     st[k] = local
                 else:  # a step count or another small value: loaded as saved
                     tmpl[key] = (torch.empty(md.size, dtype=md.properties.dtype)
@@ -203,8 +209,10 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
     else:
         tmpl.update(template(index, "rank0/compressor", tensors=False))
     dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
+    for obj in tmpl.values():
+        settle(obj)
 
-    params = dict(tr.model.module.named_parameters())
+    params = named_params(tr.model.module)
     for e in entries:
         if e.name in params:
             _scatter_dp(params[e.name], e.tensor, mesh)

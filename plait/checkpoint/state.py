@@ -14,7 +14,11 @@ Resharding. A tensor-parallel shard is saved as a DTensor on a 1-D DeviceMesh ov
 with placement Shard(dim) and the unpadded full shape as global shape: DTensor's chunks (ceil
 division, the last one short) are exactly plait's padded layout with the padding rows dropped, so
 DCP stores each shard once, as chunks of the full tensor, and a load under any tp size reads the
-overlapping chunks into each rank's shard, in place. Replicated tensors are plain tensors: every dp
+overlapping chunks into each rank's shard, in place. A shard of packed blocks (a fused q | k | v
+split per block, `plait_tp_parts`) is several ranges of the full tensor, one per block: it is
+saved as a ShardedTensor with one local shard per range (DCP reads and writes each range as a
+chunk of the full tensor, so such a checkpoint too reshards to any tp, and a tp = 1 run holds the
+whole tensor under the same key). Replicated tensors are plain tensors: every dp
 (and tp) replica offers the same key and DCP writes it once. Pipeline stages hold disjoint keys.
 Optimizer state goes through the same path per parameter: an optimizer that shards its own state
 (ZeRO) offers `full_state_dict()` / `load_full_state_dict()` in torch's layout over the full
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,6 +47,10 @@ import torch
 from plait.checkpoint.store import CheckpointError
 
 DIVERGENT = ("local_sgd", "diloco", "streaming_diloco")  # replicas differ between syncs
+# DCP warns on each ShardedTensor it plans; a shard of packed blocks is one on purpose (a DTensor
+# holds one range per rank)
+warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating "
+                        "ShardedTensor", category=FutureWarning)
 
 
 def layout_of(cfg, mesh) -> dict:
@@ -101,12 +110,15 @@ def template(metadata, prefix: str, tensors: bool = True) -> dict:
 # -- tensor-parallel shards as DTensors -----------------------------------------------------------
 @dataclass
 class Entry:
-    """One model tensor: its name, the tensor this rank holds,
-    its tp split (dim, unpadded size) or None."""
+    """One model tensor: its name, the tensor this rank holds, its tp split (dim, unpadded size)
+    or None, and the full sizes of its packed blocks along that dim (None: one contiguous split)."""
 
     name: str
     tensor: torch.Tensor
     split: tuple[int, int] | None
+    parts: tuple[int, ...] | None = None
+    # per packed block, its whole key/value heads when fewer than tp ranks hold them (replicated)
+    groups: tuple[int | None, ...] | None = None
 
     @property
     def global_shape(self) -> tuple[int, ...]:
@@ -114,6 +126,32 @@ class Entry:
         if self.split is not None:
             shape[self.split[0]] = self.split[1]
         return tuple(shape)
+
+    def pieces(self, tp_index: int, tp_size: int) -> list[tuple[int, int, int]]:
+        """This rank's ranges of the full tensor along the split dim (see `pieces`)."""
+        return pieces(self.split, self.parts, self.tensor.shape[self.split[0]], tp_index, tp_size,
+                      self.groups)
+
+
+def pieces(split: tuple[int, int], parts: tuple[int, ...] | None, local: int, tp_index: int,
+           tp_size: int, groups: tuple[int | None, ...] | None = None
+           ) -> list[tuple[int, int, int]]:
+    """(offset in the local tensor, offset in the full tensor, length) of each range of the full
+    tensor a tp rank holds along the split dim, `local` long there: one range of a contiguous split
+    (none on a rank holding only padding), else its 1/tp of each packed block in turn; a block of
+    g < tp whole key/value heads (`groups`), its kv head's 1/g (plait.tensor_parallel.layers)."""
+    _, full = split
+    if parts is None:
+        lo = tp_index * local
+        n = max(0, min(local, full - lo))
+        return [(0, lo, n)] if n else []
+    out, at_local, at_full = [], 0, 0
+    for block, g in zip(parts, groups or (None,) * len(parts)):
+        k = tp_size // g if g and g < tp_size else 1  # ranks holding the same piece
+        c = block * k // tp_size
+        out.append((at_local, at_full + tp_index // k * c, c))
+        at_local, at_full = at_local + c, at_full + block
+    return out
 
 
 class Shards:
@@ -144,17 +182,24 @@ class Shards:
         for name, p in module.named_parameters():
             if id(p) not in seen:
                 seen.add(id(p))
-                out.append(Entry(name, _dp_full(p, mesh), getattr(p, "plait_tp_shard", None)
-                                 if mesh.tp_size > 1 else None))
+                split = getattr(p, "plait_tp_shard", None) if mesh.tp_size > 1 else None
+                parts = getattr(p, "plait_tp_parts", None) if split is not None else None
+                groups = getattr(p, "plait_tp_groups", None) if parts is not None else None
+                out.append(Entry(checkpoint_name(name, p), _dp_full(p, mesh), split, parts,
+                                 groups))
         keys = set(module.state_dict().keys())
         out += [Entry(n, b, None) for n, b in module.named_buffers() if n in keys]
         return out
 
-    def wrap(self, local: torch.Tensor, split: tuple[int, int] | None) -> torch.Tensor:
-        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor;
-        `local` itself if whole."""
+    def wrap(self, local: torch.Tensor, split: tuple[int, int] | None,
+             parts: tuple[int, ...] | None = None):
+        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor, or for
+        packed blocks a ShardedTensor of its ranges; `local` itself if whole. After a load into
+        the result, `settle` it (a ShardedTensor may hold copies of `local`'s ranges)."""
         if split is None or self.mesh.tp_size == 1:
             return local
+        if parts is not None:
+            return self._ranges(local, split, parts)
         from torch.distributed.tensor import DTensor, Shard
 
         dim, full = split
@@ -166,6 +211,59 @@ class Shards:
         stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
         return DTensor.from_local(local.narrow(dim, 0, n), self.dm, [Shard(dim)], run_check=False,
                                   shape=torch.Size(shape), stride=tuple(stride))
+
+    def _ranges(self, local: torch.Tensor, split: tuple[int, int], parts: tuple[int, ...]):
+        """A ShardedTensor of the full tensor whose local shards are this rank's ranges of
+        `local` (views where contiguous, else copies, written back by `settle`)."""
+        from torch.distributed._shard.metadata import ShardMetadata
+        from torch.distributed._shard.sharded_tensor import (
+            Shard,
+            ShardedTensor,
+            ShardedTensorMetadata,
+        )
+        from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+        dim, full = split
+        mesh = self.mesh
+        shape = list(local.shape)
+        shape[dim] = full
+        metas, mine, copies = [], [], []
+        for j, rank in enumerate(mesh.tp.ranks):
+            for at_local, at_full, n in pieces(split, parts, local.shape[dim], j, mesh.tp_size):
+                offsets, sizes = [0] * len(shape), list(shape)
+                offsets[dim], sizes[dim] = at_full, n
+                md = ShardMetadata(offsets, sizes, f"rank:{rank}/{local.device}")
+                metas.append(md)
+                if j == mesh.tp_index:
+                    view = local.detach().narrow(dim, at_local, n)
+                    t = view if view.is_contiguous() else view.contiguous()
+                    if t is not view:
+                        copies.append((view, t))
+                    mine.append(Shard(t, md))
+        props = TensorProperties(dtype=local.dtype, requires_grad=False)
+        st = ShardedTensor._init_from_local_shards_and_global_metadata(
+            mine, ShardedTensorMetadata(metas, torch.Size(shape), props))
+        st.plait_copies = copies
+        return st
+
+
+def settle(obj) -> None:
+    """After a load into `Shards.wrap`'s result: copy ranges held as copies back into place."""
+    for view, t in getattr(obj, "plait_copies", ()):
+        view.copy_(t)
+
+
+def checkpoint_name(name: str, p: torch.Tensor) -> str:
+    """The name a parameter is saved under: its own, but a weight tied across the pipeline (an
+    embedding and the head's copy of it on the last stage, plait.pipeline.tied) is one tensor,
+    saved once under the first stage's name, as a one-stage model saves it, and loaded into both
+    copies (optimizer state too)."""
+    return getattr(p, "plait_tied", None) or name
+
+
+def named_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each parameter of `module` once, under its checkpoint name."""
+    return {checkpoint_name(n, p): p for n, p in module.named_parameters()}
 
 
 def _is_dtensor(t) -> bool:

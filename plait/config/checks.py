@@ -110,12 +110,6 @@ def check_hf_model(cfg: Config) -> None:
     if cfg.data.document_masking:
         raise ConfigError("data.document_masking = true with model.hf: not supported yet for "
                           "transformers models; set data.document_masking=false")
-    c = cfg.checkpoint
-    if cfg.parallel.tp > 1 and (c.every or c.every_minutes or c.init_from):
-        # a packed q | k | v shard (GPT-2's c_attn) is no contiguous chunk of the full tensor
-        raise ConfigError("checkpoints with model.hf and parallel.tp > 1: not supported yet (the "
-                          "saved shards assume contiguous splits); set checkpoint.every=0, "
-                          "checkpoint.every_minutes=0 and checkpoint.init_from=''")
 
 
 def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:

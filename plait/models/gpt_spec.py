@@ -16,7 +16,8 @@ from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, Plan, registe
 
 # Megatron's layout: q/k/v and gate/up split by output (heads, hidden units), o/down by input;
 # each attention / MLP enters the tp region once (`region`), so its column layers share one
-# backward all-reduce.
+# backward all-reduce. This table splits k/v by plain columns: for tp dividing model.n_kv_heads;
+# the spec's plan (`gpt_plan`) keeps whole kv heads for any tp.
 GPT_PLAN: Plan = (
     ("tok_emb", "vocab"),
     ("blocks.*.attn_norm", "replicate"),
@@ -35,15 +36,35 @@ GPT_PLAN: Plan = (
 )
 
 
+def gpt_plan(model: GPT) -> Plan:
+    """GPT_PLAN with k/v as `column@K`: whole key/value heads, replicated over tp / K ranks each
+    when tp > K (each rank holds the kv head its query heads read)."""
+    kv = f"column@{model.cfg.kv_heads}"
+    return tuple((p, kv if p.endswith((".k_proj", ".v_proj")) else s) for p, s in GPT_PLAN)
+
+
+def check_kv_heads(kv: int, kv_field: str, tp: int) -> None:
+    """ConfigError unless tp divides the key/value heads, or is a multiple of them (then each kv
+    head is replicated over tp / kv ranks, plait.tensor_parallel.layers)."""
+    if tp > kv and tp % kv:
+        raise ConfigError(f"{kv_field} = {kv} with parallel.tp = {tp}: tp above the key/value head "
+                          f"count must be a multiple of it (each kv head is then held by tp / {kv} "
+                          f"ranks); choose a parallel.tp that divides {kv} or is a multiple of it")
+    if tp <= kv and kv % tp:
+        raise ConfigError(f"{kv_field} = {kv} is not divisible by parallel.tp = {tp} (each tp "
+                          f"rank holds whole key/value heads): choose a parallel.tp that divides "
+                          f"{kv} or is a multiple of it")
+
+
 def check_tp(model: GPT, tp: int) -> None:
     """ConfigError naming the model field when the GPT cannot be split evenly over tp."""
     c = model.cfg
-    for field, v in (("model.n_heads", c.n_heads), ("model.n_kv_heads", c.kv_heads),
-                     ("model.ffn_hidden", c.ffn)):
+    for field, v in (("model.n_heads", c.n_heads), ("model.ffn_hidden", c.ffn)):
         if v % tp:
             raise ConfigError(f"{field} = {v} is not divisible by parallel.tp = {tp} (each tp rank "
                               f"holds 1/{tp} of them): set {field} to a multiple of {tp}, or a "
                               f"parallel.tp that divides {v}")
+    check_kv_heads(c.kv_heads, "model.n_kv_heads", tp)
 
 
 # -- the pipeline cut: embedding | each block | final norm + head ----------------------------------
@@ -74,11 +95,9 @@ def pipeline_cut(model: GPT) -> PipelineSpec:
     """Token embedding, each block (with the RoPE tables every stage keeps), final norm + head.
 
     A micro-batch's extra input (`positions`, GPT.forward's second argument) reaches each block
-    as `shared["extras"][0]`: RoPE at those positions and the document mask."""
-    if model.cfg.tie_embeddings:
-        raise ConfigError("model.tie_embeddings = true with parallel.pp > 1: the embedding (first "
-                          "stage) and the output head (last stage) cannot share one weight; set "
-                          "model.tie_embeddings=false")
+    as `shared["extras"][0]`: RoPE at those positions and the document mask. With
+    model.tie_embeddings the embedding and the head layer hold the same weight: the last stage
+    keeps a copy (plait.pipeline.tied)."""
     layers = [Layer(("tok_emb",), (model.tok_emb,), block=False)]
     layers += [Layer((f"blocks.{i}",), (b,), _rope_block) for i, b in enumerate(model.blocks)]
     layers.append(Layer(("norm", "lm_head"), (model.norm, model.lm_head), _norm_head, block=False))
@@ -88,7 +107,7 @@ def pipeline_cut(model: GPT) -> PipelineSpec:
 
 
 GPT_SPEC = ParallelSpec(
-    tp_plan=GPT_PLAN,
+    tp_plan=gpt_plan,
     check_tp=check_tp,
     pipeline_cut=pipeline_cut,
     block_types=(Block,),

@@ -4,6 +4,10 @@ forward, split by the spec their metadata gives (plait.models.hf_spec).
     model = load_causal_lm("path/to/dir", seed=0)     # config.json (+ model.safetensors)
     model(input_ids)                                  # (B, T) -> logits (B, T, V)
 
+For training, `build_for_training` gives the model on the meta device when the directory has
+weights, with the loader parallelize() runs once the model is split: each rank reads only its
+slices (plait.models.hf_weights).
+
 `CausalLM` only adapts the call: input_ids -> the model's own
 `forward(input_ids=..., position_ids=..., use_cache=False).logits`; the transformers modules are
 the ones that run, plait swaps layers inside them (tensor parallelism) or calls them stage by
@@ -17,19 +21,19 @@ without it, and `spec_of` finds a transformers model's spec through the finder r
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from plait.errors import ConfigError
+from plait.materialize import materialize
+from plait.mesh import Mesh
 from plait.models.gpt import GPTConfig
 from plait.models.hf_spec import hf_spec
+from plait.models.hf_weights import check_weights, weight_files, weights_loader
 from plait.parallel_spec import ParallelSpec, register_finder
-
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 class CausalLM(nn.Module):
@@ -78,49 +82,32 @@ def build_causal_lm(config) -> nn.Module:
                                             dtype=torch.float32)
 
 
-def load_weights(lm: nn.Module, path: str | Path) -> bool:
-    """Load `path`/model.safetensors (or the shards its index names) into `lm`; False if none.
-
-    Keys must match the model's; a tied output head may be missing from the file."""
-    d = Path(path)
-    if (d / WEIGHTS).is_file():
-        files = [d / WEIGHTS]
-    elif (d / INDEX).is_file():  # sharded: the files its weight map names
-        files = [d / f for f in sorted(set(json.loads((d / INDEX).read_text())["weight_map"]
-                                           .values()))]
-    else:
-        files = []
+def build_for_training(path: str | Path, seed: int
+                       ) -> tuple[CausalLM, Callable[[nn.Module, Mesh], None] | None]:
+    """(model, init_weights) for plait.parallelize: with weights in `path`, the model on the meta
+    device (checked against the files' headers) and the loader that fills this rank's part after
+    the split (plait.models.hf_weights); without, a random initialization from `seed` on the CPU,
+    the same on every rank, and None."""
+    config = read_config(path)
+    files = weight_files(path)
     if not files:
-        return False
-    from safetensors.torch import load_file
-
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = lm.load_state_dict(state, strict=False)
-    tied = {k for k in missing if _tied(lm, k)}
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ConfigError(f"model.hf = {str(path)!r}: the weights do not match config.json: "
-                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return True
-
-
-def _tied(lm: nn.Module, key: str) -> bool:
-    head = lm.get_output_embeddings()
-    return (head is not None and head.weight is lm.get_input_embeddings().weight
-            and key.endswith("weight") and key.rpartition(".")[0] in
-            {n for n, m in lm.named_modules() if m is head})
+        torch.manual_seed(seed)
+        return CausalLM(build_causal_lm(config)), None
+    with torch.device("meta"):
+        lm = build_causal_lm(config)
+    check_weights(lm, path, files)
+    return CausalLM(lm), weights_loader(lm, path, files)
 
 
 def load_causal_lm(path: str | Path, seed: int) -> CausalLM:
-    """The model of local directory `path`: its weights if it has model.safetensors, else a random
-    initialization from `seed` (the same on every rank)."""
-    config = read_config(path)
-    torch.manual_seed(seed)
-    lm = build_causal_lm(config)
-    load_weights(lm, path)
-    return CausalLM(lm)
+    """The model of local directory `path`, whole, on the CPU: its weights if it has
+    model.safetensors (or an index of shards), else a random initialization from `seed` (the same
+    on every rank)."""
+    model, init_weights = build_for_training(path, seed)
+    if init_weights is not None:
+        materialize(model, "cpu")
+        init_weights(model, Mesh.single())
+    return model
 
 
 def shape_of(config) -> GPTConfig:

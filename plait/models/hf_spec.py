@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from plait.errors import ConfigError
+from plait.models.gpt_spec import check_kv_heads
 from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, Plan
 
 # transformers' tp styles -> plait's; any other style is refused before the model changes
@@ -47,26 +48,32 @@ class Family:
     sequence_parallel: str | None = None  # why not, or None
     # the plan from the config instead of base_model_tp_plan (whose styles plait cannot map)
     own_plan: Callable[[object], tuple[tuple[str, str], ...]] | None = None
+    # column layers of whole key/value heads (under the decoder layers): `column@K`, replicated
+    # over tp / K ranks each when tp > K (plait.tensor_parallel.layers)
+    kv_projections: tuple[str, ...] = ()
 
 
 def _phi3_plan(c) -> tuple[tuple[str, str], ...]:
-    """Phi-3 packs q | k | v (with grouped-query attention k and v are smaller) and gate | up."""
+    """Phi-3 packs q | k | v (with grouped-query attention k and v are smaller: K whole heads
+    each) and gate | up."""
     e = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * e, c.num_key_value_heads * e
-    return (("layers.*.self_attn.qkv_proj", f"column/{q}+{kv}+{kv}"),
+    k = c.num_key_value_heads
+    q, kv = c.num_attention_heads * e, k * e
+    return (("layers.*.self_attn.qkv_proj", f"column/{q}+{kv}@{k}+{kv}@{k}"),
             ("layers.*.self_attn.o_proj", "row"),
             ("layers.*.mlp.gate_up_proj", "column/2"), ("layers.*.mlp.down_proj", "row"))
 
 
+# num_key_value_heads: tp divides it or is a multiple of it (check_kv_heads)
 _LLAMA_FIELDS = (("num_attention_heads", "attention heads"),
-                 ("num_key_value_heads", "key/value heads"),
                  ("intermediate_size", "MLP hidden units"))
+_LLAMA_KV = ("self_attn.k_proj", "self_attn.v_proj")
 
 
 _FAMILIES: dict[str, Family] = {
-    "llama": Family(tp_fields=_LLAMA_FIELDS),
+    "llama": Family(tp_fields=_LLAMA_FIELDS, kv_projections=_LLAMA_KV),
     # Gemma: Llama's layout, an embedding scaled by √hidden (kept under tp: after_tp), tied head
-    "gemma": Family(tp_fields=_LLAMA_FIELDS),
+    "gemma": Family(tp_fields=_LLAMA_FIELDS, kv_projections=_LLAMA_KV),
     "phi3": Family(tp_fields=_LLAMA_FIELDS, own_plan=_phi3_plan),
     "gpt2": Family(
         tp_fields=(("n_head", "attention heads"), ("n_inner", "MLP hidden units")),
@@ -111,6 +118,11 @@ def tp_plan(lm: nn.Module, root: str = "") -> Plan:
         entries[base + pattern] = STYLE_MAP[style]
     for pattern, style in (*fam.extra_plan, *(fam.own_plan(lm.config) if fam.own_plan else ())):
         entries[base + pattern] = style
+    kv = getattr(lm.config, "num_key_value_heads", None)
+    for proj in fam.kv_projections:
+        pattern = f"{base}{fam.layers}.*.{proj}"
+        if kv and entries.get(pattern) == "column":
+            entries[pattern] = f"column@{kv}"
     # a module holding column layers enters the tp region once for all of them
     for pattern, style in list(entries.items()):
         parent = pattern.rpartition(".")[0]
@@ -135,6 +147,9 @@ def check_tp(lm: nn.Module, tp: int) -> None:
             raise ConfigError(f"{kind} config.json: {field} = {v} ({what}) is not divisible by "
                               f"parallel.tp = {tp} (each tp rank holds 1/{tp} of them): choose a "
                               f"parallel.tp that divides {v}")
+    kv = getattr(c, "num_key_value_heads", None)
+    if kv is not None and kind != "gpt2":
+        check_kv_heads(kv, f"{kind} config.json: num_key_value_heads", tp)
     if kind == "gpt2" and tp > 1:
         for field in ("embd_pdrop", "resid_pdrop"):
             if getattr(c, field, 0.0):
@@ -148,8 +163,10 @@ def after_tp(lm: nn.Module, tp: int, embed_scale: float | None = None) -> None:
 
     GPT-2 splits c_attn's output at a stored width: this rank's third of it. Phi-3 slices its
     packed q | k | v at the config's head counts: each attention gets its own copy of the config
-    with this rank's counts (the model's config is left as it was). Gemma's embedding multiplies
-    its output by √hidden (`embed_scale`): the vocab-parallel embedding that replaced it does too.
+    with this rank's counts (the model's config is left as it was). Attention repeats each kv
+    head for `num_key_value_groups` query heads: this rank's H/tp query heads over its kv heads
+    (K/tp, or one replicated head when tp > K). Gemma's embedding multiplies its output by
+    √hidden (`embed_scale`): the vocab-parallel embedding that replaced it does too.
     """
     import copy
 
@@ -158,13 +175,16 @@ def after_tp(lm: nn.Module, tp: int, embed_scale: float | None = None) -> None:
     if kind == "gpt2":
         for block in base.get_submodule("h"):
             block.attn.split_size = block.attn.c_attn.weight.shape[1] // 3
-    if kind == "phi3" and tp > 1:
+    elif tp > 1:
+        c = lm.config
+        heads, kv = c.num_attention_heads // tp, max(1, c.num_key_value_heads // tp)
         for layer in base.get_submodule(fam.layers):
             attn = layer.self_attn
-            attn_cfg = copy.copy(attn.config)
-            attn_cfg.num_attention_heads = attn.config.num_attention_heads // tp
-            attn_cfg.num_key_value_heads = attn.config.num_key_value_heads // tp
-            attn.config, attn.num_key_value_heads = attn_cfg, attn_cfg.num_key_value_heads
+            attn.num_key_value_groups = heads // kv
+            if kind == "phi3":
+                attn_cfg = copy.copy(attn.config)
+                attn_cfg.num_attention_heads, attn_cfg.num_key_value_heads = heads, kv
+                attn.config, attn.num_key_value_heads = attn_cfg, kv
     emb = lm.get_input_embeddings()
     if embed_scale is not None and hasattr(emb, "output_scale"):  # replaced by the tp embedding
         emb.output_scale = embed_scale
@@ -210,13 +230,11 @@ class _Hidden:
 
 def pipeline_cut(lm: nn.Module, root: str = "", model: nn.Module | None = None) -> PipelineSpec:
     """Embeddings | each decoder layer (beside the rotary module) | final norm + head; `model`:
-    the module parallelize() gets (holding `lm` under `root`), whose state-dict keys are listed."""
+    the module parallelize() gets (holding `lm` under `root`), whose state-dict keys are listed.
+    A head tied to the embedding (tie_word_embeddings) is one weight in both layers: the last
+    stage keeps a copy (plait.pipeline.tied)."""
     kind, fam = family_of(lm)
     c = lm.config
-    if getattr(c, "tie_word_embeddings", False):
-        raise ConfigError(f"{kind} config.json: tie_word_embeddings = true with parallel.pp > 1: "
-                          "the embedding (first stage) and the output head (last stage) cannot "
-                          "share one weight yet; set tie_word_embeddings to false in config.json")
     impl = getattr(c, "_attn_implementation", None)
     if impl != "sdpa":
         raise ConfigError(f"{kind}: attention implementation {impl!r} with parallel.pp > 1: the "

@@ -19,6 +19,7 @@ from plait.pipeline.partition import (
     stage_keys,
 )
 from plait.pipeline.runtime import PipelineRunner
+from plait.pipeline.tied import tie_ends
 
 
 def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: Callable,
@@ -31,11 +32,14 @@ def build_pipeline(model: nn.Module, mesh: Mesh, cfg: ParallelConfig, loss_fn: C
     overrides the parameter-count balance (e.g. `measured_costs`, averaged over ranks first so
     that all agree). Returns (this rank's stage, its runner, the gatherer of the whole model's
     state dict). With tp > 1 and no sequence parallelism the runner sends 1/tp of each hidden
-    state and all-gathers it over tp on receipt (plait.pipeline.p2p.HiddenWire).
+    state and all-gathers it over tp on receipt (plait.pipeline.p2p.HiddenWire). A weight the
+    first and the last stage share (a tied embedding and head) is kept on both and marked for the
+    gradient sum over mesh.emb (plait.pipeline.tied).
     """
     p, v = mesh.pp_size, cfg.virtual_stages
     spec = pipeline_spec(model)
     stages = partition(spec, p, v, costs)
+    tie_ends(stages, p, mesh.pp_index)
     mine = [stages[c * p + mesh.pp_index] for c in range(v)]
     # the stage answers spec_of() with the model's spec: later steps find the blocks through it
     stage = PipelineStage(mine, spec.shared, mesh.pp_index, p, model_spec=spec_of(model))

@@ -165,11 +165,11 @@ def elementwise_bytes(shape: ModelShape, b: int, s: int, tp: int, sp: bool, dtyp
     half = e == 2
     tsp = tp if (sp and tp > 1) else 1
     bsh, bs = b * s * shape.d_model, b * s
-    ke = shape.kv_heads * shape.head_dim
+    ke = shape.kv_local(tp) * shape.head_dim  # this rank's k (a replicated head when tp > K)
     out = 2 * 28 * bsh / tsp + 2 * (8 + e) * bsh / tsp
-    out += (48 if half else 36) * (bsh + bs * ke) / tp
+    out += (48 if half else 36) * (bsh / tp + bs * ke)
     out += 2 * e * bsh / tp
-    if shape.kv_heads < shape.n_heads:
+    if shape.kv_local(tp) < shape.n_heads // tp:
         out += 2 * 2 * e * bsh / tp
     out += 5 * e * bs * shape.ffn / tp
     if half:
@@ -190,7 +190,7 @@ def block_times(
 ) -> BlockTimes:
     n = b * s
     D, E = shape.d_model, shape.head_dim
-    q, kv, f = shape.n_heads * E // tp, shape.kv_heads * E // tp, shape.ffn // tp
+    q, kv, f = shape.n_heads * E // tp, shape.kv_local(tp) * E, shape.ffn // tp
     linears = [(D, q), (D, kv), (D, kv), (q, D), (D, f), (D, f), (f, D)]  # (in, out) per rank
     g = rates.gemm
     fwd = sum(g(n, o, i) for i, o in linears)

@@ -18,7 +18,8 @@ s sequence, h width, F ffn, H heads, K kv heads, E head dim, t tp, e = 2 (bf16/f
     region inputs (the gathered norm outputs q/k/v and gate/up read)   e·bsh·c, c = 2, or 5 under
         autocast (each column layer casts the fp32 norm output to 16 bits itself)
     attention, none: q, k, v (GQA-expanded), output, reshaped output 5e·bsh/t + lse 4bHs/t
-    attention, selective: q, k, v (unexpanded), reshaped output  e(2bsh + 2bsKE)/t
+    attention, selective: q, k, v (unexpanded), reshaped output  e(2bsh + 2bsKE)/t (t > K: KE/t
+        is the one replicated kv head's E)
     SwiGLU: gate, silu(gate), up, product   4e·bsF/t
     autocast's 16-bit weight copies   2·W_block/t (16-bit only)
     full recomputation: the block input only, 4bsh/t_sp
@@ -133,7 +134,8 @@ def block_activation_bytes(
 ) -> int:
     """Saved bytes of one block for one micro-batch (the table in the module docstring)."""
     e = act_bytes(dtype)
-    h, F, H, KE = shape.d_model, shape.ffn, shape.n_heads, shape.kv_heads * shape.head_dim
+    h, F, H = shape.d_model, shape.ffn, shape.n_heads
+    KE = shape.kv_local(tp) * shape.head_dim * tp  # tp > K: each rank's replicated head
     tsp = tp if (sp and tp > 1) else 1
     bsh, bs = b * s * h, b * s
     if ac == "full":

@@ -2,10 +2,13 @@
 
 Pruning rules (each one plait enforces, or a statement of what is never faster):
 - dp·tp·pp = world (plait.mesh.check_layout);
-- tp divides model.n_heads, n_kv_heads and the ffn width (plait.tensor_parallel.plan.check_gpt)
-  and stays inside a node (tp divides gpus_per_node: its collectives are not overlapped);
+- tp divides model.n_heads and the ffn width, and divides n_kv_heads or is a multiple of it
+  (plait.models.gpt_spec.check_tp: above it kv heads are replicated, their weights counted on
+  every rank holding one), and stays inside a node (tp divides gpus_per_node: its collectives
+  are not overlapped);
 - pp·virtual_stages ≤ n_layers (plait.pipeline.partition: every stage holds a block); tied
-  embeddings only without a pipeline;
+  embeddings under a pipeline keep a copy of the embedding on the last stage (its memory is
+  counted there) and add an all-reduce of its gradient between the first and the last stage;
 - train.global_batch divisible by dp·micro_batch (config checks); with a pipeline m = global_batch /
   (dp·micro_batch) ≥ pp, and interleaved 1F1B needs m divisible by pp and has 2 ≤ v ≤ 8;
 - ZeRO 1-3 only with dp > 1 (at dp = 1 they are plain training); ZeRO-3 not with zb_h1
@@ -104,8 +107,8 @@ class Planner(StepTime):
             out.append(f"dp×tp×pp = {L.world} is not the world size {self.world}")
         if not sh.tp_ok(L.tp):
             out.append(
-                f"tp = {L.tp} does not divide n_heads {sh.n_heads}, n_kv_heads {sh.kv_heads} "
-                f"and ffn {sh.ffn}"
+                f"tp = {L.tp} does not divide n_heads {sh.n_heads} and ffn {sh.ffn}, or neither "
+                f"divides nor is a multiple of n_kv_heads {sh.kv_heads}"
             )
         if g % L.tp:
             out.append(f"tp = {L.tp} does not fit inside a node of {g} devices")
@@ -113,8 +116,6 @@ class Planner(StepTime):
             out.append(
                 f"pp × virtual_stages = {L.pp * L.virtual_stages} exceeds the {sh.n_layers} layers"
             )
-        if sh.tie_embeddings and L.pp > 1:
-            out.append("tied embeddings need pp = 1")
         if j.global_batch % (L.dp * L.micro_batch):
             out.append(
                 f"global batch {j.global_batch} is not divisible by dp × micro_batch = "
@@ -273,7 +274,7 @@ class Planner(StepTime):
                 continue
             for pp in divisors(self.world // tp):
                 dp = self.world // (tp * pp)
-                if pp > sh.n_layers or j.global_batch % dp or (sh.tie_embeddings and pp > 1):
+                if pp > sh.n_layers or j.global_batch % dp:
                     continue
                 scheds = (
                     [("1f1b", 1)]

@@ -8,9 +8,11 @@ resolves them) or from a Hugging Face `config.json` (`shape_from_hf_config`: the
 Symbols: L layers, D width, H query heads, K key/value heads, E = D/H head dim, F ffn width,
 V vocabulary (Vp: padded to a multiple of tp, as plait.tensor_parallel pads it), t tp size.
 
-Tensor-parallel shards (Megatron's layout, plait.tensor_parallel.plan.GPT_PLAN): q_proj H·E/t × D,
-k_proj / v_proj K·E/t × D, o_proj D × H·E/t, gate / up F/t × D, down D × F/t, the two RMSNorm
-weights D each (replicated); embedding and head Vp/t × D; final norm D.
+Tensor-parallel shards (Megatron's layout, plait.models.gpt_spec.gpt_plan): q_proj H·E/t × D,
+k_proj / v_proj K·E/t × D (t > K: one whole kv head, E × D, replicated over t/K ranks), o_proj
+D × H·E/t, gate / up F/t × D, down D × F/t, the two RMSNorm weights D each (replicated); embedding
+and head Vp/t × D; final norm D. A head tied to the embedding is one matrix without a pipeline,
+and a copy on the last stage with one (plait.pipeline.tied).
 
 Pipeline split (plait.pipeline.partition): layers = [embedding, block 0 .. block L−1, norm + head],
 each costing its parameter count in matrix-multiplying layers (the embedding costs 0), cut into
@@ -49,8 +51,12 @@ class ModelShape:
         """This tp rank's block parameters in registration order: attn_norm, q, k, v, o,
         mlp_norm, gate, up, down."""
         D, E = self.d_model, self.head_dim
-        q, kv, f = self.n_heads * E // tp, self.kv_heads * E // tp, self.ffn // tp
+        q, kv, f = self.n_heads * E // tp, self.kv_local(tp) * E, self.ffn // tp
         return [(D,), (q, D), (kv, D), (kv, D), (D, q), (D,), (f, D), (f, D), (D, f)]
+
+    def kv_local(self, tp: int = 1) -> int:
+        """Key/value heads per tp rank: K/t, or one (replicated over t/K ranks) when t > K."""
+        return max(1, self.kv_heads // tp)
 
     def block_params(self, tp: int = 1) -> int:
         return sum(math.prod(s) for s in self.block_shapes(tp))
@@ -97,8 +103,11 @@ class ModelShape:
             )
 
     def tp_ok(self, tp: int) -> bool:
-        """plait.tensor_parallel.plan.check_gpt: heads, kv heads and ffn width divisible by tp."""
-        return all(v % tp == 0 for v in (self.n_heads, self.kv_heads, self.ffn))
+        """plait.models.gpt_spec.check_tp: heads and ffn width divisible by tp, and tp a divisor
+        or a multiple of the kv heads."""
+        K = self.kv_heads
+        return (all(v % tp == 0 for v in (self.n_heads, self.ffn))
+                and (K % tp == 0 if tp <= K else tp % K == 0))
 
 
 def shape_from_config(cfg) -> ModelShape:

@@ -18,6 +18,10 @@ plait.planner.pipesim; after the pipeline, on the slowest pp rank:
 - the optimizer step: AdamW over the owned elements (GPUs: 40 bytes per element plus 16 per
   gradient element at memory bandwidth; CPUs: the calibrated cost per element and per tensor);
 - the gradient norm's scalar all-reduce (latency only);
+- shared gradients (plait.shared_grads): a tied embedding's copies summed between the first and
+  the last stage (one all-reduce of the embedding shard over 2 ranks on the pp link, 1/dp of it
+  under ZeRO), and kv heads replicated over tp (tp > K) summed per group (one all-reduce over tp
+  of K times the replicated k / v weights this rank steps);
 - a compressor or sync strategy (the config's, or `plait plan --low-comm`'s variants) replaces the
   dense exchange's time by plait.planner.lowcomm's.
 A group crosses nodes when its ranks (rank = (pp_i·dp + dp_i)·tp + tp_i) are not in one node.
@@ -38,7 +42,7 @@ from plait.planner.compute import (
 )
 from plait.planner.layout import Layout
 from plait.planner.lowcomm import exchange_s, strategy_s
-from plait.planner.memory import buckets
+from plait.planner.memory import buckets, rank_parts
 from plait.planner.shape import StagePart, rank_param_shapes, stage_parts
 
 
@@ -166,7 +170,8 @@ class StepTime:
             norm = scalar_allreduce_s(
                 L.world if L.zero else L.tp * L.pp, c.link(L.world > c.gpus_per_node)
             )
-            t = dp_s + gather_ag + opt + norm
+            shared = self._shared_s(L, r)
+            t = dp_s + gather_ag + opt + norm + shared
             if t >= worst:
                 worst, parts = (
                     t,
@@ -175,9 +180,24 @@ class StepTime:
                         "param_allgather_s": gather_ag,
                         "optimizer_s": opt,
                         "grad_norm_s": norm,
+                        "shared_grads_s": shared,
                     },
                 )
         return worst, parts
+
+    def _shared_s(self, L: Layout, r: int) -> float:
+        """pp rank r's sums of shared gradients (the module docstring), after the dp exchange."""
+        sh, c = self.shape, self.cluster
+        parts = rank_parts(sh, L.tp, L.pp, L.virtual_stages, r)
+        share = L.dp if (L.zero and L.dp > 1) else 1  # ZeRO: this rank's piece
+        out = 0.0
+        if sh.tie_embeddings and L.pp > 1 and any(pt.embedding or pt.head for pt in parts):
+            _, ppx = group_crosses(L.dp, L.tp, L.pp, c.gpus_per_node)
+            out += allreduce_s(4 * math.prod(sh.emb_shape(L.tp)) / share, 2, c.link(ppx))
+        if L.tp > sh.kv_heads:
+            n = sum(pt.blocks for pt in parts) * 2 * sh.head_dim * sh.d_model / share
+            out += allreduce_s(4 * sh.kv_heads * n, L.tp, c.link(False))
+        return out
 
     def _slack(self, L: Layout, costs, r: int) -> float:
         """From the start of pp rank r's last weight-gradient instruction to the pipeline's end:

@@ -55,18 +55,44 @@ def block_sizes(n: int, parts: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def shard_packed(t: torch.Tensor, dim: int, group: Group,
-                 parts: int | tuple[int, ...]) -> torch.Tensor:
+def holders(groups: int | None, tp: int) -> int:
+    """How many tp ranks hold each piece of a block of `groups` whole units (heads) under tp:
+    1 when tp ≤ groups (or None: no units), else tp / groups (each unit replicated)."""
+    return 1 if groups is None or tp <= groups else tp // groups
+
+
+def shard_packed(t: torch.Tensor, dim: int, group: Group, parts: int | tuple[int, ...],
+                 groups: tuple[int | None, ...] | None = None) -> torch.Tensor:
     """This rank's 1/t of each consecutive packed block of `t` along `dim` (`parts` equal blocks,
     or blocks of the given sizes), concatenated: a fused q | k | v weight, where every rank keeps
-    its heads' q, k and v (with grouped-query attention k and v are smaller than q)."""
+    its heads' q, k and v (with grouped-query attention k and v are smaller than q).
+
+    `groups[b]`: block b is that many whole units (key/value heads); with fewer units than tp
+    ranks, rank r keeps unit r // (tp / units), so consecutive ranks hold the same one."""
     sizes = block_sizes(t.shape[dim], parts)
-    bad = [b for b in sizes if b % group.size]
-    if bad:
-        raise ValueError(f"packed blocks of {sizes} rows along dim {dim}: {bad[0]} is not "
-                         f"divisible by the tp size {group.size}")
-    mine = [b.chunk(group.size, dim=dim)[group.rank] for b in t.split(sizes, dim=dim)]
+    groups = groups or (None,) * len(sizes)
+    mine = []
+    for b, g in zip(t.split(sizes, dim=dim), groups):
+        k = holders(g, group.size)
+        n = group.size // k  # distinct pieces of this block
+        if b.shape[dim] % n:
+            raise ValueError(f"packed block of {b.shape[dim]} rows along dim {dim} is not "
+                             f"divisible by the {n} pieces it is split into (tp = {group.size})")
+        mine.append(b.chunk(n, dim=dim)[group.rank // k])
     return torch.cat(mine, dim=dim).detach().clone()
+
+
+def replica_ranges(sizes: tuple[int, ...], groups: tuple[int | None, ...], tp: int,
+                   row: int) -> tuple[tuple[int, int, int], ...]:
+    """(first, end element, units) of each block held by several tp ranks, in the flattened local
+    tensor whose split dim is dim 0 with `row` elements per row (plait.shared_grads sums them)."""
+    out, at = [], 0
+    for size, g in zip(sizes, groups):
+        local = size * holders(g, tp) // tp
+        if holders(g, tp) > 1:
+            out.append((at * row, (at + local) * row, g))
+        at += local
+    return tuple(out)
 
 
 def _param(data: torch.Tensor, dim: int, full: int, requires_grad: bool = True) -> nn.Parameter:
@@ -99,6 +125,10 @@ class ColumnParallelLinear(nn.Module):
     `parts` > 1: the output is that many equal packed blocks (a fused q | k | v), each split over
     tp, so rank r holds block 0's r-th slice, then block 1's, ...; a tuple: blocks of those sizes
     (q | k | v under grouped-query attention). `plait_tp_parts` on the weight: the block sizes.
+    `groups`: per block, its number of whole units (key/value heads) or None; a block of fewer
+    units than tp ranks is replicated, rank r holding unit r // (tp / units) (shard_packed), and
+    the weight's `plait_tp_replica` lists those rows, whose gradient each holder gets only in part
+    (its own query heads' share): plait.shared_grads sums it over the holders before the step.
     `transposed`: the weight is kept as (in, out/t), the layout of the (in, out) matrix
     it came from (transformers' Conv1D), so state-dict shapes stay the model's; the split
     dimension is then 1.
@@ -106,7 +136,8 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, mesh: Mesh,
                  enter_region: bool = True, sequence_parallel: bool = False,
-                 padded_out: int | None = None, parts: int = 1, transposed: bool = False):
+                 padded_out: int | None = None, parts: int | tuple[int, ...] = 1,
+                 transposed: bool = False, groups: tuple[int | None, ...] | None = None):
         super().__init__()
         self.comm, self.group = mesh.comm, mesh.tp
         self.enter_region = enter_region
@@ -114,20 +145,29 @@ class ColumnParallelLinear(nn.Module):
         self.transposed = transposed
         full_out, self.in_features = weight.shape  # weight: (out, in)
         self.full_out_features = full_out
-        w = (shard_packed(weight, 0, mesh.tp, parts) if parts != 1
+        # a block of fewer units than tp ranks is replicated; else `groups` change nothing
+        packed = parts != 1 or any(holders(g, mesh.tp_size) > 1 for g in groups or ())
+        w = (shard_packed(weight, 0, mesh.tp, parts, groups) if packed
              else shard(weight, 0, mesh.tp, padded_out))
         self.out_features = w.shape[0]  # local: (padded) out / t
         self.weight = _param(w.t().contiguous() if transposed else w, 1 if transposed else 0,
                              full_out, weight.requires_grad)
         if bias is not None:
-            b = shard_packed(bias, 0, mesh.tp, parts) if parts != 1 else shard(bias, 0, mesh.tp,
-                                                                                 padded_out)
+            b = (shard_packed(bias, 0, mesh.tp, parts, groups) if packed
+                 else shard(bias, 0, mesh.tp, padded_out))
             self.bias = _param(b, 0, full_out)
         else:
             self.bias = None
-        for p in (self.weight, self.bias):
-            if p is not None and parts != 1:
-                p.plait_tp_parts = block_sizes(full_out, parts)
+        sizes = block_sizes(full_out, parts)
+        for p, row in ((self.weight, self.in_features), (self.bias, 1)):
+            if p is None or not packed:
+                continue
+            p.plait_tp_parts = sizes
+            replicas = replica_ranges(sizes, groups or (None,) * len(sizes), mesh.tp_size, row)
+            if replicas and transposed:
+                raise ValueError("replicated key/value heads of a transposed (Conv1D) weight")
+            if replicas:
+                p.plait_tp_groups, p.plait_tp_replica = groups, replicas
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, mesh: Mesh, **kw) -> ColumnParallelLinear:

@@ -9,6 +9,9 @@ Styles:
   it relies on the region's entry collective; elsewhere it applies f (or the SP all-gather) itself.
   `column/N`: the output is N equal packed blocks (a fused q | k | v), each split over tp;
   `column/A+B+C`: packed blocks of those sizes (q | k | v with fewer key/value heads).
+  `column@G` (or a block `A@G`): the output (the block) is G whole units, key/value heads: tp
+  must divide G or be a multiple of it; with tp > G each unit is held by tp/G consecutive ranks
+  (rank r: unit r // (tp/G)), whose gradients plait.shared_grads sums before the step.
 - `row`: nn.Linear -> RowParallelLinear (input features split; all-reduce, or SP reduce-scatter).
 - column and row also take a transposed linear: a module with `nf` and a weight of shape
   (in, nf), y = x·W + b (transformers' Conv1D); the split layer keeps that weight layout.
@@ -46,6 +49,7 @@ from plait.tensor_parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLoss,
+    holders,
     mark_replicated,
     padded_vocab,
 )
@@ -54,20 +58,37 @@ from plait.tensor_parallel.tp_comm import copy_to_tp, gather_seq
 STYLES = ("column", "row", "vocab", "region", "replicate")
 
 
-def _parse(style: str) -> tuple[str, int | tuple[int, ...]]:
-    """`column/3` -> ("column", 3); `column/64+16+16` -> ("column", (64, 16, 16)); any other
-    style -> (style, 1)."""
+Parsed = tuple[str, int | tuple[int, ...], tuple[int | None, ...] | None]
+
+
+def _units(term: str) -> tuple[str, int | None]:
+    """`64@2` -> ("64", 2); `64` -> ("64", None); a malformed count -> ("", None)."""
+    size, at, units = term.partition("@")
+    if not at:
+        return size, None
+    return (size, int(units)) if units.isdigit() and int(units) > 0 else ("", None)
+
+
+def _parse(style: str) -> Parsed:
+    """`column/3` -> ("column", 3, None); `column/64+16@2+16@2` -> ("column", (64, 16, 16),
+    (None, 2, 2)); `column@2` -> ("column", 1, (2,)); any other style -> (style, 1, None)."""
     base, _, parts = style.partition("/")
-    if base == "column" and parts.isdigit() and int(parts) >= 1:
-        return base, int(parts)
-    sizes = parts.split("+")
-    if base == "column" and len(sizes) > 1 and all(x.isdigit() and int(x) > 0 for x in sizes):
-        return base, tuple(int(x) for x in sizes)
-    if parts or base not in STYLES:
+    base, at, units = base.partition("@")
+    if base == "column" and at and not parts and units.isdigit() and int(units) > 0:
+        return base, 1, (int(units),)
+    if base == "column" and not at and parts.isdigit() and int(parts) >= 1:
+        return base, int(parts), None
+    terms = [_units(x) for x in parts.split("+")]
+    if (base == "column" and not at and len(terms) > 1
+            and all(x.isdigit() and int(x) > 0 for x, _ in terms)):
+        groups = tuple(g for _, g in terms)
+        return base, tuple(int(x) for x, _ in terms), (groups if any(groups) else None)
+    if parts or at or base not in STYLES:
         raise ConfigError(f"tensor-parallel plan: style {style!r}; choose one of {STYLES} (or "
                           "column/N for N equal packed output blocks, column/A+B+C for packed "
-                          "blocks of those sizes)")
-    return base, 1
+                          "blocks of those sizes, column@G or a block A@G for G whole key/value "
+                          "heads)")
+    return base, 1, None
 
 
 def _transposed_linear(mod: nn.Module) -> bool:
@@ -92,6 +113,8 @@ def matches(pattern: str, name: str) -> bool:
 def plan_for(model: nn.Module) -> Plan:
     """The plan table of the model's ParallelSpec (plait.parallel_spec); ConfigError without one."""
     plan = spec_of(model).tp_plan
+    if callable(plan):  # sizes read from the model (e.g. its key/value heads)
+        plan = plan(model)
     if plan is None:
         raise ConfigError(f"parallel.tp > 1: {type(model).__name__} has no tensor-parallel plan "
                           "(its ParallelSpec.tp_plan); call "
@@ -163,7 +186,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
     loss_fn: Callable = spec.loss
     for name, full_style in styled.items():
         mod = modules[name]
-        style, parts = _parse(full_style)
+        style, parts, groups = _parse(full_style)
         if style == "region":
             mod.register_forward_pre_hook(_region_hook(mesh, sp, name), with_kwargs=True)
             continue
@@ -171,7 +194,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
             continue
         if style == "column":
             enter = not any(name.startswith(r + ".") for r in regions)
-            kw = dict(enter_region=enter, sequence_parallel=sp, parts=parts)
+            kw = dict(enter_region=enter, sequence_parallel=sp, parts=parts, groups=groups)
             new = (ColumnParallelLinear.from_conv1d(mod, mesh, **kw) if _transposed_linear(mod)
                    else ColumnParallelLinear.from_linear(mod, mesh, **kw))
         elif style == "row":
@@ -201,7 +224,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
             if p is not None and hasattr(p, "plait_tp_shard"):
                 dim, full = p.plait_tp_shard
                 specs[f"{name}.{leaf}"] = (dim, full, p.shape[dim],
-                                           getattr(p, "plait_tp_parts", None))
+                                           getattr(p, "plait_tp_parts", None),
+                                           getattr(p, "plait_tp_groups", None))
     sharded = {id(p) for p in model.parameters() if hasattr(p, "plait_tp_shard")}
     for p in model.parameters():
         if id(p) not in sharded:
@@ -212,19 +236,30 @@ def apply_tensor_parallel(model: nn.Module, mesh: Mesh, plan: Plan | None = None
 
 
 def _check_entry(name: str, full_style: str, mod: nn.Module, tp: int) -> None:
-    style, parts = _parse(full_style)
+    style, parts, groups = _parse(full_style)
     if style in ("region", "replicate"):
         return
     if style in ("column", "row") and (isinstance(mod, nn.Linear) or _transposed_linear(mod)):
         n_in, n_out = ((mod.in_features, mod.out_features) if isinstance(mod, nn.Linear)
                        else tuple(mod.weight.shape))
         what, v = (("out_features", n_out) if style == "column" else ("in_features", n_in))
+        for g in groups or ():
+            if g is not None and (g % tp if tp <= g else tp % g):
+                raise ConfigError(f"tensor-parallel plan: {name} holds {g} whole key/value heads "
+                                  f"(@{g}): parallel.tp = {tp} must divide {g} or be a multiple "
+                                  f"of it")
+        if groups is not None and _transposed_linear(mod) and any(
+                holders(g, tp) > 1 for g in groups):
+            raise ConfigError(f"tensor-parallel plan: {name} is a transposed linear (Conv1D), "
+                              f"whose key/value heads cannot be replicated over parallel.tp = "
+                              f"{tp}: choose a tp that divides its heads")
         if isinstance(parts, tuple):
-            if sum(parts) != v or any(b % tp for b in parts):
+            if sum(parts) != v or any(b % (tp // holders(g, tp)) for b, g in
+                                      zip(parts, groups or (None,) * len(parts))):
                 raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} as packed blocks "
                                   f"{'+'.join(map(str, parts))}: the blocks must add up to {v} "
                                   f"and each be divisible by parallel.tp = {tp}")
-        elif v % (tp * parts):
+        elif v % ((tp // holders(groups[0], tp) if groups else tp) * parts):
             by = (f"{parts} packed blocks × parallel.tp = {tp}" if parts > 1
                   else f"parallel.tp = {tp}")
             raise ConfigError(f"tensor-parallel plan: {name}.{what} = {v} is not divisible by "
@@ -261,19 +296,22 @@ def _make_gatherer(specs: dict[str, tuple], mesh: Mesh):
             if spec is None or mesh.tp_size == 1:
                 out[key] = t
                 continue
-            dim, full, local, parts = spec
+            dim, full, local, parts, groups = spec
             if t.shape[dim] != local:
                 raise RuntimeError(f"{key}: local shape {tuple(t.shape)} does not match the tp "
                                    f"split ({local} along dim {dim})")
             moved = t.transpose(0, dim).contiguous()
-            buf = torch.empty((local * mesh.tp_size, *moved.shape[1:]), dtype=t.dtype,
-                              device=t.device)
+            n = mesh.tp_size
+            buf = torch.empty((local * n, *moved.shape[1:]), dtype=t.dtype, device=t.device)
             mesh.comm.all_gather(buf, moved, mesh.tp)
             if parts:  # rank-major (rank, block slices) -> block-major: q | k | v again
-                per_rank = buf.unflatten(0, (mesh.tp_size, local))
-                offs = [sum(parts[:i]) // mesh.tp_size for i in range(len(parts) + 1)]
-                buf = torch.cat([per_rank[:, a:b].flatten(0, 1)
-                                 for a, b in zip(offs, offs[1:])])
+                per_rank = buf.unflatten(0, (n, local))
+                # a replicated block (fewer kv heads than ranks): one holder of each piece
+                k = [holders(g, n) for g in groups or (None,) * len(parts)]
+                sizes = [b * kb // n for b, kb in zip(parts, k)]
+                offs = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+                buf = torch.cat([per_rank[::kb, a:b].flatten(0, 1)
+                                 for a, b, kb in zip(offs, offs[1:], k)])
             out[key] = buf[:full].transpose(0, dim).contiguous()
         return out
 

@@ -63,13 +63,16 @@ class Trainer:
         corpus = corpus if corpus is not None else load_corpus(cfg.data, cfg.model.vocab_size)
         self.corpus_source = corpus.source
         torch.manual_seed(t.seed)  # every rank builds the same full model, then keeps its part
-        model, self.model_cfg = build_model(cfg, corpus.vocab_size)  # model.hf, or plait's GPT
+        # model.hf, or plait's GPT; a model.hf with weights is built on the meta device and
+        # parallelize() fills this rank's part (init_weights)
+        model, self.model_cfg, init_weights = build_model(cfg, corpus.vocab_size)
         self.n_params = count_params(model)
         # LAMB / LARS trust ratios need whole-layer norms: summed over tp for tensor-parallel shards
         build_optimizer = optimizer_factory(cfg.optim, mesh.device,
                                             tensor_parallel_norm_reducer(mesh))
         self.model, self.optimizer = parallelize(model, build_optimizer, mesh,
-                                                 ParallelOptions.from_config(cfg))
+                                                 ParallelOptions.from_config(cfg),
+                                                 init_weights=init_weights)
         # gradient noise scale (metric critical_batch): needs two batch sizes, micro-batch < global
         # batch, and the exact global-batch gradient
         self.noise = (NoiseScaleMonitor(list(self.model.parameters()), mesh, t.micro_batch)
