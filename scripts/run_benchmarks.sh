@@ -16,6 +16,7 @@ has dp && run bench_dp $P bench dp --ranks 2,4 --preset 10m --reps 5 --steps 6 -
 has tp && run bench_tp $P bench tp --ranks 2,4 --preset 10m --reps 5 --steps 6 --json $OUT/bench_tp.json
 has pp && run bench_pp $P bench pp --ranks 2,4 --preset 10m --reps 5 --steps 2 --simulate --json $OUT/bench_pp.json
 has zero && run bench_zero $P bench zero --ranks 2 --preset 10m --reps 3 --steps 4 --json $OUT/bench_zero.json
+has hf && run bench_hf $P bench hf --ranks 2 --reps 5 --steps 5 --json $OUT/bench_hf.json
 has compression && run bench_compression_100mbit $P bench compression --bandwidth 100mbit --ranks 4 --preset tiny \
   --batch 4 --seq-len 64 --steps 60 --reps 1 --json $OUT/bench_compression_100mbit.json
 has compression && run bench_compression_1gbit $P bench compression --bandwidth 1gbit --ranks 4 --preset tiny \

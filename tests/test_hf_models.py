@@ -155,6 +155,18 @@ LAYOUTS = [
     ("tp2", "phi3_kv1", {"tp": 2}),
     ("dp2-tp2-zero1", "llama_kv1", {"dp": 2, "tp": 2, "zero": 1}),
     ("tp4", "llama", {"tp": 4}),
+    # the rest of the matrix: every family under dp2, tp2, pp2 (1F1B, ZB-H1), dp2 x tp2 ZeRO-1,
+    # tp2 x pp2 and dp2 ZeRO-3 (GPT-2 refuses sequence parallelism, tested below)
+    ("dp2", "gemma", {"dp": 2}),
+    ("pp2-zb_h1", "gemma", {"pp": 2, "schedule": "zb_h1"}),
+    ("dp2-zero3", "gemma", {"dp": 2, "zero": 3}),
+    ("dp2", "phi3", {"dp": 2}),
+    ("pp2-zb_h1", "phi3", {"pp": 2, "schedule": "zb_h1"}),
+    ("dp2-zero3", "phi3", {"dp": 2, "zero": 3}),
+    ("pp2-tp2", "llama", {"pp": 2, "tp": 2}),
+    ("pp2-tp2", "gemma", {"pp": 2, "tp": 2}),
+    ("pp2-tp2", "phi3", {"pp": 2, "tp": 2}),
+    ("dp2-tp2-zero1", "gemma", {"dp": 2, "tp": 2, "zero": 1}),
 ]
 
 

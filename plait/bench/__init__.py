@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("dp", "tp", "pp", "zero", "compression", "sync", "gpu")
+BENCHMARKS = ("dp", "tp", "pp", "zero", "compression", "sync", "gpu", "hf")
 
 
 def run_bench(what: str, argv: list[str]) -> int:
