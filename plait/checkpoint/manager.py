@@ -38,6 +38,12 @@ def root_of(cfg: Config, run_dir: Path | None) -> Path | None:
     return Path(run_dir) / "checkpoints" if run_dir is not None else None
 
 
+
+def _layout(saved: dict) -> str:
+    """A saved layout as the console names it: replicas when there were several."""
+    rep = f"replicas={saved['replicas']} " if saved.get("replicas", 1) > 1 else ""
+    return f"{rep}dp={saved['dp']} tp={saved['tp']} pp={saved['pp']}"
+
 class Checkpointer:
     """Saves and restores `parts` (plait.checkpoint.snapshot.Parts); `model_cfg` is recorded in the
     manifest and checked on resume (its shape-deciding fields must match)."""
@@ -178,10 +184,10 @@ class Checkpointer:
             why = ("its replicas differ between syncs" if saved["sync"] in DIVERGENT
                    else "it holds exchanges in flight, per rank")
             raise CheckpointError(f"checkpoint {str(path)!r} was saved with sync.strategy = "
-                                  f"{saved['sync']} under dp={saved['dp']} tp={saved['tp']} "
-                                  f"pp={saved['pp']}, and {why}: resume it with "
-                                  f"sync.strategy={saved['sync']} under the same layout ({keep}, "
-                                  f"parallel.bucket_mb={saved['bucket_mb']}, the same world size)")
+                                  f"{saved['sync']} under {_layout(saved)}, and {why}: resume it "
+                                  f"with sync.strategy={saved['sync']} under the same layout "
+                                  f"({keep}, parallel.bucket_mb={saved['bucket_mb']}, the same "
+                                  "world size)")
         same_optim = manifest.get("config", {}).get("optim", {}).get("name") == self.cfg.optim.name
         info = restore(tr, self.shards, path, manifest, same, with_optimizer=same_optim)
         step = tr.state.step
@@ -197,7 +203,7 @@ class Checkpointer:
                 notes.append(f"optim.name changed ({manifest['config']['optim']['name']} -> "
                              f"{self.cfg.optim.name}): the optimizer state starts fresh")
             print(f"plait: resuming from {path} (step {step}, {tr.state.samples} samples, saved "
-                  f"under dp={saved['dp']} tp={saved['tp']} pp={saved['pp']})"
+                  f"under {_layout(saved)})"
                   + "".join(f"; {n}" for n in notes), flush=True)
         mesh.comm.stats.reset_step(step)  # the loading traffic is no training step's
         return {"path": path, "step": step, "same_layout": same, **info}
