@@ -29,10 +29,12 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     best = 0.0
-    deadline = time.perf_counter() + seconds
     for _ in range(3):  # warm-up
         a @ b
-    while time.perf_counter() < deadline:
+    # the deadline starts after the warm-up and at least one timed round runs: on a loaded machine
+    # the warm-up alone can outlast `seconds`, and a peak of 0 would divide MFU by zero
+    deadline = time.perf_counter() + seconds
+    while best == 0.0 or time.perf_counter() < deadline:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
