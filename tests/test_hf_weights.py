@@ -43,7 +43,9 @@ PROBE = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0
 DIRS = {"llama": ("llama", {}, None), "llama_sharded": ("llama", {}, "20KB"),
         "gpt2": ("gpt2", {}, None), "gpt2_sharded": ("gpt2", {}, "20KB"),
         "gpt2_untied": ("gpt2", {"tie_word_embeddings": False}, None),
-        "phi3": ("phi3", {}, None), "gemma": ("gemma", {}, None)}
+        "phi3": ("phi3", {}, None), "gemma": ("gemma", {}, None),
+        # one key/value head: at tp 2 both ranks hold it (replicated inside the packed qkv_proj)
+        "phi3_kv1": ("phi3", {"num_key_value_heads": 1}, None)}
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +250,8 @@ LOADS = {  # name: (directory, parallel)
     "gpt2_sharded-tp2": ("gpt2_sharded", {"tp": 2}), "gpt2_untied-pp2": ("gpt2_untied", {"pp": 2}),
     "phi3-tp2": ("phi3", {"tp": 2}),
 }
-RESUMED = ("gpt2", "phi3")  # tp 2 runs saved at step 3, resumed under tp 2, dp 2 and tp 1
+# tp 2 runs saved at step 3, resumed under tp 2, dp 2, tp 1 and dp 2 x tp 2
+RESUMED = ("gpt2", "phi3", "phi3_kv1")
 EXPORTED = {  # name: (directory, parallel, steps): runs whose last checkpoint is exported
     "llama-pp2": ("llama", {"pp": 2}, 3), "gemma-tp2": ("gemma", {"tp": 2}, 2),
 }
@@ -337,8 +340,10 @@ def resumed_tp1(spawn, corpus_path, dirs):
 
 @pytest.mark.parametrize("family", RESUMED)
 def test_tp2_checkpoint_resumes_under_tp2_dp2_and_tp1(spawn, resumed_tp1, family):
-    """GPT-2 (tied, c_attn packed q | k | v) and Phi-3 (qkv_proj packed 64+32+32, gate_up_proj
-    packed): a tp 2 run stopped at step 3 continues as the uninterrupted run: under tp 2 exactly,
+    """GPT-2 (tied, c_attn packed q | k | v), Phi-3 (qkv_proj packed 64+32+32, gate_up_proj
+    packed) and Phi-3 with one key/value head (64+16+16, the k and v blocks replicated on both
+    tp ranks: one range of the full tensor offered by both, written once, read by both): a tp 2
+    run stopped at step 3 continues as the uninterrupted run: under tp 2 exactly,
     under dp 2, tp 1 and dp 2 × tp 2 ZeRO-1 (other reductions) within the parity tolerance:
     losses of steps 4 and 5 (the resharded weights, then the resharded Adam moments) and every
     final parameter (a packed block put back in the wrong place is a permuted tensor, far off)."""
@@ -367,6 +372,7 @@ EXPORTS = {  # name: (the run, its checkpoints folder, its model directory, --ma
     "gpt2-dp2": ("gpt2-dp2", "gpt2-ck-dp2", "gpt2", None),
     "phi3-tp2": ("phi3-save", "phi3-ck", "phi3", None),
     "phi3-dp2tp2": ("phi3-dp2tp2", "phi3-ck-dp2tp2", "phi3", None),
+    "phi3_kv1-tp2": ("phi3_kv1-save", "phi3_kv1-ck", "phi3_kv1", None),
     "llama-pp2": ("llama-pp2", "llama-pp2-ck", "llama", None),
     "gemma-tp2": ("gemma-tp2", "gemma-tp2-ck", "gemma", None),
 }

@@ -8,9 +8,10 @@ parameter within 1e-5 relative. Layouts of one world size share one spawn (world
 The same runs with the sums of the shared gradients switched off must fail that comparison:
 each copy then trains on a part of its gradient.
 
-Checkpoints of a tied pipeline save the weight once, under the embedding's name: a pp = 2 run
-resumes exactly, and its checkpoint continues the reference run at pp = 1, and a pp = 1
-checkpoint at pp = 2 (the last stage's copy and its optimizer state filled from it).
+Checkpoints of a tied pipeline save the weight once, under the embedding's name; those of a
+replicated key/value head save its range once and load it into every holder. Either split run
+resumes exactly, its checkpoint continues the reference in one process, and a one-process
+checkpoint continues it split (every copy and its optimizer state filled from it).
 """
 
 from __future__ import annotations
@@ -262,17 +263,7 @@ def test_planner_replicates_kv_heads_above_tp():
     assert odd.violations(Layout(dp=2, tp=2, pp=2, micro_batch=2))
 
 
-def test_checkpoints_with_replicated_kv_heads_are_refused(corpus_path):
-    from plait.train.model_setup import preflight
-
-    cfg = cfg_of(corpus_path, "kv1", tp=2)
-    preflight(from_dict(cfg))  # without checkpoints: fine
-    cfg["checkpoint"] = {"every": 2}
-    with pytest.raises(ConfigError, match="parallel.tp = 2 above model.n_kv_heads = 1"):
-        preflight(from_dict(cfg))
-
-
-# -- checkpoints of a tied pipeline ----------------------------------------------------------------
+# -- checkpoints of weights several ranks hold ----------------------------------------------------
 def _losses(run) -> list[float]:
     return [json.loads(x)["loss"] for x in (Path(run) / "metrics.jsonl").read_text().splitlines()
             if x.strip()]
@@ -285,7 +276,7 @@ def _with(d: dict, **sections) -> dict:
     return out
 
 
-def _tied_checkpoint_worker(cfg: dict, root: str, from_pp1: str) -> dict:
+def _checkpoint_worker(cfg: dict, root: str, from_one: str) -> dict:
     import torch.distributed as dist
 
     from plait.train import train
@@ -293,33 +284,42 @@ def _tied_checkpoint_worker(cfg: dict, root: str, from_pp1: str) -> dict:
     train(from_dict(cfg), f"{root}/whole")
     train(from_dict(_with(cfg, train={"exit_after_steps": 3})), f"{root}/split")
     dist.barrier()
-    if dist.get_rank() == 0:  # the pp = 2 checkpoint of step 3, for the pp = 1 run
-        shutil.copytree(f"{root}/split/checkpoints", f"{root}/pp2_ckpt")
+    if dist.get_rank() == 0:  # the split checkpoint of step 3, for the one-process run
+        shutil.copytree(f"{root}/split/checkpoints", f"{root}/split_ckpt")
     dist.barrier()
     train(from_dict(cfg), f"{root}/split")
-    train(from_dict(_with(cfg, checkpoint={"dir": from_pp1})), f"{root}/from_pp1")
+    train(from_dict(_with(cfg, checkpoint={"dir": from_one})), f"{root}/from_one")
     dist.barrier()
-    return {k: _losses(f"{root}/{k}") for k in ("whole", "split", "from_pp1")}
+    return {k: _losses(f"{root}/{k}") for k in ("whole", "split", "from_one")}
 
 
-def test_tied_pipeline_checkpoints_resume_and_reshard(corpus_path, tmp_path):
+@pytest.mark.parametrize("model,parallel", [("tied", {"pp": 2}), ("kv1", {"tp": 2}),
+                                            ("kv1", {"dp": 2, "tp": 2, "zero": 3})],
+                         ids=["tied-pp2", "kv1-tp2", "kv1-dp2-tp2-zero3"])
+def test_checkpoints_of_shared_weights_resume_and_reshard(corpus_path, tmp_path, model, parallel):
+    """tied-pp2: the embedding and the last stage's copy are saved once, under the embedding's
+    name. kv1-tp2: the one key/value head, replicated on both tp ranks, is one range of the full
+    tensor that both offer (written once) and both read back. Either way: the split run resumes
+    exactly, its step-3 checkpoint continues the reference in one process, and a one-process
+    checkpoint continues it in the split layout (every holder filled, optimizer state too).
+    Under ZeRO-3 the kv weights are also split over dp (gathered to save, scattered on load)."""
     from plait.train import train
 
     torch.set_num_threads(1)
-    base = _with(cfg_of(corpus_path, "tied"), train={"steps": 6})
-    pp1 = _with(base, parallel={"pp": 1})
-    train(from_dict(_with(pp1, train={"exit_after_steps": 3})), str(tmp_path / "pp1"))
-    got = run_ranks(_tied_checkpoint_worker, 2,
-                    args=(_with(base, parallel={"pp": 2}), str(tmp_path),
-                          str(tmp_path / "pp1" / "checkpoints")), timeout=600)
-    train(from_dict(_with(pp1, checkpoint={"dir": str(tmp_path / "pp2_ckpt")})),
-          str(tmp_path / "to_pp1"))
+    base = _with(cfg_of(corpus_path, model), train={"steps": 6})
+    one = _with(base, parallel={"dp": 1, "tp": 1, "pp": 1, "zero": 0})
+    train(from_dict(_with(one, train={"exit_after_steps": 3})), str(tmp_path / "one"))
+    got = run_ranks(_checkpoint_worker, _world(parallel),
+                    args=(_with(base, parallel=parallel), str(tmp_path),
+                          str(tmp_path / "one" / "checkpoints")), timeout=600)
+    train(from_dict(_with(one, checkpoint={"dir": str(tmp_path / "split_ckpt")})),
+          str(tmp_path / "to_one"))
     ref = parity.reference(base, DEVICE)["losses"]
     for r in got:
-        assert r["split"] == r["whole"], "the resumed pp = 2 run differs"
-        assert len(r["whole"]) == 6 and len(r["from_pp1"]) == 3
-    for name, losses in (("pp1 -> pp2", got[0]["from_pp1"]),
-                         ("pp2 -> pp1", _losses(tmp_path / "to_pp1"))):
+        assert r["split"] == r["whole"], "the resumed split run differs"
+        assert len(r["whole"]) == 6 and len(r["from_one"]) == 3
+    for name, losses in (("one -> split", got[0]["from_one"]),
+                         ("split -> one", _losses(tmp_path / "to_one"))):
         assert len(losses) == 3, (name, losses)
         for step, (a, b) in enumerate(zip(losses, ref[3:]), start=4):
             assert abs(a - b) / abs(b) <= TOL["loss"], f"{name}, step {step}: {a} vs {b}"

@@ -150,16 +150,6 @@ class Checkpointer:
                                   f"changed: remove or move {str(path)!r} to resume from an older "
                                   "checkpoint")
 
-    def _refuse_replicated_shards(self) -> None:
-        """A tp shard replicated over several ranks (key/value heads when tp exceeds their
-        number, plait.tensor_parallel.layers) is no chunk layout the checkpoint knows yet."""
-        if any(hasattr(p, "plait_tp_replica") for p in self.tr.model.module.parameters()):
-            raise CheckpointError(f"parallel.tp = {self.mesh.tp_size} is above the model's "
-                                  "key/value heads (model.n_kv_heads, or num_key_value_heads in "
-                                  "config.json), which are then replicated over tp ranks: "
-                                  "checkpoints of such a layout are not supported yet; choose a "
-                                  "parallel.tp that divides the key/value heads")
-
     def resume(self) -> dict | None:
         """Continue from the newest complete checkpoint under the root, if any (collective).
 
@@ -173,7 +163,6 @@ class Checkpointer:
                 self.init_weights(self.cfg.checkpoint.init_from)
             return None
         path, manifest = found
-        self._refuse_replicated_shards()
         store.check_model(manifest.get("model", {}), self.model_cfg, path / store.MANIFEST)
         here = layout_of(self.cfg, mesh)
         saved = {"replicas": 1, **manifest["layout"]}  # saved before parallel.replicas existed
@@ -211,7 +200,6 @@ class Checkpointer:
     def init_weights(self, source: str) -> None:
         """Initial weights from a plait checkpoint or a safetensors export
         (no optimizer state, step 0)."""
-        self._refuse_replicated_shards()
         if is_safetensors(source):
             load_safetensors(self.tr.model, source, self.mesh, self.model_cfg)
         else:
@@ -240,7 +228,6 @@ class Checkpointer:
 
         tr, mesh = self.tr, self.mesh
         step = tr.state.step
-        self._refuse_replicated_shards()
         self.wait()
         final, tmp = store.step_dir(self.root, step), store.tmp_dir(self.root, step)
         if final.exists():  # this very step is saved already (resumed and stopped again at once)

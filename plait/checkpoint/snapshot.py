@@ -88,7 +88,7 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
     sd: dict = {}
     entries = shards.entries(tr.model.module)
     for e in entries:
-        sd[f"{pre}model/{e.name}"] = shards.wrap(keep(e.tensor), e.split, e.parts)
+        sd[f"{pre}model/{e.name}"] = shards.wrap(keep(e.tensor), e)
     by_name = {e.name: e for e in entries}
     names = _names(tr.model.module)
     opt = tr.optimizer.optimizer
@@ -101,7 +101,7 @@ def collect(tr: Parts, shards: Shards, copy: bool = False) -> dict:
             # one value per element
             if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
                 e = by_name[name]
-                sd[key] = shards.wrap(keep(v), e.split, e.parts)
+                sd[key] = shards.wrap(keep(v), e)
             else:
                 sd[key] = keep(v) if torch.is_tensor(v) else v
     for k, v in tr.state.state_dict().items():
@@ -143,7 +143,7 @@ def load_model(tr: Parts, shards: Shards, path: Path, prefix: str = "") -> None:
     entries = shards.entries(tr.model.module)
     raise_agreed(check_entries(entries, index, prefix, f"checkpoint {path}"), tr.mesh,
                  "checkpoint does not fit")
-    tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e.split, e.parts) for e in entries}
+    tmpl = {f"{prefix}model/{e.name}": shards.wrap(e.tensor, e) for e in entries}
     dcp.load(tmpl, checkpoint_id=str(path), no_dist=single_process())
     for obj in tmpl.values():
         settle(obj)
@@ -169,7 +169,7 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
     raise_agreed(check_entries(entries, index, pre, f"checkpoint {path}"), mesh,
                  "checkpoint does not fit this model")
     # loaded in place
-    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e.split, e.parts) for e in entries}
+    tmpl = {f"{pre}model/{e.name}": shards.wrap(e.tensor, e) for e in entries}
     by_name = {e.name: e for e in entries}
     shapes = {e.name: e.global_shape for e in entries}
     opt = tr.optimizer.optimizer
@@ -194,7 +194,7 @@ def restore(tr: Parts, shards: Shards, path: Path, manifest: dict, same_layout: 
                     local = torch.zeros(tuple(p.shape), dtype=md.properties.dtype,
                                         device=mesh.device)
                     e = by_name[name]
-                    tmpl[key] = shards.wrap(local, e.split, e.parts)
+                    tmpl[key] = shards.wrap(local, e)
                     st[k] = local
                 else:  # a step count or another small value: loaded as saved
                     tmpl[key] = (torch.empty(md.size, dtype=md.properties.dtype)

@@ -18,8 +18,10 @@ overlapping chunks into each rank's shard, in place. A shard of packed blocks (a
 split per block, `plait_tp_parts`) is several ranges of the full tensor, one per block: it is
 saved as a ShardedTensor with one local shard per range (DCP reads and writes each range as a
 chunk of the full tensor, so such a checkpoint too reshards to any tp, and a tp = 1 run holds the
-whole tensor under the same key). Replicated tensors are plain tensors: every dp
-(and tp) replica offers the same key and DCP writes it once. Pipeline stages hold disjoint keys.
+whole tensor under the same key). A key/value head replicated over several tp ranks (tp above the
+number of kv heads) is the same range on each holder: written once, read by each. Replicated
+tensors are plain tensors: every dp (and tp) replica offers the same key and DCP writes it once.
+Pipeline stages hold disjoint keys.
 Optimizer state goes through the same path per parameter: an optimizer that shards its own state
 (ZeRO) offers `full_state_dict()` / `load_full_state_dict()` in torch's layout over the full
 (tp-local) parameters and is used through them; a plain torch optimizer through its state dict.
@@ -40,6 +42,7 @@ import random
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -191,18 +194,18 @@ class Shards:
         out += [Entry(n, b, None) for n, b in module.named_buffers() if n in keys]
         return out
 
-    def wrap(self, local: torch.Tensor, split: tuple[int, int] | None,
-             parts: tuple[int, ...] | None = None):
-        """`local` (this rank's padded chunk) as a DTensor of the unpadded full tensor, or for
-        packed blocks a ShardedTensor of its ranges; `local` itself if whole. After a load into
-        the result, `settle` it (a ShardedTensor may hold copies of `local`'s ranges)."""
-        if split is None or self.mesh.tp_size == 1:
+    def wrap(self, local: torch.Tensor, e: Entry):
+        """`local` (this rank's padded chunk of `e`'s tensor, or a same-shaped optimizer state) as
+        a DTensor of the unpadded full tensor, or for packed blocks a ShardedTensor of its ranges;
+        `local` itself if whole. After a load into the result, `settle` it (a ShardedTensor may
+        hold copies of `local`'s ranges)."""
+        if e.split is None or self.mesh.tp_size == 1:
             return local
-        if parts is not None:
-            return self._ranges(local, split, parts)
+        if e.parts is not None:
+            return self._ranges(local, e)
         from torch.distributed.tensor import DTensor, Shard
 
-        dim, full = split
+        dim, full = e.split
         c = local.shape[dim]
         # rows of real data: the last chunk may be short
         n = max(0, min(c, full - self.mesh.tp_index * c))
@@ -212,37 +215,45 @@ class Shards:
         return DTensor.from_local(local.narrow(dim, 0, n), self.dm, [Shard(dim)], run_check=False,
                                   shape=torch.Size(shape), stride=tuple(stride))
 
-    def _ranges(self, local: torch.Tensor, split: tuple[int, int], parts: tuple[int, ...]):
+    def _ranges(self, local: torch.Tensor, e: Entry):
         """A ShardedTensor of the full tensor whose local shards are this rank's ranges of
-        `local` (views where contiguous, else copies, written back by `settle`)."""
+        `local` (views where contiguous, else copies, written back by `settle`).
+
+        Its metadata covers the full tensor, each range once: a range several ranks hold (a
+        replicated kv head) is listed under its first holder, except on the holders, which list
+        it as their own: each offers it (the save writes one copy), each reads it back."""
+        import torch.distributed._shard.sharded_tensor as sht
         from torch.distributed._shard.metadata import ShardMetadata
-        from torch.distributed._shard.sharded_tensor import (
-            Shard,
-            ShardedTensor,
-            ShardedTensorMetadata,
-        )
         from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 
-        dim, full = split
+        dim, full = e.split
         mesh = self.mesh
         shape = list(local.shape)
         shape[dim] = full
+        held = partial(pieces, e.split, e.parts, local.shape[dim], tp_size=mesh.tp_size,
+                       groups=e.groups)
+        owner: dict[tuple[int, int], int] = {}  # (offset in the full tensor, length) -> tp rank
+        for j in range(mesh.tp_size):
+            for _, at_full, n in held(j):
+                owner.setdefault((at_full, n), j)
+        mine_at = {}
+        for at_local, at_full, n in held(mesh.tp_index):
+            owner[at_full, n], mine_at[at_full, n] = mesh.tp_index, at_local
         metas, mine, copies = [], [], []
-        for j, rank in enumerate(mesh.tp.ranks):
-            for at_local, at_full, n in pieces(split, parts, local.shape[dim], j, mesh.tp_size):
-                offsets, sizes = [0] * len(shape), list(shape)
-                offsets[dim], sizes[dim] = at_full, n
-                md = ShardMetadata(offsets, sizes, f"rank:{rank}/{local.device}")
-                metas.append(md)
-                if j == mesh.tp_index:
-                    view = local.detach().narrow(dim, at_local, n)
-                    t = view if view.is_contiguous() else view.contiguous()
-                    if t is not view:
-                        copies.append((view, t))
-                    mine.append(Shard(t, md))
+        for (at_full, n), j in sorted(owner.items()):
+            offsets, sizes = [0] * len(shape), list(shape)
+            offsets[dim], sizes[dim] = at_full, n
+            md = ShardMetadata(offsets, sizes, f"rank:{mesh.tp.ranks[j]}/{local.device}")
+            metas.append(md)
+            if j == mesh.tp_index:
+                view = local.detach().narrow(dim, mine_at[at_full, n], n)
+                t = view if view.is_contiguous() else view.contiguous()
+                if t is not view:
+                    copies.append((view, t))
+                mine.append(sht.Shard(t, md))
         props = TensorProperties(dtype=local.dtype, requires_grad=False)
-        st = ShardedTensor._init_from_local_shards_and_global_metadata(
-            mine, ShardedTensorMetadata(metas, torch.Size(shape), props))
+        st = sht.ShardedTensor._init_from_local_shards_and_global_metadata(
+            mine, sht.ShardedTensorMetadata(metas, torch.Size(shape), props))
         st.plait_copies = copies
         return st
 

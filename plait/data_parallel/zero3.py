@@ -58,7 +58,7 @@ from plait.parallel_spec import blocks_of
 
 # plait's marks on a parameter (tp layout, tied copies, kv replicas), kept across FSDP2's swap
 _ATTRS = ("plait_tp_replicated", "plait_tp_shard", "plait_tp_grad_hook", "plait_tp_parts",
-          "plait_tp_replica", "plait_tied", "plait_tied_copy")
+          "plait_tp_groups", "plait_tp_replica", "plait_tied", "plait_tied_copy")
 
 
 def _is_dtensor(t) -> bool:

@@ -72,32 +72,8 @@ def preflight(cfg: Config) -> None:
                           "parallel.sequence_parallel=false")
     if p.tp > 1 and spec.check_tp is not None:
         spec.check_tp(model, p.tp)
-    if p.tp > 1:
-        _check_kv_checkpoints(cfg, model)
     if p.pp > 1:
         partition(pipeline_spec(model), p.pp, p.virtual_stages)
-
-
-def _check_kv_checkpoints(cfg: Config, model: nn.Module) -> None:
-    """Checkpoints do not hold key/value heads replicated over tp ranks yet (tp above the model's
-    kv heads, plait.tensor_parallel.layers): refused before the run, naming both fields."""
-    if cfg.model.hf:
-        c = model.lm.config
-        kv = getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", 0)
-        field = "config.json's num_key_value_heads"
-    else:
-        kv, field = model.cfg.kv_heads, "model.n_kv_heads"
-    c, t = cfg.checkpoint, cfg.train
-    saves = [k for k, v in (("checkpoint.every", c.every),
-                            ("checkpoint.every_minutes", c.every_minutes),
-                            ("checkpoint.init_from", c.init_from),
-                            ("train.exit_after_steps", t.exit_after_steps),
-                            ("train.exit_after_minutes", t.exit_after_minutes)) if v]
-    if kv and cfg.parallel.tp > kv and saves:
-        raise ConfigError(f"{saves[0]} with parallel.tp = {cfg.parallel.tp} above {field} = {kv}: "
-                          "checkpoints of key/value heads replicated over tensor-parallel ranks "
-                          f"are not supported yet; set parallel.tp <= {kv}, or turn checkpoints "
-                          f"off ({saves[0]})")
 
 
 def advice(cfg: Config) -> list[str]:
