@@ -67,9 +67,11 @@ def step_batches(cfg_dict: dict) -> list[list[tuple[torch.Tensor, torch.Tensor]]
     """Each step's global batch in micro-batches, in plait's data order."""
     cfg = from_dict(cfg_dict)
     t = cfg.train
-    data = load_corpus(cfg.data, 0).sampler("train", t.seq_len, t.seed)
+    data = load_corpus(cfg.data, 0).sampler("train", t.seq_len, t.seed,
+                                            document_masking=cfg.data.document_masking)
     m = t.micro_batch
-    return [[data.batch(s * t.global_batch + k * m, m)[:2] for k in range(t.global_batch // m)]
+    # (x, y), or (x, y, positions in their documents) under data.document_masking
+    return [[data.batch(s * t.global_batch + k * m, m) for k in range(t.global_batch // m)]
             for s in range(t.steps)]
 
 
@@ -80,7 +82,9 @@ def reference(model_dir: str, steps: list, seed: int, lr: float = 1e-2, clip: fl
     token losses over the global batch divided by its token count.
 
     `cast`: a 16-bit exchange of `ranks` data-parallel ranks written out: each rank's gradient of
-    its contiguous share of the micro-batches cast to `cast`, summed in that type, cast back."""
+    its contiguous share of the micro-batches cast to `cast`, summed in that type, cast back.
+    Micro-batches with positions (data.document_masking) get them as `position_ids` and an
+    explicit block-diagonal causal mask built here (True: attend)."""
     torch.set_num_threads(1)
     config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(seed)
@@ -93,14 +97,21 @@ def reference(model_dir: str, steps: list, seed: int, lr: float = 1e-2, clip: fl
            else torch.optim.SGD(groups, lr=lr, momentum=0.0))
     losses, norms = [], []
     for mbs in steps:
-        tokens = sum(y.numel() for _, y in mbs)
+        tokens = sum(int((mb[1] != -100).sum()) for mb in mbs)  # trained targets
         total = 0.0
         shares = [mbs] if cast is None else [mbs[len(mbs) * r // ranks:len(mbs) * (r + 1) // ranks]
                                              for r in range(ranks)]
         summed = None
         for share in shares:
-            for x, y in share:
-                logits = lm(input_ids=x.to(DEVICE)).logits
+            for x, y, *pos in share:
+                kw = {}
+                if pos:
+                    doc = (pos[0] == 0).cumsum(-1)  # each token's document number
+                    T = x.shape[1]
+                    causal = torch.ones(T, T, dtype=torch.bool).tril()
+                    kw = {"position_ids": pos[0].to(DEVICE), "attention_mask": (
+                        causal & (doc[:, :, None] == doc[:, None, :]))[:, None].to(DEVICE)}
+                logits = lm(input_ids=x.to(DEVICE), **kw).logits
                 loss = F.cross_entropy(logits.flatten(0, 1), y.to(DEVICE).flatten(),
                                        reduction="sum") / tokens
                 loss.backward()

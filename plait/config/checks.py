@@ -107,9 +107,6 @@ def check_hf_model(cfg: Config) -> None:
     if shape:
         raise ConfigError(f"model.hf = {m.hf!r} with model.{shape[0]} set: the model's shape comes "
                           f"from its config.json; unset model.{shape[0]}")
-    if cfg.data.document_masking:
-        raise ConfigError("data.document_masking = true with model.hf: not supported yet for "
-                          "transformers models; set data.document_masking=false")
 
 
 def check_compression(c: CompressionConfig | None, *, onebit: bool = False) -> None:

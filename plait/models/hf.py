@@ -30,22 +30,37 @@ import torch.nn as nn
 from plait.errors import ConfigError
 from plait.materialize import materialize
 from plait.mesh import Mesh
-from plait.models.gpt import GPTConfig
+from plait.models.gpt import GPTConfig, document_mask
 from plait.models.hf_spec import hf_spec
 from plait.models.hf_weights import check_weights, weight_files, weights_loader
 from plait.parallel_spec import ParallelSpec, register_finder
 
 
 class CausalLM(nn.Module):
-    """A transformers causal LM as plait calls a model: `(input_ids) -> logits`."""
+    """A transformers causal LM as plait calls a model: `(input_ids[, positions]) -> logits`.
+
+    `positions` (B, T): each token's position in its document (data.document_masking). They go
+    to the model as `position_ids` (RoPE, learned positions restart per document) with the
+    block-diagonal causal mask of the documents as a 4-D boolean `attention_mask` (True: attend),
+    which transformers hands to SDPA as given. Built here over the whole sequence, so it also
+    holds under sequence parallelism, where the model's own mask builder would see 1/tp of it."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            return self.lm(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+        impl = getattr(self.lm.config, "_attn_implementation", None)
+        if impl != "sdpa":
+            raise ConfigError(f"data.document_masking with a transformers model using attention "
+                              f"{impl!r}: the document mask is an SDPA boolean mask; build the "
+                              "model with attn_implementation='sdpa'")
+        return self.lm(input_ids=input_ids, position_ids=positions,
+                       attention_mask=document_mask(positions), use_cache=False).logits
 
     def parallel_spec(self) -> ParallelSpec:
         return hf_spec(self.lm, "lm.", self)

@@ -13,8 +13,9 @@ The pipeline cut: the embeddings (GPT-2: plus the learned positions `wpe`) | eac
 final norm + head. What the model computes once at model level each stage computes for its own
 micro-batch: rotary cos / sin by the model's own `rotary_emb` module (kept beside each decoder
 layer, it has no persistent state), and the causal mask, which under SDPA without padding is
-None (SDPA's is_causal). Nothing here imports transformers: the model is read through its
-attributes.
+None (SDPA's is_causal), or under data.document_masking the block-diagonal mask of the
+micro-batch's documents (their positions, the batch's extra input). Nothing here imports
+transformers: the model is read through its attributes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from plait.errors import ConfigError
+from plait.models.gpt import document_mask
 from plait.models.gpt_spec import check_kv_heads
 from plait.parallel_spec import Layer, ParallelSpec, PipelineSpec, Plan
 
@@ -192,7 +194,11 @@ def after_tp(lm: nn.Module, tp: int, embed_scale: float | None = None) -> None:
 
 # -- the pipeline cut ---------------------------------------------------------------------------
 def _positions(shared, device) -> torch.Tensor:
-    return torch.arange(shared["seq_len"], device=device).unsqueeze(0)  # (1, T)
+    """The micro-batch's positions: in their documents under data.document_masking (its extra
+    input, (B, T)), else 0 … T − 1 (1, T)."""
+    if shared.get("extras"):
+        return shared["extras"][0]
+    return torch.arange(shared["seq_len"], device=device).unsqueeze(0)
 
 
 def _embed(mods, x, shared):
@@ -208,11 +214,13 @@ def _decoder_layer(mods, x, shared):
         pos = _positions(shared, x.device)
         shared["_hf_pos"] = pos
         shared["_hf_rope"] = rotary(x, pos) if rotary is not None else None
+        # documents of a packed sequence: SDPA with the block-diagonal causal mask (True:
+        # attend) the whole model's forward builds from such positions; else SDPA's is_causal
+        shared["_hf_mask"] = document_mask(pos) if shared.get("extras") else None
     kw = {"position_ids": shared["_hf_pos"]}
     if shared["_hf_rope"] is not None:
         kw["position_embeddings"] = shared["_hf_rope"]
-    # SDPA without padding: no mask, SDPA's is_causal
-    return layer(x, attention_mask=None, **kw)
+    return layer(x, attention_mask=shared["_hf_mask"], **kw)
 
 
 def _norm_head(mods, x, shared):
