@@ -104,7 +104,7 @@ def run_cases(cases: list[tuple[str, dict]], device: str = "cpu") -> dict:
 
 
 PLAIN = {"optim.name": ("adamw", "sgd"), "compression.name": ("none",),
-         "sync.strategy": ("every_step",), "train.dtype": ("fp32", "bf16"),
+         "sync.strategy": ("every_step", "delayed"), "train.dtype": ("fp32", "bf16"),
          "train.batch_rampup_samples": (0,), "optim.scale_lr_with_batch": (False,)}
 
 
@@ -118,9 +118,14 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
     loss is summed over its trained targets and divided by the global batch's count of them,
     counted here; the model gets the documents' positions.
 
+    sync.strategy = delayed (stale gradients, sync.delay = τ): step t's gradient is kept and the
+    update of step t uses step t − τ's (the first τ steps do not update); the run's last step
+    applies every kept gradient in order. Clipping is on the gradient applied.
+
     Returns per-step losses (the global batch's mean token loss) and gradient norms (before
-    clipping; None without clipping), every parameter after the last step, and the validation
-    loss over the first train.val_samples validation sequences.
+    clipping, of the last gradient applied; None without clipping or without an update), every
+    parameter after the last step, and the validation loss over the first train.val_samples
+    validation sequences.
     """
     for key, ok in PLAIN.items():
         sec, name = key.split(".")
@@ -146,6 +151,8 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
     data = corpus.sampler("train", t.seq_len, t.seed, document_masking=masking)
     G, m, n = t.global_batch, t.micro_batch, steps or t.steps
     losses, norms = [], []
+    delay = cfg.sync.delay if cfg.sync.strategy == "delayed" else 0
+    kept: list[list[torch.Tensor | None]] = []  # gradients not applied yet (oldest first)
     for step in range(n):
         if o.warmup_steps and step < o.warmup_steps:  # linear warm-up, then the decay, by hand
             f = (step + 1) / o.warmup_steps
@@ -169,10 +176,21 @@ def plain_reference(cfg: Config, device: str = "cpu", steps: int | None = None) 
                                    ignore_index=-100) / trained
             loss.backward()
             total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
-                     if o.grad_clip > 0 else None)
-        opt.step()
-        opt.zero_grad()
+        kept.append([p.grad for p in params])
+        opt.zero_grad(set_to_none=True)
+        applied = kept[:1] if len(kept) > delay else []
+        if step == t.steps - 1:  # the run's last step: everything still kept
+            applied = list(kept)
+        del kept[:len(applied)]
+        norm = None
+        for grads in applied:
+            for p, g in zip(params, grads):
+                p.grad = g
+            if o.grad_clip > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        norms.append(norm)
         losses.append(total)
     val = None
     if t.val_samples and len(corpus.val) > t.seq_len:
