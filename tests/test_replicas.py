@@ -295,3 +295,63 @@ def test_checkpoints_reshard_between_replicas_and_dp(resharded, ref):
     for s in (s_r2, s_dp4):
         assert s["comm_bytes_intra_per_step"] + s["comm_bytes_inter_per_step"] == \
             pytest.approx(s["comm_bytes_per_step"])
+
+
+# -- the replica exchange's order (no processes) ----------------------------------------------
+class _Flight:
+    """A fake in-flight collective whose completion the test decides."""
+
+    def __init__(self, log: list, name: str):
+        self.log, self.name, self.complete = log, name, False
+
+    def is_completed(self) -> bool:
+        return self.complete
+
+    def wait(self) -> None:
+        self.log.append(("wait", self.name))
+
+
+def test_replica_exchanges_start_during_backward_in_bucket_order():
+    """Bucket k's replica exchange starts at a later bucket's hook once k's dp sum is complete
+    (overlapping backward), never before an earlier bucket's; at the step every queued one starts
+    before any exchange's later phase runs, whatever each rank saw complete: the order of the
+    collectives on each group is the same on every rank."""
+    from plait.compression.base import Compressor, Pending
+    from plait.data_parallel.replicas import TwoLevelExchange
+
+    log: list = []
+
+    class Comm:
+        flights: list = []
+
+        def all_reduce(self, flat, group, async_op):
+            f = _Flight(log, f"dp{len(self.flights)}")
+            self.flights.append(f)
+            log.append(("dp", len(self.flights) - 1))
+            return f
+
+    class Outer(Compressor):
+        def exchange(self, key, flat, views):
+            log.append(("rep start", key))
+            return Pending(None, lambda: log.append(("rep later phase", key)))
+
+    comm = Comm()
+    two = TwoLevelExchange(Outer(), rep=None, comm=comm).bind(None, comm)
+    t = torch.zeros(1)
+    h0 = two.exchange(0, t, [t])
+    comm.flights[0].complete = False
+    h1 = two.exchange(1, t, [t])  # bucket 0 still in flight: nothing starts
+    comm.flights[1].complete = True  # bucket 1 done before bucket 0: still waits for 0
+    h2 = two.exchange(2, t, [t])
+    assert [e for e in log if e[0] == "rep start"] == []
+    comm.flights[0].complete = True
+    h3 = two.exchange(3, t, [t])  # buckets 0 and 1 start now, during backward
+    assert log[-5:] == [("wait", "dp0"), ("rep start", 0), ("wait", "dp1"), ("rep start", 1),
+                        ("dp", 3)], log
+    for h in (h0, h1, h2, h3):  # the optimizer step waits in bucket order
+        h.wait()
+    starts = [i for i, e in enumerate(log) if e[0] == "rep start"]
+    later = [i for i, e in enumerate(log) if e[0] == "rep later phase"]
+    assert [log[i][1] for i in starts] == [0, 1, 2, 3]
+    assert max(starts) < min(later), log  # every start before any later phase
+    assert [log[i][1] for i in later] == [0, 1, 2, 3]

@@ -3,11 +3,13 @@ then the replica exchange (`mesh.rep`, the one that crosses nodes) with its own 
 
 Communication contract, per gradient bucket, in bucket order on every rank:
 - dp > 1: the bucket is all-reduced (SUM, dense, fp32) over `mesh.dp` from the reducer's hooks
-  during backward, as in plain data parallelism (`TwoLevelExchange`); when `finish()` waits the
-  bucket (at the optimizer step), the configured compressor exchanges the dp-summed bucket over
-  `mesh.rep` (a plain all-reduce without [compression]) and waits for it. So the replica
-  exchange of bucket k starts once bucket k's dp exchange is done, and the replica exchanges do
-  not overlap backward: they run one after the other at the optimizer step.
+  during backward, as in plain data parallelism (`TwoLevelExchange`); then the configured
+  compressor exchanges the dp-summed bucket over `mesh.rep` (a plain all-reduce without
+  [compression]). Replica exchanges start in bucket order, each once its bucket's dp sum is
+  complete: at each later bucket's hook (so they overlap the rest of backward) or at the
+  optimizer step, which first starts every one still queued and only then runs any exchange's
+  later phases. So every rank issues the same collectives in the same order on each group
+  (when a rank sees a dp sum complete changes only when it issues, never the order).
 - dp = 1: the reducer works on `mesh.rep` directly, with the configured compressor, as plain data
   parallelism over replicas (overlapped with backward).
 Bytes per rank and bucket of d fp32 elements: 2(dp−1)/dp · 4d on dp (intra-node), and the
@@ -32,7 +34,8 @@ from plait.mesh import Mesh
 
 class TwoLevelExchange(Compressor):
     """GradReducer's bucket exchange when dp > 1 and replicas > 1: a dense SUM all-reduce over the
-    bound (dp) group, then `outer` (a compressor bound to the rep group) on the summed bucket.
+    bound (dp) group, then `outer` (a compressor bound to the rep group) on the summed bucket,
+    started as early as the order allows (module docstring).
 
     Checkpoint state, name and step count are the outer compressor's (the dp sum keeps none).
     """
@@ -41,10 +44,25 @@ class TwoLevelExchange(Compressor):
         super().__init__(error_feedback=False)
         self.outer = outer.bind(rep, comm)
         self.name = outer.name
+        self._queued: list[list] = []  # [key, flat, views, dp handle, outer handle], bucket order
 
     def exchange(self, key, flat, views):
-        first = self.comm.all_reduce(flat, self.group, async_op=True)
-        return Pending(first, lambda: self.outer.exchange(key, flat, views).wait())
+        self._start(block=False)
+        entry = [key, flat, views, self.comm.all_reduce(flat, self.group, async_op=True), None]
+        self._queued.append(entry)
+        return Pending(None, lambda: self._finish(entry))
+
+    def _start(self, block: bool) -> None:
+        """Start the outer exchange of queued buckets in order: those whose dp sum is complete
+        (`block` False: stop at the first one still in flight), or all of them."""
+        while self._queued and (block or self._queued[0][3].is_completed()):
+            entry = self._queued.pop(0)
+            entry[3].wait()
+            entry[4] = self.outer.exchange(*entry[:3])
+
+    def _finish(self, entry: list) -> None:
+        self._start(block=True)  # every outer exchange started before any later phase runs
+        entry[4].wait()
 
     def end_step(self) -> None:
         super().end_step()
