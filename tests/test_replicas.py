@@ -312,7 +312,7 @@ class _Flight:
 
 
 def test_replica_exchanges_start_during_backward_in_bucket_order():
-    """Bucket k's replica exchange starts at a later bucket's hook once k's dp sum is complete
+    """Bucket k's replica exchange starts at a later gradient hook once k's dp sum is complete
     (overlapping backward), never before an earlier bucket's; at the step every queued one starts
     before any exchange's later phase runs, whatever each rank saw complete: the order of the
     collectives on each group is the same on every rank."""
@@ -348,6 +348,9 @@ def test_replica_exchanges_start_during_backward_in_bucket_order():
     h3 = two.exchange(3, t, [t])  # buckets 0 and 1 start now, during backward
     assert log[-5:] == [("wait", "dp0"), ("rep start", 0), ("wait", "dp1"), ("rep start", 1),
                         ("dp", 3)], log
+    comm.flights[2].complete = True
+    two.poll()  # what each gradient hook calls: bucket 2 starts before any bucket is issued
+    assert log[-2:] == [("wait", "dp2"), ("rep start", 2)], log
     for h in (h0, h1, h2, h3):  # the optimizer step waits in bucket order
         h.wait()
     starts = [i for i, e in enumerate(log) if e[0] == "rep start"]

@@ -71,6 +71,10 @@ class Compressor:
     def exchange(self, key: int, flat: torch.Tensor, views: Sequence[torch.Tensor]) -> Pending:
         raise NotImplementedError
 
+    def poll(self) -> None:
+        """Move exchanges in flight on without blocking (the reducer calls it from each gradient
+        hook); nothing to do for a one-level exchange."""
+
     def end_step(self) -> None:
         self.steps += 1
 

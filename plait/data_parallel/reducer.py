@@ -169,6 +169,8 @@ class GradReducer:
         b.ready.add(id(p))
         if len(b.ready) == len(b.params):
             self._issue_ready()
+        if self.compressor is not None:
+            self.compressor.poll()
 
     def _issue_ready(self) -> None:
         while self._next < len(self.buckets):

@@ -6,7 +6,7 @@ Communication contract, per gradient bucket, in bucket order on every rank:
   during backward, as in plain data parallelism (`TwoLevelExchange`); then the configured
   compressor exchanges the dp-summed bucket over `mesh.rep` (a plain all-reduce without
   [compression]). Replica exchanges start in bucket order, each once its bucket's dp sum is
-  complete: at each later bucket's hook (so they overlap the rest of backward) or at the
+  complete: at any later gradient hook (so they overlap the rest of backward) or at the
   optimizer step, which first starts every one still queued and only then runs any exchange's
   later phases. So every rank issues the same collectives in the same order on each group
   (when a rank sees a dp sum complete changes only when it issues, never the order).
@@ -51,6 +51,9 @@ class TwoLevelExchange(Compressor):
         entry = [key, flat, views, self.comm.all_reduce(flat, self.group, async_op=True), None]
         self._queued.append(entry)
         return Pending(None, lambda: self._finish(entry))
+
+    def poll(self) -> None:
+        self._start(block=False)
 
     def _start(self, block: bool) -> None:
         """Start the outer exchange of queued buckets in order: those whose dp sum is complete
