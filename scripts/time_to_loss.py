@@ -53,6 +53,9 @@ STRATEGIES = {  # at 10 Mbit/s, 50 ms round trip
     "local_sgd": {"sync.strategy": "local_sgd", "sync.every": H},
     "diloco": {"sync.strategy": "diloco", "sync.every": H},
     "diloco_h10": {"sync.strategy": "diloco", "sync.every": 10},
+    # the outer step scripts/sync_sweep.py found better on the tiny model (lr 1, momentum 0.5)
+    "diloco_h25_m05": {"sync.strategy": "diloco", "sync.every": 25, "sync.outer_lr": 1.0,
+                       "sync.outer_momentum": 0.5},
     "streaming_diloco": {"sync.strategy": "streaming_diloco", "sync.every": H,
                          "sync.fragments": 4, "sync.delay": 1},
     "delayed": {"sync.strategy": "delayed"},
