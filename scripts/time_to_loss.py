@@ -14,9 +14,10 @@ each); only `compression.*` or `sync.*` differ. The method (the loss does not de
 2. `link`: each method trains on two emulated nodes (the command lines of two hosts: c10d
    rendezvous at node0), compressors at 100 Mbit/s with 20 ms round trip, strategies at
    10 Mbit/s with 50 ms round trip: `--link-steps` steps (after PowerSGD's 10 dense warmup
-   steps) or, for strategies with H inner steps, 2·H + 1 (two synchronizations inside). Their
-   `step_s` are the per-step wall times (step 1, which pays the start, counted as the median
-   step); later steps take the steady mean (after the warmup, synchronizations included);
+   steps) or, for strategies with H inner steps, 2·H + 1 (two synchronizations inside, the last
+   step's run-end flush left out). Their `step_s` are the per-step wall times (step 1, which pays
+   the start, counted as the median step); later steps take the steady mean (after the warmup,
+   synchronizations included);
 3. time to loss = the wall time of the steps that reach the dense run's final validation loss
    (the first validation at or below it); "sooner" = the dense method's time on the same link /
    the method's;
@@ -126,7 +127,10 @@ def step_time(run_dir: Path, over: dict) -> dict:
     later steps; the share of the steady time above the median step (a step that waits for the
     link takes longer than the median, an inner step's compute) is the exposed synchronization."""
     recs = [r for r in records(run_dir) if r.get("step_s") is not None]
-    times = [r["step_s"] for r in recs]
+    # the link run's last step ends its run: it averages or applies everything in flight (a
+    # third synchronization after 2·H steps, delayed's second exchange), which the long run does
+    # only at its own end; it is left out
+    times = [r["step_s"] for r in recs][:-1]
     med = statistics.median(times[1:])
     times[0] = med
     steady = times[warmup(over) + 1:]
