@@ -123,6 +123,34 @@ def test_diloco_metrics_mark_local_losses_and_zero_bytes(corpus_path, tmp_path):
         assert (r["comm_bytes"] == 0) == (not sync), r
 
 
+def _subnormal_survives() -> bool:
+    # 1e-30 * 1e-9 = 1e-39 is subnormal in fp32: zero where the CPU flushes subnormals
+    return (torch.tensor([1e-30]) * torch.tensor([1e-9])).item() != 0.0
+
+
+def _denormal_worker(d: dict, run: str) -> tuple[bool, bool]:
+    from plait.train import train
+
+    before = _subnormal_survives()
+    train(from_dict(d), run)
+    return before, _subnormal_survives()
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_the_trainer_flushes_subnormals_on_cpu_unless_told_not_to(corpus_path, tmp_path, flush):
+    """Subnormal floats cost ~100x per operation on a CPU and a run drifts into them (the 10m
+    model's step 1.8x slower by step 120): the trainer sets flush-to-zero, train.flush_denormal."""
+    d = tiny_cfg(corpus_path, train={"steps": 1, "flush_denormal": flush})
+    if torch.set_flush_denormal(True):  # this CPU has the mode; put it back for this process
+        torch.set_flush_denormal(False)
+    else:
+        pytest.skip("this CPU has no flush-to-zero mode (torch.set_flush_denormal returns False)")
+    [(before, after)] = run_ranks(_denormal_worker, 1, args=(d, str(tmp_path / "run")),
+                                  timeout=120)
+    assert before  # a fresh process keeps subnormals: the trainer is what changes it
+    assert after == (not flush)
+
+
 def _session(run, start_step: int, steps, loss_scale: float):
     from plait.train.metrics import Metrics
 

@@ -100,6 +100,10 @@ class TrainConfig:
     compile: bool = False
     peak_flops: float = 0.0  # per rank; 0: measured (CPU) or looked up (GPU)
     threads: int = 0  # torch threads per rank; 0: cores / local ranks
+    # CPU: treat subnormal floats as zero (torch.set_flush_denormal). Optimizer state and
+    # activations drift into the subnormal range over a run and each operation on one then costs
+    # ~100x: the 10m model's step slowed 1.8x by step 120 without it (docs/benchmarks.md)
+    flush_denormal: bool = True
     timeout_s: float = 600.0
     # 0: off; else grow the global batch from one micro-batch over this many samples
     batch_rampup_samples: int = 0

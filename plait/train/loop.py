@@ -364,6 +364,8 @@ def train(cfg: Config, run_dir: str | None = None) -> dict:
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    # the CPU's flush-to-zero mode (x86 with SSE3, Arm); False where the CPU has none
+    torch.set_flush_denormal(cfg.train.flush_denormal)
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
     path = Path(run_dir or cfg.log.run_dir) if (run_dir or cfg.log.run_dir) else None
     if path is not None:  # every rank checks, before any collective; rank 0 creates it
