@@ -10,7 +10,8 @@ global batch 8 × 256 tokens and schedule, `parallel.replicas = 2` (one replica 
 each); only `compression.*` or `sync.*` differ. The method (the loss does not depend on the link):
 
 1. `loss`: each method trains `--steps` steps on one machine (`--nproc 2`), validation every 25
-   steps: the validation loss against samples;
+   steps: the validation loss against samples (a method that sets `train.steps` trains that
+   many steps on its own schedule: when it gets to the dense loss given more samples);
 2. `link`: each method trains on two emulated nodes (the command lines of two hosts: c10d
    rendezvous at node0), compressors at 100 Mbit/s with 20 ms round trip, strategies at
    10 Mbit/s with 50 ms round trip: `--link-steps` steps (after PowerSGD's 10 dense warmup
@@ -60,6 +61,13 @@ STRATEGIES = {  # at 10 Mbit/s, 50 ms round trip
     "streaming_diloco": {"sync.strategy": "streaming_diloco", "sync.every": H,
                          "sync.fragments": 4, "sync.delay": 1},
     "delayed": {"sync.strategy": "delayed"},
+    # the streaming exchange hidden behind the inner steps: fragments travel as 4-bit floats
+    # (1/7 of the bytes) and are applied 4 inner steps after they are sent
+    "streaming_diloco_fp4_d4": {"sync.strategy": "streaming_diloco", "sync.every": H,
+                                "sync.fragments": 4, "sync.delay": 4, "sync.quantize": "fp4"},
+    # DiLoCo given twice the steps (its own 1000-step schedule): when it reaches the dense run's
+    # final loss, if ever (the equal-samples comparison is the 500-step row)
+    "diloco_1000_steps": {"sync.strategy": "diloco", "sync.every": H, "train.steps": 1000},
 }
 LINKS = {"compressors": (10.0, "100mbit"), "strategies": (25.0, "10mbit")}  # one way ms, rate
 DIRECT = {"compressors": "powersgd", "strategies": "diloco"}
@@ -172,8 +180,8 @@ def main() -> int:
     if args.phase == "link":
         for fam, name, over in todo:  # the link's own wall time: no validation
             steps = link_steps(over, args)
-            train({**base(steps), **over, "train.val_every": 0}, runs / "link" / name,
-                  LINKS[fam])
+            train({**base(steps), **over, "train.steps": steps, "train.val_every": 0},
+                  runs / "link" / name, LINKS[fam])
         return 0
     dense = {"compressors": "none", "strategies": "every_step"}
     if args.phase == "direct":
@@ -218,10 +226,10 @@ def main() -> int:
         {"target_val_loss": target, "rows": rows, "date": time.strftime("%Y-%m-%d")}, indent=1))
     plot(rows, out / "time_to_loss.png", target)
     print(f"target: the dense run's final validation loss {target:.4f}\n")
-    print("| link | method | final val loss | vs dense | steps to target | s/step on link | "
+    print("| link | method | steps | final val loss | vs dense | steps to target | s/step on link | "
           "time to target | sooner | sooner to its own final loss | time above median step | "
           "direct run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] else "not reached"
         s = f"{r['sooner']:.2f}×" if r["sooner"] else "–"
@@ -229,7 +237,7 @@ def main() -> int:
         d = r.get("direct")
         d = (f"{d['steps']} steps: {d['measured_s']:.0f} s measured, {d['predicted_s']:.0f} s "
              f"predicted ({d['error']:+.1%})") if d else "–"
-        print(f"| {r['link'][1]}, {2 * r['link'][0]:.0f} ms | {r['method']} | "
+        print(f"| {r['link'][1]}, {2 * r['link'][0]:.0f} ms | {r['method']} | {r['curve'][-1][0]} | "
               f"{r['final_val_loss']:.4f} | {r['vs_dense_loss']:+.2%} | "
               f"{r['steps_to_target'] or '–'} | {r['step_s']:.2f} | {t} | {s} | {own} | "
               f"{r['wait_share']:.1%} | {d} |")
