@@ -226,9 +226,9 @@ def main() -> int:
         {"target_val_loss": target, "rows": rows, "date": time.strftime("%Y-%m-%d")}, indent=1))
     plot(rows, out / "time_to_loss.png", target)
     print(f"target: the dense run's final validation loss {target:.4f}\n")
-    print("| link | method | steps | final val loss | vs dense | steps to target | s/step on link | "
-          "time to target | sooner | sooner to its own final loss | time above median step | "
-          "direct run |")
+    print("| link | method | steps | final val loss | vs dense | steps to target | "
+          "s/step on link | time to target | sooner | sooner to its own final loss | "
+          "time above median step | direct run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] else "not reached"
@@ -237,8 +237,8 @@ def main() -> int:
         d = r.get("direct")
         d = (f"{d['steps']} steps: {d['measured_s']:.0f} s measured, {d['predicted_s']:.0f} s "
              f"predicted ({d['error']:+.1%})") if d else "–"
-        print(f"| {r['link'][1]}, {2 * r['link'][0]:.0f} ms | {r['method']} | {r['curve'][-1][0]} | "
-              f"{r['final_val_loss']:.4f} | {r['vs_dense_loss']:+.2%} | "
+        print(f"| {r['link'][1]}, {2 * r['link'][0]:.0f} ms | {r['method']} | "
+              f"{r['curve'][-1][0]} | {r['final_val_loss']:.4f} | {r['vs_dense_loss']:+.2%} | "
               f"{r['steps_to_target'] or '–'} | {r['step_s']:.2f} | {t} | {s} | {own} | "
               f"{r['wait_share']:.1%} | {d} |")
     return 0
